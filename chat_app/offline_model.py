@@ -1,0 +1,267 @@
+"""Offline stand-in for the Anthropic Messages API (stdlib only).
+
+Lets the real Claude Code CLI (bundled in claude-agent-sdk) run complete
+conversations with no network: start the server and give the CLI the env
+``ANTHROPIC_BASE_URL=<base_url>``, any ``ANTHROPIC_API_KEY`` and
+``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`` (tests also set
+``CLAUDE_CONFIG_DIR`` to a temp dir).  Only the model endpoint is fake.
+
+Endpoints: ``POST /v1/messages`` (SSE when ``"stream": true``, one JSON
+message otherwise), ``POST /v1/messages/count_tokens`` -> ``{"input_tokens": N}``.
+Any other path answers at once (GET -> ``{}``, POST -> 404 error JSON) and is
+recorded in ``OfflineModel.unknown``.  Query strings (``?beta=true``) are ignored.
+
+Replies are deterministic and reveal the conversation that was sent.  Only
+user-typed texts count (role "user"; ``tool_result`` blocks and CLI-injected
+``<...>``-tagged texts such as ``<system-reminder>`` are skipped)::
+
+    Offline model heard: "<last>". Earlier questions: "<first>" | "<second>" .
+    Offline model heard: "<last>". Earlier questions: none.
+
+Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
+``text_delta`` events.  Markers in the last user text:
+
+* ``[slow]`` -> ~30 deltas, 0.1 s apart (for interrupt / "busy" tests);
+* ``[fail]`` -> HTTP 400 ``{"type":"error","error":{"type":
+  "invalid_request_error","message":"offline model: requested failure"}}``.
+
+Usage: ``m = start_offline_model(); ...; m.stop()`` or
+``python -m chat_app.offline_model --port 8765``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MAX_QUOTE = 200
+FAIL_BODY = {"type": "error", "error": {"type": "invalid_request_error",
+                                        "message": "offline model: requested failure"}}
+_ids = itertools.count(1)
+
+
+def _tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+_META = re.compile(r"\s*(<[A-Za-z][\w-]*[\s>/]|\[Request interrupted by user)")
+
+
+def _is_meta(text: str) -> bool:
+    """CLI-injected text: ``<system-reminder>``, ``<command-name>``, interrupt notes, ..."""
+    return bool(_META.match(text))
+
+
+def user_texts(messages: list) -> list[str]:
+    """User-typed texts of a Messages API ``messages`` list, one per text block, in order."""
+    out = []
+    for msg in messages or []:
+        if msg.get("role") != "user":
+            continue
+        content = msg.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for block in blocks:
+            if isinstance(block, dict) and block.get("type") == "text":
+                text = (block.get("text") or "").strip()
+                if text and not _is_meta(text):
+                    out.append(text)
+    return out
+
+
+def _quote(text: str) -> str:
+    return '"' + text[:MAX_QUOTE] + '"'
+
+
+def reply_text(messages: list) -> str:
+    texts = user_texts(messages) or [""]
+    earlier = " | ".join(_quote(t) for t in texts[:-1]) or "none"
+    return f"Offline model heard: {_quote(texts[-1])}. Earlier questions: {earlier}."
+
+
+def _chunks(text: str, n: int, by_words: bool = True) -> list[str]:
+    """Split ``text`` losslessly into about ``n`` pieces (on word boundaries, or by chars)."""
+    if not by_words:
+        n = max(1, min(n, len(text)))
+        cuts = [len(text) * i // n for i in range(n + 1)]
+        return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    words = text.split(" ")
+    size = max(1, -(-len(words) // n))
+    parts = [" ".join(words[i:i + size]) for i in range(0, len(words), size)]
+    return [p + " " for p in parts[:-1]] + parts[-1:]
+
+
+def _fill(schema: dict, text: str):
+    """A minimal value matching a JSON schema (for ``output_config.format`` requests)."""
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {k: _fill(props.get(k, {}), text) for k in schema.get("required", props)}
+    return {"string": text, "number": 0, "integer": 0, "boolean": False,
+            "array": [], "null": None}.get(kind, text)
+
+
+def _input_tokens(body: dict) -> int:
+    return _tokens(json.dumps(body.get("messages", [])) + json.dumps(body.get("system", "")))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; every response sets Content-Length or closes
+    server: "_Server"
+
+    def log_message(self, fmt, *args):  # quiet
+        if self.server.model.verbose:
+            super().log_message(fmt, *args)
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError:
+            return {}
+
+    def _json(self, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("request-id", f"req_offline_{next(_ids)}")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.server.model.unknown.append(("GET", self.path))
+        self._json(200, {})
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        body = self._body()
+        model = self.server.model
+        if path == "/v1/messages/count_tokens":
+            return self._json(200, {"input_tokens": _input_tokens(body)})
+        if path != "/v1/messages":
+            model.unknown.append(("POST", self.path))
+            return self._json(404, {"type": "error", "error": {
+                "type": "not_found_error", "message": f"offline model: no {path}"}})
+        with model.lock:
+            model.requests.append(body)
+        texts = user_texts(body.get("messages", []))
+        last = texts[-1] if texts else ""
+        if "[fail]" in last:
+            return self._json(400, FAIL_BODY)
+        text = reply_text(body.get("messages", []))
+        fmt = (body.get("output_config") or {}).get("format") or {}
+        if fmt.get("type") == "json_schema":  # e.g. the CLI's session-title side request
+            text = json.dumps(_fill(fmt.get("schema") or {}, text if texts else "Offline session"))
+        msg = {"id": f"msg_offline_{next(_ids)}", "type": "message", "role": "assistant",
+               "model": body.get("model", "offline-model"), "content": [],
+               "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": _input_tokens(body), "output_tokens": 1,
+                         "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        if not body.get("stream"):
+            msg["content"] = [{"type": "text", "text": text}]
+            msg["stop_reason"] = "end_turn"
+            msg["usage"]["output_tokens"] = _tokens(text)
+            return self._json(200, msg)
+        slow = "[slow]" in last
+        pieces = _chunks(text, 30, by_words=False) if slow else _chunks(text, 6)
+        self._stream(msg, pieces, 0.1 if slow else 0.0)
+
+    def _stream(self, msg: dict, pieces: list[str], delay: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")  # keeps the connection reusable
+        self.send_header("request-id", f"req_offline_{next(_ids)}")
+        self.end_headers()
+
+        def event(name: str, data: dict) -> None:
+            chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+
+        try:
+            event("message_start", {"type": "message_start", "message": msg})
+            event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}})
+            event("ping", {"type": "ping"})
+            for i, piece in enumerate(pieces):
+                if delay and i:
+                    time.sleep(delay)
+                event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": piece}})
+            event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            event("message_delta", {"type": "message_delta",
+                                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                    "usage": {"output_tokens": _tokens("".join(pieces))}})
+            event("message_stop", {"type": "message_stop"})
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # client went away (e.g. interrupted turn)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    model: "OfflineModel"
+
+
+class OfflineModel:
+    """A running offline server; see :func:`start_offline_model`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+        self.requests: list[dict] = []        # bodies of POST /v1/messages, in order
+        self.unknown: list[tuple[str, str]] = []  # (method, path) of unhandled requests
+        self.lock = threading.Lock()
+        self.verbose = verbose
+        self.httpd = _Server((host, port), _Handler)
+        self.httpd.model = self
+        self.host, self.port = self.httpd.server_address[:2]
+        self.base_url = f"http://{self.host}:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
+                                       name=f"offline-model-{self.port}")
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_offline_model(host: str = "127.0.0.1", port: int = 0) -> OfflineModel:
+    model = OfflineModel(host, port)
+    model.thread.start()
+    return model
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Offline Anthropic Messages API stand-in.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    args = p.parse_args(argv)
+    model = OfflineModel(args.host, args.port, verbose=args.verbose)
+    print(f"Offline model listening on {model.base_url}", flush=True)
+    try:
+        model.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        model.httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The HTTP API: one NinjaAPI (validation and the OpenAPI document at
+``/api/openapi.json``, docs at ``/api/docs`` from ninja's bundled assets),
+with every error in the contract's shape."""
+
+import json
+import logging
+
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import Http404
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
+
+from sessions_app.api import router as sessions_router
+from sessions_app.errors import ApiError, BadRequest, NotAuthenticated, NotFound, Unavailable
+
+log = logging.getLogger("omni.api")
+
+
+class StrictJSONParser(Parser):
+    """Malformed JSON and non-object bodies are the caller's error (400)."""
+
+    def parse_body(self, request):
+        try:
+            data = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data
+
+
+api = NinjaAPI(
+    title="Omni sessions",
+    version="1.0.0",
+    description="Claude Agent SDK sessions per (threadId, resourceId): list, delete, metadata, history and chat streams.",
+    urls_namespace="api",
+    parser=StrictJSONParser(),
+)
+
+
+def error_response(request, exc: ApiError):
+    return api.create_response(request, exc.as_dict(), status=exc.status)
+
+
+def describe_validation(errors) -> str:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "payload"))
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid input"
+
+
+@api.exception_handler(ApiError)
+def on_api_error(request, exc):
+    return error_response(request, exc)
+
+
+@api.exception_handler(ValidationError)
+def on_validation_error(request, exc):
+    return error_response(request, BadRequest(describe_validation(exc.errors)))
+
+
+@api.exception_handler(AuthenticationError)
+def on_auth_error(request, exc):
+    return error_response(request, NotAuthenticated("authentication required"))
+
+
+@api.exception_handler(Http404)
+def on_404(request, exc):
+    return error_response(request, NotFound(str(exc) or "not found"))
+
+
+@api.exception_handler(HttpError)
+def on_http_error(request, exc):
+    # ninja's own errors, e.g. a body it could not parse
+    error = next((cls for cls in ApiError.__subclasses__() if cls.status == exc.status_code), None)
+    error = error(str(exc)) if error else ApiError(str(exc), code="http_error")
+    error.status = exc.status_code
+    return error_response(request, error)
+
+
+@api.exception_handler(DatabaseError)
+def on_database_error(request, exc):
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        log.error("database unavailable: %s", exc)
+        return error_response(request, Unavailable("the database is unreachable"))
+    raise exc
+
+
+api.add_router("/", sessions_router)

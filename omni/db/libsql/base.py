@@ -1,0 +1,108 @@
+"""A libSQL database engine for Django 5.2.
+
+Django's own SQLite backend does all the SQL work here: schema editor,
+introspection, operations, features and creation are inherited unchanged.
+Only the connection differs, and it comes from libsql-client, the driver of
+the published ``django-libsql`` package:
+
+* ``NAME`` a file path (or ``file:`` URI): the standard :mod:`sqlite3`
+  module, which is what libsql-client itself uses for local files. The file
+  runs in WAL mode with a busy timeout and ``BEGIN IMMEDIATE`` transactions,
+  so several server processes can share it.
+* ``NAME`` a ``libsql://``, ``ws://`` or ``wss://`` URL: a libSQL server
+  (sqld, Turso) over the Hrana protocol, through
+  :mod:`libsql_client.dbapi2`. ``OPTIONS["auth_token"]`` (or an
+  ``authToken`` query parameter) authenticates. A remote connection cannot
+  register Python SQL functions, so the project relies on none (no
+  ``__year``-style lookups, no ``date_hierarchy``).
+
+Why not django-libsql 0.1.3: on Django 5.2 it insists on a ``file:`` URI for
+local files, then hands Django's ``sqlite3.Cursor`` subclass to a
+non-sqlite3 connection (``TypeError: connection must be instance of
+'Connection'``), and its schema editor still uses the removed
+``index_together``.
+"""
+
+from collections.abc import Mapping
+from itertools import tee
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from django.db.backends.sqlite3 import base as sqlite3_base
+from libsql_client import dbapi2
+
+REMOTE_SCHEMES = ("libsql", "ws", "wss")
+
+
+def is_remote(name) -> bool:
+    return urlsplit(str(name)).scheme in REMOTE_SCHEMES
+
+
+def remote_url(name: str, auth_token: str | None) -> str:
+    """The Hrana URL for ``name``: ``libsql://`` means ``wss://``; the token
+    travels as the ``authToken`` query parameter libsql-client reads."""
+    parts = urlsplit(name)
+    scheme = "wss" if parts.scheme == "libsql" else parts.scheme
+    query = dict(parse_qsl(parts.query))
+    if auth_token:
+        query["authToken"] = auth_token
+    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+class HranaCursorWrapper(dbapi2.Cursor):
+    """Django's ``%s`` parameter style on a Hrana cursor (what
+    ``SQLiteCursorWrapper`` does for sqlite3 cursors)."""
+
+    def execute(self, query, params=None):
+        if params is None:
+            return super().execute(query)
+        names = list(params) if isinstance(params, Mapping) else None
+        query = sqlite3_base.SQLiteCursorWrapper.convert_query(self, query, param_names=names)
+        return super().execute(query, params)
+
+    def executemany(self, query, param_list):
+        param_list, peek = tee(param_list, 2)
+        first = next(peek, None)
+        names = list(first) if isinstance(first, Mapping) else None
+        query = sqlite3_base.SQLiteCursorWrapper.convert_query(self, query, param_names=names)
+        return super().executemany(query, param_list)
+
+
+class DatabaseWrapper(sqlite3_base.DatabaseWrapper):
+    display_name = "libSQL"
+
+    @property
+    def is_remote(self) -> bool:
+        return is_remote(self.settings_dict["NAME"])
+
+    def get_connection_params(self):
+        options = self.settings_dict["OPTIONS"]
+        if self.is_remote:
+            return {
+                "database": remote_url(self.settings_dict["NAME"], options.get("auth_token")),
+                "isolation_level": None,
+                "check_same_thread": False,
+            }
+        # Local file: a busy timeout and write locks taken at BEGIN, so a
+        # second process waits instead of failing with "database is locked".
+        options.setdefault("timeout", 20)
+        options.setdefault("transaction_mode", "IMMEDIATE")
+        return super().get_connection_params()
+
+    def get_new_connection(self, conn_params):
+        if self.is_remote:
+            conn = dbapi2.connect(**conn_params)
+            conn.execute("PRAGMA foreign_keys = ON")
+            return conn
+        conn = super().get_new_connection(conn_params)
+        if not self.is_in_memory_db():
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def create_cursor(self, name=None):
+        if self.is_remote:
+            return self.connection.cursor(factory=HranaCursorWrapper)
+        return super().create_cursor(name)
+
+    def is_in_memory_db(self):
+        return not self.is_remote and super().is_in_memory_db()

@@ -1,0 +1,47 @@
+"""``DATABASE_URL`` to a Django ``DATABASES["default"]`` entry (contract §2).
+
+* unset: the embedded libSQL file ``<OMNI_DATA_DIR>/sessions.db``
+* ``file:PATH`` or a plain path: an embedded libSQL file
+* ``libsql://``, ``ws://``, ``wss://`` (``?authToken=``): a libSQL server
+* ``postgres://``, ``postgresql://``: PostgreSQL through psycopg 3
+"""
+
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+LIBSQL_ENGINE = "omni.db.libsql"
+
+
+def libsql_file(path: Path) -> dict:
+    path = Path(path).expanduser()
+    return {
+        "ENGINE": LIBSQL_ENGINE,
+        "NAME": str(path),
+        # Tests run on a file of their own beside it, never in memory:
+        # the engine under test is the one that serves.
+        "TEST": {"NAME": str(path.with_name(f"test_{path.name}"))},
+    }
+
+
+def database_from_url(url: str | None, data_dir: Path) -> dict:
+    if not url:
+        return libsql_file(data_dir / "sessions.db")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("postgres", "postgresql", "pgsql"):
+        config = dj_database_url.parse(url, conn_max_age=0)
+        config["ENGINE"] = "django.db.backends.postgresql"
+        return config
+    if scheme in ("libsql", "ws", "wss"):
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        token = query.pop("authToken", None)
+        name = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+        return {"ENGINE": LIBSQL_ENGINE, "NAME": name, "OPTIONS": {"auth_token": token}}
+    if scheme == "file":
+        return libsql_file(Path(url[len("file:"):].removeprefix("//")))
+    if scheme == "" or len(scheme) == 1:  # a plain path (or a Windows drive letter)
+        return libsql_file(Path(url))
+    raise ImproperlyConfigured(f"DATABASE_URL scheme {scheme!r} is not supported")

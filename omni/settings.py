@@ -1,0 +1,158 @@
+"""Settings for Omni sessions, driven by the environment (CONTRACT.md §2)."""
+
+import os
+import secrets
+from pathlib import Path
+
+from omni.db.urls import database_from_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+# --- Data directory: the default database and the Claude config dir live here.
+DATA_DIR = Path(os.environ.get("OMNI_DATA_DIR") or BASE_DIR / ".omni-ai").expanduser().resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+CLAUDE_CONFIG_DIR = Path(os.environ.get("CLAUDE_CONFIG_DIR") or DATA_DIR / "claude").expanduser()
+
+
+def _secret_key() -> str:
+    if key := os.environ.get("OMNI_SECRET_KEY"):
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_flag("OMNI_DEBUG")
+ALLOWED_HOSTS = os.environ.get("OMNI_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
+CSRF_TRUSTED_ORIGINS = [
+    origin for origin in os.environ.get("OMNI_CSRF_TRUSTED_ORIGINS", "").split(",") if origin
+]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "ninja",
+    "sessions_app",
+    "chat_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "omni.urls"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "omni.asgi.application"
+
+# --- Database (DATABASE_URL; default: the embedded libSQL file).
+DATABASES = {"default": database_from_url(os.environ.get("DATABASE_URL"), DATA_DIR)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer: Redis when REDIS_URL is set (several processes), else in memory.
+if REDIS_URL := os.environ.get("REDIS_URL"):
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+# Serve app static files (admin, API docs) straight from the apps: no
+# collectstatic step, nothing fetched from a CDN.
+WHITENOISE_USE_FINDERS = True
+
+# --- Omni sessions.
+# "off": trust the resourceId a client sends; "required": callers authenticate.
+OMNI_AUTH = os.environ.get("OMNI_AUTH", "required").strip().lower()
+OMNI_OFFLINE_MODEL = env_flag("OMNI_OFFLINE_MODEL")
+OMNI_MAX_MESSAGE_CHARS = 100_000
+
+OMNI_DEFAULT_AGENT = "smart"
+OMNI_AGENTS = {
+    "smart": {
+        "description": "General assistant",
+        "system_prompt": "You are Smart, a helpful, concise general assistant.",
+        "model": os.environ.get("OMNI_MODEL_SMART") or None,
+        "tools": [],
+    },
+    "datadog": {
+        "description": "Observability assistant for metrics, logs and traces",
+        "system_prompt": (
+            "You are the Datadog agent: you help engineers read metrics, logs and "
+            "traces and explain what they show."
+        ),
+        "model": os.environ.get("OMNI_MODEL_DATADOG") or None,
+        "tools": [],
+    },
+    "correlator": {
+        "description": "Finds links between incidents, changes and signals",
+        "system_prompt": (
+            "You are the Correlator agent: you connect incidents, deployments and "
+            "signals into a likely causal story, and say how sure you are."
+        ),
+        "model": os.environ.get("OMNI_MODEL_CORRELATOR") or None,
+        "tools": [],
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "omni": {"handlers": ["console"], "level": os.environ.get("OMNI_LOG_LEVEL", "INFO")},
+        "django": {"handlers": ["console"], "level": "WARNING"},
+    },
+}

@@ -1,0 +1,52 @@
+"""REST: ``/api/sessions`` (contract §4). Thin views over :mod:`.services`."""
+
+from ninja import Query, Router, Schema
+from pydantic import Field
+
+from . import services
+from .resources import resolve_resource
+from .schemas import (
+    DeleteOut,
+    ErrorOut,
+    Id,
+    MetadataOut,
+    SessionListOut,
+    SessionOut,
+    ThreadRef,
+)
+
+router = Router(tags=["sessions"])
+ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 503)}
+
+
+class ListQuery(Schema):
+    resourceId: Id | None = None
+    limit: int = Field(services.DEFAULT_LIMIT, ge=1, le=services.MAX_LIMIT)
+    cursor: str | None = None
+
+
+async def caller_resource(request, requested: str | None) -> str:
+    return resolve_resource(await request.auser(), requested)
+
+
+@router.get("/sessions", response={200: SessionListOut, **ERRORS}, summary="List a resource's sessions")
+async def list_sessions(request, query: Query[ListQuery]):
+    """Newest ``updatedAt`` first; pass ``nextCursor`` back as ``cursor`` for the next page."""
+    resource = await caller_resource(request, query.resourceId)
+    page = await services.list_sessions(resource, query.limit, query.cursor)
+    sessions = [SessionOut.of(m) for m in page.sessions]
+    return {"sessions": sessions, "count": len(sessions), "nextCursor": page.next_cursor}
+
+
+@router.delete("/sessions", response={200: DeleteOut, **ERRORS}, summary="Delete a session")
+async def delete_session(request, body: ThreadRef):
+    """Removes the thread's mapping and erases its transcript."""
+    resource = await caller_resource(request, body.resourceId)
+    await services.delete_session(body.threadId, resource)
+    return {"success": True, "threadId": body.threadId, "resourceId": resource}
+
+
+@router.post("/sessions/metadata", response={200: MetadataOut, **ERRORS}, summary="A session's metadata")
+async def session_metadata(request, body: ThreadRef):
+    resource = await caller_resource(request, body.resourceId)
+    return {"session": SessionOut.of(await services.get_metadata(body.threadId, resource))}

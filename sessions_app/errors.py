@@ -1,0 +1,48 @@
+"""The contract's errors (§4): ``{"error": {"code", "message"}}`` with a status.
+
+Raised by services, the REST API and the chat pipeline alike; each transport
+turns them into its own shape (JSON response, SSE ``error`` event, websocket
+``error`` event).
+"""
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+    def as_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class NotAuthenticated(ApiError):
+    status, code = 401, "not_authenticated"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(ApiError):
+    status, code = 413, "message_too_large"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"

@@ -1,0 +1,84 @@
+"""Request and response shapes of the REST API (contract §4), camelCase on the wire."""
+
+from typing import Annotated
+
+from ninja import Schema
+from pydantic import Field, StringConstraints
+
+from .models import SessionMapping
+
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$", strict=True)]
+
+
+def iso_z(value) -> str:
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ErrorBody(Schema):
+    code: str
+    message: str
+
+
+class ErrorOut(Schema):
+    error: ErrorBody
+
+
+class SessionOut(Schema):
+    threadId: str
+    resourceId: str
+    sessionId: str
+    createdAt: str = Field(examples=["2025-10-31T12:00:00.000Z"])
+    updatedAt: str = Field(examples=["2025-10-31T12:05:00.000Z"])
+    agent: str
+    title: str
+    lastMessage: str
+    messageCount: int
+    forkedFromThreadId: str | None
+
+    @staticmethod
+    def of(mapping: SessionMapping) -> dict:
+        return {
+            "threadId": mapping.thread_id,
+            "resourceId": mapping.resource_id,
+            "sessionId": mapping.session_id,
+            "createdAt": iso_z(mapping.created_at),
+            "updatedAt": iso_z(mapping.updated_at),
+            "agent": mapping.agent,
+            "title": mapping.title,
+            "lastMessage": mapping.last_message,
+            "messageCount": mapping.message_count,
+            "forkedFromThreadId": mapping.forked_from_thread_id,
+        }
+
+
+class SessionListOut(Schema):
+    sessions: list[SessionOut]
+    count: int
+    nextCursor: str | None
+
+
+class ThreadRef(Schema):
+    threadId: Id
+    resourceId: Id | None = None
+
+
+class DeleteOut(Schema):
+    success: bool
+    threadId: str
+    resourceId: str
+
+
+class MetadataOut(Schema):
+    session: SessionOut
+
+
+class MessageOut(Schema):
+    role: str = Field(examples=["user"])
+    text: str
+    uuid: str
+
+
+class MessagesOut(Schema):
+    threadId: str
+    sessionId: str
+    messages: list[MessageOut]

@@ -1,0 +1,148 @@
+"""The session service: the only code that writes or deletes mappings.
+
+REST views, admin actions, the chat pipeline and management commands all
+call these coroutines (sync callers wrap them with ``async_to_sync``).
+Mirrors the seed's store: save, get the session id, delete, list, metadata.
+"""
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import IntegrityError
+from django.db.models import F, Q
+from django.utils import timezone
+
+from .errors import BadRequest, Conflict, NotFound
+from .models import SessionMapping
+
+log = logging.getLogger("omni.chat")
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+TITLE_CHARS = 80
+PREVIEW_CHARS = 200
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class Page:
+    sessions: list[SessionMapping]
+    next_cursor: str | None
+
+
+def encode_cursor(mapping: SessionMapping) -> str:
+    raw = f"{mapping.updated_at.isoformat()}|{mapping.pk}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, pk = raw.rsplit("|", 1)
+        when = datetime.fromisoformat(stamp)
+        if when.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return when, int(pk)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadRequest("cursor is not valid") from exc
+
+
+async def get_mapping(thread_id: str, resource_id: str) -> SessionMapping | None:
+    return await SessionMapping.objects.filter(
+        thread_id=thread_id, resource_id=resource_id
+    ).afirst()
+
+
+async def get_session_id(thread_id: str, resource_id: str) -> str | None:
+    mapping = await get_mapping(thread_id, resource_id)
+    return mapping.session_id if mapping else None
+
+
+async def get_metadata(thread_id: str, resource_id: str) -> SessionMapping:
+    mapping = await get_mapping(thread_id, resource_id)
+    if mapping is None:
+        raise NotFound(f"no thread {thread_id!r} for resource {resource_id!r}")
+    return mapping
+
+
+async def list_sessions(
+    resource_id: str, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+) -> Page:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
+    query = SessionMapping.objects.filter(resource_id=resource_id).order_by("-updated_at", "-id")
+    if cursor:
+        when, pk = decode_cursor(cursor)
+        query = query.filter(Q(updated_at__lt=when) | Q(updated_at=when, id__lt=pk))
+    rows = [m async for m in query[: limit + 1]]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1]) if more else None)
+
+
+async def save_session(
+    thread_id: str,
+    resource_id: str,
+    session_id: str,
+    *,
+    agent: str | None = None,
+    user_message: str | None = None,
+    assistant_message: str | None = None,
+    forked_from_thread_id: str | None = None,
+) -> SessionMapping:
+    """Save or update a mapping after a turn.
+
+    The title comes from the thread's first user message; ``last_message``
+    previews the latest message; ``message_count`` counts user and assistant
+    messages.
+    """
+    added = (user_message is not None) + bool(assistant_message)
+    preview = assistant_message or user_message
+    mapping = await get_mapping(thread_id, resource_id)
+    if mapping is None:
+        mapping = SessionMapping(
+            thread_id=thread_id,
+            resource_id=resource_id,
+            session_id=session_id,
+            agent=agent or "smart",
+            title=_clip(user_message or "", TITLE_CHARS),
+            last_message=_clip(preview or "", PREVIEW_CHARS),
+            message_count=added,
+            forked_from_thread_id=forked_from_thread_id,
+        )
+        try:
+            await mapping.asave(force_insert=True)
+        except IntegrityError as exc:
+            raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists") from exc
+    else:
+        changes = {"session_id": session_id, "updated_at": timezone.now()}
+        if agent:
+            changes["agent"] = agent
+        if preview:
+            changes["last_message"] = _clip(preview, PREVIEW_CHARS)
+        if not mapping.title and user_message:
+            changes["title"] = _clip(user_message, TITLE_CHARS)
+        await SessionMapping.objects.filter(pk=mapping.pk).aupdate(
+            message_count=F("message_count") + added, **changes
+        )
+        await mapping.arefresh_from_db()
+    log.info(
+        "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
+        thread_id, resource_id, session_id,
+    )
+    return mapping
+
+
+async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
+    """Delete a thread's mapping. Raises :class:`NotFound` if there is none."""
+    mapping = await get_metadata(thread_id, resource_id)
+    await mapping.adelete()
+    log.info("[CHAT] Deleted session mapping thread=%s resource=%s", thread_id, resource_id)
+    return mapping
