@@ -8,22 +8,29 @@ conversations with no network: start the server and give the CLI the env
 
 Endpoints: ``POST /v1/messages`` (SSE when ``"stream": true``, one JSON
 message otherwise), ``POST /v1/messages/count_tokens`` -> ``{"input_tokens": N}``.
-Any other path answers at once (GET -> ``{}``, POST -> 404 error JSON) and is
+Any other path answers at once (GET -> ``{}``, others -> 404 error JSON) and is
 recorded in ``OfflineModel.unknown``.  Query strings (``?beta=true``) are ignored.
+HTTP/1.1 keep-alive: JSON has Content-Length, SSE uses chunked encoding.
 
 Replies are deterministic and reveal the conversation that was sent.  Only
-user-typed texts count (role "user"; ``tool_result`` blocks and CLI-injected
-``<...>``-tagged texts such as ``<system-reminder>`` are skipped)::
+user-typed texts count: each text block of a role "user" message, skipping
+``tool_result`` blocks and CLI-injected texts (``<system-reminder>``,
+``<session>`` or any other ``<tag>``-prefixed text, ``[Request interrupted by user]``)::
 
-    Offline model heard: "<last>". Earlier questions: "<first>" | "<second>" .
+    Offline model heard: "<last>". Earlier questions: "<first>" | "<second>".
     Offline model heard: "<last>". Earlier questions: none.
 
 Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
-``text_delta`` events.  Markers in the last user text:
+word-split ``text_delta`` events.  Markers in the last user text:
 
-* ``[slow]`` -> ~30 deltas, 0.1 s apart (for interrupt / "busy" tests);
+* ``[slow]`` -> 30 deltas, ``slow_delay`` (0.1 s) apart (interrupt / "busy" tests);
 * ``[fail]`` -> HTTP 400 ``{"type":"error","error":{"type":
   "invalid_request_error","message":"offline model: requested failure"}}``.
+  (The CLI retries a 400 with fewer betas/tools: one failed turn = 6 requests.)
+
+Requests with ``output_config.format`` of type ``json_schema`` (the CLI's
+session-title side request) get a minimal JSON object fitting the schema,
+strings filled with the reply (or ``"Offline session"`` if no user text).
 
 Usage: ``m = start_offline_model(); ...; m.stop()`` or
 ``python -m chat_app.offline_model --port 8765``.
@@ -109,7 +116,8 @@ def _input_tokens(body: dict) -> int:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; every response sets Content-Length or closes
+    protocol_version = "HTTP/1.1"  # keep-alive: Content-Length or chunked on every response
+    disable_nagle_algorithm = True  # else each small write waits ~40 ms for a delayed ACK
     server: "_Server"
 
     def log_message(self, fmt, *args):  # quiet
@@ -137,6 +145,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.model.unknown.append(("GET", self.path))
         self._json(200, {})
 
+    def _not_found(self):
+        self._body()  # consume it so the keep-alive connection stays in sync
+        self.server.model.unknown.append((self.command, self.path))
+        self._json(404, {"type": "error", "error": {
+            "type": "not_found_error", "message": f"offline model: no {self.path}"}})
+
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_found
+
     def do_HEAD(self):
         self.send_response(200)
         self.send_header("Content-Length", "0")
@@ -151,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/messages":
             model.unknown.append(("POST", self.path))
             return self._json(404, {"type": "error", "error": {
-                "type": "not_found_error", "message": f"offline model: no {path}"}})
+                "type": "not_found_error", "message": f"offline model: no {self.path}"}})
         with model.lock:
             model.requests.append(body)
         texts = user_texts(body.get("messages", []))
@@ -174,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, msg)
         slow = "[slow]" in last
         pieces = _chunks(text, 30, by_words=False) if slow else _chunks(text, 6)
-        self._stream(msg, pieces, 0.1 if slow else 0.0)
+        self._stream(msg, pieces, model.slow_delay if slow else 0.0)
 
     def _stream(self, msg: dict, pieces: list[str], delay: float) -> None:
         self.send_response(200)
@@ -206,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
             event("message_stop", {"type": "message_stop"})
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # BrokenPipe / ConnectionReset
             self.close_connection = True  # client went away (e.g. interrupted turn)
 
 
@@ -223,6 +239,7 @@ class OfflineModel:
         self.unknown: list[tuple[str, str]] = []  # (method, path) of unhandled requests
         self.lock = threading.Lock()
         self.verbose = verbose
+        self.slow_delay = 0.1                 # seconds between deltas for [slow]
         self.httpd = _Server((host, port), _Handler)
         self.httpd.model = self
         self.host, self.port = self.httpd.server_address[:2]
@@ -231,7 +248,8 @@ class OfflineModel:
                                        name=f"offline-model-{self.port}")
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self.thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
 
     def __enter__(self):
