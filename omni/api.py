@@ -11,8 +11,16 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 
+from chat_app.api import router as chat_router
 from sessions_app.api import router as sessions_router
-from sessions_app.errors import ApiError, BadRequest, NotAuthenticated, NotFound, Unavailable
+from sessions_app.errors import (
+    ApiError,
+    BadRequest,
+    NotAuthenticated,
+    NotFound,
+    Unavailable,
+    describe_validation,
+)
 
 log = logging.getLogger("omni.api")
 
@@ -41,14 +49,6 @@ api = NinjaAPI(
 
 def error_response(request, exc: ApiError):
     return api.create_response(request, exc.as_dict(), status=exc.status)
-
-
-def describe_validation(errors) -> str:
-    parts = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "payload"))
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid input"
 
 
 @api.exception_handler(ApiError)
@@ -89,3 +89,4 @@ def on_database_error(request, exc):
 
 
 api.add_router("/", sessions_router)
+api.add_router("/", chat_router)

@@ -152,7 +152,12 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "omni": {"handlers": ["console"], "level": os.environ.get("OMNI_LOG_LEVEL", "INFO")},
+        "omni": {
+            "handlers": ["console"],
+            "level": os.environ.get("OMNI_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
         "django": {"handlers": ["console"], "level": "WARNING"},
     },
 }
+OMNI_SESSION_STORE = env_flag("OMNI_SESSION_STORE", "1")

@@ -1,0 +1,108 @@
+"""SDK messages to the contract's stream events (§5)."""
+
+import dataclasses
+import enum
+from pathlib import PurePath
+
+from claude_agent_sdk import (
+    AssistantMessage,
+    ResultMessage,
+    StreamEvent,
+    SystemMessage,
+    TextBlock,
+)
+
+
+def to_json(value):
+    """A faithful JSON form of SDK objects: dataclasses become objects whose
+    ``kind`` names their class, with every field; other values pass through."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {"kind": type(value).__name__}
+        for field in dataclasses.fields(value):
+            out[field.name] = to_json(getattr(value, field.name))
+        return out
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_json(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return to_json(value.value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, PurePath):
+        return str(value)
+    return repr(value)
+
+
+def session_event(thread_id: str, resource_id: str, session_id: str, resumed: bool,
+                  forked_from: str | None, notice: str | None = None) -> dict:
+    event = {
+        "type": "session",
+        "threadId": thread_id,
+        "resourceId": resource_id,
+        "sessionId": session_id,
+        "resumed": resumed,
+        "forkedFromThreadId": forked_from,
+    }
+    if notice:
+        event["notice"] = notice
+    return event
+
+
+def chunk_event(session_id: str, message) -> dict:
+    return {"type": "chunk", "sessionId": session_id, "chunk": to_json(message)}
+
+
+def text_event(session_id: str, text: str) -> dict:
+    return {"type": "text", "sessionId": session_id, "text": text}
+
+
+def done_event(session_id: str, result: ResultMessage) -> dict:
+    return {
+        "type": "done",
+        "sessionId": session_id,
+        "result": {
+            "durationMs": result.duration_ms,
+            "costUsd": result.total_cost_usd,
+            "numTurns": result.num_turns,
+            "isError": result.is_error,
+            "usage": to_json(result.usage),
+        },
+    }
+
+
+def error_event(code: str, message: str) -> dict:
+    return {"type": "error", "code": code, "message": message}
+
+
+def init_session_id(message) -> str | None:
+    """The session id the CLI reports in its ``init`` system message."""
+    if isinstance(message, SystemMessage) and message.subtype == "init":
+        return message.data.get("session_id")
+    return None
+
+
+def text_delta(message) -> str | None:
+    """The text of a streamed ``text_delta`` (``include_partial_messages``)."""
+    if isinstance(message, StreamEvent) and message.parent_tool_use_id is None:
+        event = message.event
+        if event.get("type") == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return delta.get("text") or None
+    return None
+
+
+def stream_message_id(message) -> str | None:
+    """The API message id a ``message_start`` stream event announces."""
+    if isinstance(message, StreamEvent) and message.event.get("type") == "message_start":
+        return (message.event.get("message") or {}).get("id")
+    return None
+
+
+def assistant_text(message) -> str:
+    if isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
+        return "".join(b.text for b in message.content if isinstance(b, TextBlock))
+    return ""

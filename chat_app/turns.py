@@ -1,0 +1,282 @@
+"""The turn pipeline: one conversation turn through the Claude Agent SDK.
+
+Both transports (SSE views, the websocket consumer) call :func:`start_turn`
+and read the returned :class:`Turn`'s events; nothing else runs the SDK.
+
+A turn runs in an asyncio task of its own, not in the request that started
+it: its events are buffered, any number of listeners read them from the
+start (the transport that started it, a websocket ``follow``), and a client
+that goes away does not cut the turn short: it runs to its end, its
+transcript and mapping are saved and its CLI process exits.
+
+Where the roadmap plugs in: :class:`TurnRegistry` is the one-turn-per-thread
+lock (a cross-process lease goes in its ``start``), and :meth:`Turn._converse`
+opens the SDK client (a warm-client pool goes there).
+"""
+
+import asyncio
+import contextvars
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from claude_agent_sdk import ClaudeSDKClient, ResultMessage
+from claude_agent_sdk._errors import ClaudeSDKError
+from django.conf import settings
+
+from sessions_app import services
+from sessions_app.errors import ApiError, Conflict, NotFound, TooLarge
+from sessions_app.resources import resolve_resource
+
+from . import events
+from .sdk import agent_preset, build_options
+
+log = logging.getLogger("omni.chat")
+
+MISSING_SESSION = "No conversation found with session ID"
+
+
+@dataclass
+class TurnSpec:
+    """A validated turn: who, which thread, what to say, how."""
+
+    resource_id: str
+    thread_id: str
+    message: str
+    agent: str
+    preset: dict
+    resume_session_id: str | None = None  # the thread's (or fork parent's) session
+    fork_from_thread_id: str | None = None
+    at_message_uuid: str | None = None
+    forked_from_thread_id: str | None = None  # the mapping's value, kept on later turns
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.resource_id, self.thread_id)
+
+
+class Turn:
+    def __init__(self, spec: TurnSpec):
+        self.spec = spec
+        self.events: list[dict] = []
+        self.finished = False
+        self.session_id: str | None = None
+        self._wake = asyncio.Event()
+        self._client: ClaudeSDKClient | None = None
+        self._interrupted = False
+        self._streaming_id: str | None = None
+        self.task: asyncio.Task | None = None
+
+    # --- listeners -------------------------------------------------------
+    async def listen(self, start: int = 0):
+        """Every event from ``start`` on, as they come, until the turn ends."""
+        index = start
+        while True:
+            wake = self._wake
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.finished:
+                return
+            await wake.wait()
+
+    def _publish(self, event: dict) -> None:
+        self.events.append(event)
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def interrupt(self) -> None:
+        self._interrupted = True
+        if self._client is not None:
+            try:
+                await self._client.interrupt()
+            except Exception:  # the CLI may be gone already
+                log.debug("interrupt failed", exc_info=True)
+
+    # --- the turn ------------------------------------------------------------
+    async def run(self) -> None:
+        spec = self.spec
+        try:
+            if spec.resume_session_id and not spec.fork_from_thread_id:
+                log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
+            try:
+                await self._converse(spec.resume_session_id)
+            except ResumeMissing:
+                notice = (
+                    f"The stored session {spec.resume_session_id} could not be resumed; "
+                    "a new session was started without the earlier context."
+                )
+                log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
+                await self._converse(None, notice=notice)
+        except ApiError as exc:
+            self._publish(events.error_event(exc.code, exc.message))
+        except Exception as exc:  # never leave a listener hanging
+            log.exception("turn failed thread=%s", spec.thread_id)
+            self._publish(events.error_event("turn_failed", f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.finished = True
+            self._wake.set()
+
+    async def _converse(self, resume: str | None, notice: str | None = None) -> None:
+        spec = self.spec
+        fork = bool(spec.fork_from_thread_id) and resume is not None
+        options = build_options(
+            spec.preset,
+            resume=resume,
+            fork=fork,
+            resume_at=spec.at_message_uuid if fork else None,
+            session_store=session_store(),
+        )
+        pending = []  # messages before the session id is known
+        streamed: set[str] = set()
+        reply: list[str] = []
+        result: ResultMessage | None = None
+        client = ClaudeSDKClient(options)
+        self._client = client
+        try:
+            await client.connect()
+            await client.query(spec.message)
+            if self._interrupted:  # asked for before the CLI was up
+                await client.interrupt()
+            async for message in client.receive_response():
+                if self.session_id is None:
+                    sid = events.init_session_id(message)
+                    if sid is None:
+                        pending.append(message)
+                        continue
+                    await self._on_session(sid, resumed=resume is not None, notice=notice)
+                    for earlier in pending:
+                        self._publish(events.chunk_event(sid, earlier))
+                elif (sid := events.init_session_id(message)) and sid != self.session_id:
+                    self.session_id = sid
+                self._emit_text(message, streamed, reply)
+                self._publish(events.chunk_event(self.session_id, message))
+                if isinstance(message, ResultMessage):
+                    result = message
+        except ClaudeSDKError as exc:
+            if self.session_id is None and MISSING_SESSION in str(exc) and resume:
+                raise ResumeMissing() from exc
+            if result is None:  # after a result the CLI's non-zero exit adds nothing
+                raise
+        finally:
+            self._client = None
+            await asyncio.shield(_disconnect(client))
+        if self.session_id is None:
+            raise ApiError("the CLI ended without starting a session", code="turn_failed")
+        await services.save_session(
+            spec.thread_id, spec.resource_id, self.session_id, assistant_message="".join(reply) or None
+        )
+        if result is not None:
+            self._publish(events.done_event(self.session_id, result))
+        else:
+            self._publish(events.error_event("turn_failed", "the turn ended without a result"))
+
+    async def _on_session(self, session_id: str, resumed: bool, notice: str | None) -> None:
+        spec = self.spec
+        self.session_id = session_id
+        # Saved as soon as it is known, so a turn cut short still resumes.
+        await services.save_session(
+            spec.thread_id,
+            spec.resource_id,
+            session_id,
+            agent=spec.agent,
+            user_message=spec.message,
+            forked_from_thread_id=spec.fork_from_thread_id,
+        )
+        self._publish(
+            events.session_event(
+                spec.thread_id, spec.resource_id, session_id, resumed,
+                spec.forked_from_thread_id or spec.fork_from_thread_id, notice,
+            )
+        )
+
+    def _emit_text(self, message, streamed: set[str], reply: list[str]) -> None:
+        """Text events from the stream's deltas, or from a whole assistant
+        message when none were streamed for it (e.g. a synthetic API error)."""
+        if message_id := events.stream_message_id(message):
+            self._streaming_id = message_id
+        if (delta := events.text_delta(message)) is not None:
+            streamed.add(self._streaming_id)
+            reply.append(delta)
+            self._publish(events.text_event(self.session_id, delta))
+        elif (text := events.assistant_text(message)) and message.message_id not in streamed:
+            reply.append(text)
+            self._publish(events.text_event(self.session_id, text))
+
+
+class ResumeMissing(Exception):
+    """The stored session is gone (no local file, nothing in the store)."""
+
+
+async def _disconnect(client: ClaudeSDKClient) -> None:
+    try:
+        await client.disconnect()
+    except Exception:
+        log.debug("disconnect failed", exc_info=True)
+
+
+def session_store():
+    if not settings.OMNI_SESSION_STORE:
+        return None
+    from sessions_app.transcripts import DjangoSessionStore
+
+    return DjangoSessionStore()
+
+
+class TurnRegistry:
+    """The running turns of this process, one per ``(resource, thread)``."""
+
+    def __init__(self):
+        self._turns: dict[tuple[str, str], Turn] = {}
+
+    def get(self, resource_id: str, thread_id: str) -> Turn | None:
+        return self._turns.get((resource_id, thread_id))
+
+    def start(self, spec: TurnSpec) -> Turn:
+        if spec.key in self._turns:
+            raise Conflict(f"thread {spec.thread_id!r} is busy with another turn", code="thread_busy")
+        turn = Turn(spec)
+        self._turns[spec.key] = turn
+        # A context of its own: the turn outlives the request that started
+        # it, so it must not use that request's thread-sensitive executor.
+        turn.task = asyncio.get_running_loop().create_task(turn.run(), context=contextvars.Context())
+        turn.task.add_done_callback(lambda _: self._turns.pop(spec.key, None))
+        return turn
+
+    def running(self) -> list[Turn]:
+        return list(self._turns.values())
+
+
+registry = TurnRegistry()
+
+
+async def start_turn(user, body, *, fork: bool = False) -> Turn:
+    """Validate a chat or fork request (a ``ChatIn``/``ForkIn``), and start it.
+
+    Raises the contract's errors: 400 unknown agent, 401/403 from resource
+    resolution, 404 fork parent missing, 409 fork target exists or thread
+    busy, 413 message too long.
+    """
+    if len(body.message) > settings.OMNI_MAX_MESSAGE_CHARS:
+        raise TooLarge(f"message is over {settings.OMNI_MAX_MESSAGE_CHARS} characters")
+    resource = resolve_resource(user, body.resourceId)
+    agent, preset = agent_preset(body.agent)
+    thread_id = body.threadId or f"thread-{uuid.uuid4().hex}"
+    spec = TurnSpec(resource, thread_id, body.message, agent, preset)
+    if registry.get(resource, thread_id):
+        raise Conflict(f"thread {thread_id!r} is busy with another turn", code="thread_busy")
+    if fork:
+        parent = await services.get_mapping(body.forkFromThreadId, resource)
+        if parent is None:
+            raise NotFound(f"no thread {body.forkFromThreadId!r} to fork from")
+        if await services.get_mapping(thread_id, resource):
+            raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists")
+        spec.resume_session_id = parent.session_id
+        spec.fork_from_thread_id = parent.thread_id
+        spec.at_message_uuid = body.atMessageUuid
+    elif mapping := await services.get_mapping(thread_id, resource):
+        spec.resume_session_id = mapping.session_id
+        spec.forked_from_thread_id = mapping.forked_from_thread_id
+        if body.agent is None:
+            spec.agent, spec.preset = agent_preset(mapping.agent)
+    return registry.start(spec)
