@@ -46,3 +46,12 @@ class TooLarge(ApiError):
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+def describe_validation(errors) -> str:
+    """pydantic's error list as one readable message."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "payload"))
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid input"
