@@ -12,3 +12,14 @@ def auth_off(settings):
     """Most tests act as the manual guide does: trusting ``resourceId``.
     Tests of authentication set ``settings.OMNI_AUTH = "required"`` again."""
     settings.OMNI_AUTH = "off"
+
+
+@pytest.fixture
+def offline_chat(settings, tmp_path):
+    """Turns in this process run the real SDK and CLI against the offline
+    model, with a data dir (workspace, CLI config) of their own."""
+    settings.OMNI_OFFLINE_MODEL = True
+    settings.DATA_DIR = tmp_path / "data"
+    settings.CLAUDE_CONFIG_DIR = tmp_path / "data" / "claude"
+    settings.DATA_DIR.mkdir()
+    return settings
