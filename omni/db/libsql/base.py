@@ -13,8 +13,12 @@ the published ``django-libsql`` package:
   (sqld, Turso) over the Hrana protocol, through
   :mod:`libsql_client.dbapi2`. ``OPTIONS["auth_token"]`` (or an
   ``authToken`` query parameter) authenticates. A remote connection cannot
-  register Python SQL functions, so the project relies on none (no
-  ``__year``-style lookups, no ``date_hierarchy``).
+  register Python SQL functions, so the project relies on none: no
+  ``__month``/``__day``/``__date``/``__time`` lookups, ``Extract``/``Trunc``,
+  ``dates()``, ``date_hierarchy``, datetime-and-timedelta ``F()``
+  arithmetic, ``__regex``, ``order_by("?")``, ``StdDev``/``Variance`` or the
+  hash and padding functions (``__year`` is a range and works).
+  ``tests/test_engine_remote.py`` runs this path against a Hrana server.
 
 Why not django-libsql 0.1.3: on Django 5.2 it insists on a ``file:`` URI for
 local files, then hands Django's ``sqlite3.Cursor`` subclass to a
@@ -24,6 +28,7 @@ non-sqlite3 connection (``TypeError: connection must be instance of
 """
 
 from collections.abc import Mapping
+from contextlib import suppress
 from itertools import tee
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -67,6 +72,19 @@ class HranaCursorWrapper(dbapi2.Cursor):
         return super().executemany(query, param_list)
 
 
+class HranaConnection(dbapi2.Connection):
+    """libsql-client's remote connection, with one fix: it tracks
+    ``in_transaction`` from statement keywords and takes ``ROLLBACK TO
+    SAVEPOINT`` (a nested ``atomic()`` undoing itself) for the end of the
+    transaction, so the outer ``atomic()`` would then never send ``COMMIT``."""
+
+    def _update_in_transaction(self, statement):
+        words = [token.upper() for token in statement.tokens[:3]]
+        if words[0] == "ROLLBACK" and "TO" in words:
+            return  # ROLLBACK [TRANSACTION] TO [SAVEPOINT] name
+        super()._update_in_transaction(statement)
+
+
 class DatabaseWrapper(sqlite3_base.DatabaseWrapper):
     display_name = "libSQL"
 
@@ -77,10 +95,14 @@ class DatabaseWrapper(sqlite3_base.DatabaseWrapper):
     def get_connection_params(self):
         options = self.settings_dict["OPTIONS"]
         if self.is_remote:
+            # The parent sets self.transaction_mode and self.init_commands,
+            # which atomic() and get_new_connection() read.
+            super().get_connection_params()
             return {
                 "database": remote_url(self.settings_dict["NAME"], options.get("auth_token")),
                 "isolation_level": None,
                 "check_same_thread": False,
+                "factory": HranaConnection,
             }
         # Local file: a busy timeout and write locks taken at BEGIN, so a
         # second process waits instead of failing with "database is locked".
@@ -90,8 +112,18 @@ class DatabaseWrapper(sqlite3_base.DatabaseWrapper):
 
     def get_new_connection(self, conn_params):
         if self.is_remote:
+            # No register_functions(): a remote connection cannot run Python.
             conn = dbapi2.connect(**conn_params)
-            conn.execute("PRAGMA foreign_keys = ON")
+            try:
+                # The first request: a refused token fails here, not in
+                # connect() (the client reads the handshake's answer late).
+                conn.execute("PRAGMA foreign_keys = ON")
+                for init_command in filter(None, map(str.strip, self.init_commands)):
+                    conn.execute(init_command)
+            except Exception:
+                with suppress(Exception):
+                    conn.close()  # else its event-loop thread and HTTP session leak
+                raise
             return conn
         conn = super().get_new_connection(conn_params)
         if not self.is_in_memory_db():
