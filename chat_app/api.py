@@ -5,6 +5,7 @@ import json
 from django.http import StreamingHttpResponse
 from ninja import Router
 
+from sessions_app.resources import request_user
 from sessions_app.schemas import ErrorOut
 
 from .schemas import ChatIn, ForkIn
@@ -37,10 +38,10 @@ def sse_response(turn: Turn) -> StreamingHttpResponse:
 @router.post("/chat", response=ERRORS, openapi_extra=SSE_DOC, summary="Send a message (SSE)")
 async def chat(request, body: ChatIn):
     """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one."""
-    return sse_response(await start_turn(await request.auser(), body))
+    return sse_response(await start_turn(await request_user(request), body))
 
 
 @router.post("/chat/fork", response=ERRORS, openapi_extra=SSE_DOC, summary="Fork a thread (SSE)")
 async def fork(request, body: ForkIn):
     """Starts `threadId` as a branch of `forkFromThreadId` (optionally at `atMessageUuid`)."""
-    return sse_response(await start_turn(await request.auser(), body, fork=True))
+    return sse_response(await start_turn(await request_user(request), body, fork=True))

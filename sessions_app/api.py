@@ -4,7 +4,7 @@ from ninja import Query, Router, Schema
 from pydantic import Field
 
 from . import services
-from .resources import resolve_resource
+from .resources import request_user, resolve_resource
 from .schemas import (
     DeleteOut,
     ErrorOut,
@@ -26,7 +26,7 @@ class ListQuery(Schema):
 
 
 async def caller_resource(request, requested: str | None) -> str:
-    return resolve_resource(await request.auser(), requested)
+    return resolve_resource(await request_user(request), requested)
 
 
 @router.get("/sessions", response={200: SessionListOut, **ERRORS}, summary="List a resource's sessions")

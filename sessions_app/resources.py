@@ -9,6 +9,8 @@ import re
 
 from django.conf import settings
 
+from ninja.utils import check_csrf
+
 from .errors import BadRequest, Forbidden, NotAuthenticated
 
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -47,3 +49,21 @@ def resolve_resource(user, requested: str | None) -> str:
     if user.is_staff:
         return requested
     raise Forbidden("this resource belongs to another caller")
+
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
+
+
+async def request_user(request):
+    """The caller of an HTTP request. When callers must authenticate, one
+    authenticated by its session cookie (the admin login) also passes
+    Django's CSRF check on unsafe methods, as a Django form would."""
+    user = await request.auser()
+    if (
+        auth_required()
+        and user.is_authenticated
+        and request.method not in SAFE_METHODS
+        and check_csrf(request)
+    ):
+        raise Forbidden("CSRF check failed: send the X-CSRFToken header", code="csrf_failed")
+    return user
