@@ -34,3 +34,61 @@ class SessionMapping(models.Model):
 
     def __str__(self) -> str:
         return f"{self.resource_id}/{self.thread_id}"
+
+
+class TranscriptEntry(models.Model):
+    """One transcript line mirrored through the SDK's ``SessionStore``
+    (``sessions_app.transcripts.DjangoSessionStore``).
+
+    ``id`` orders the lines of a key; ``data`` is the entry as JSON text
+    (exact round trip, no JSON1/JSONB dependency); ``uuid`` is the entry's
+    idempotency key, unique per key when present.
+    """
+
+    project_key = models.CharField(max_length=255)
+    session_id = models.CharField(max_length=255)
+    subpath = models.CharField(max_length=1024, blank=True, default="")  # "" = main transcript
+    uuid = models.CharField(max_length=255, null=True, blank=True)
+    data = models.TextField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project_key", "session_id", "subpath", "uuid"],
+                condition=models.Q(uuid__isnull=False),
+                name="uniq_transcript_entry_uuid",
+            ),
+        ]
+        indexes = [
+            # session_id first: serves load/list_subkeys/delete for a key and
+            # the by-session lookups (erase_session) with one index.
+            models.Index(
+                fields=["session_id", "project_key", "subpath", "id"], name="idx_transcript_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        key = f"{self.project_key}/{self.session_id}"
+        return f"{key}/{self.subpath}#{self.pk}" if self.subpath else f"{key}#{self.pk}"
+
+
+class TranscriptSummary(models.Model):
+    """Per main transcript: the SDK's folded summary (``data``, opaque JSON
+    text) and the storage write time ``mtime_ms`` (epoch ms) that
+    ``list_sessions`` and ``list_session_summaries`` both report."""
+
+    project_key = models.CharField(max_length=255)
+    session_id = models.CharField(max_length=255, db_index=True)
+    mtime_ms = models.BigIntegerField()
+    data = models.TextField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project_key", "session_id"], name="uniq_transcript_summary_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project_key}/{self.session_id}"

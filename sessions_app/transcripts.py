@@ -1,0 +1,519 @@
+"""Django-ORM-backed :class:`claude_agent_sdk.SessionStore`: session transcripts
+in the project's own database (embedded libSQL file, libSQL server or
+PostgreSQL), next to the session mappings.
+
+Usage::
+
+    from claude_agent_sdk import ClaudeAgentOptions, query
+    from sessions_app.transcripts import DjangoSessionStore
+
+    options = ClaudeAgentOptions(session_store=DjangoSessionStore(), cwd=WORKDIR, ...)
+    async for message in query(prompt="Hello!", options=options):
+        ...  # the CLI's transcript lines are mirrored into the database
+
+    # A later turn resumes from the database, even on a machine (or a
+    # CLAUDE_CONFIG_DIR) that never saw the local JSONL file:
+    options = ClaudeAgentOptions(session_store=DjangoSessionStore(), cwd=WORKDIR,
+                                 resume=session_id, ...)
+
+Schema (migration ``sessions_app/0002_transcripts``)::
+
+    sessions_app_transcriptentry          -- one row per transcript line
+      id          bigint autoincrement    -- order of the lines of a key
+      project_key varchar(255)            -- SessionKey.project_key
+      session_id  varchar(255)
+      subpath     varchar(1024) = ''      -- '' = main transcript, else e.g. 'subagents/agent-1'
+      uuid        varchar(255) NULL       -- entry["uuid"], the idempotency key
+      data        text                    -- json.dumps(entry)
+      created_at  timestamp               -- storage write time of the batch
+      UNIQUE (project_key, session_id, subpath, uuid) WHERE uuid IS NOT NULL
+      INDEX  (session_id, project_key, subpath, id)
+
+    sessions_app_transcriptsummary        -- one row per main transcript
+      project_key, session_id             -- UNIQUE together; INDEX (session_id)
+      mtime_ms    bigint                  -- storage write time, epoch ms
+      data        text                    -- json.dumps(fold_session_summary(...)["data"])
+
+Contract (``SessionStore`` in ``claude_agent_sdk/types.py``; all 14 contracts of
+``claude_agent_sdk.testing.run_session_store_conformance`` pass on both the
+libSQL file and PostgreSQL):
+
+* ``append`` writes one batch in ONE transaction, in list order (increasing
+  ``id``). A main-transcript batch first locks the session's summary row
+  (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite/libSQL the engine opens
+  every transaction with ``BEGIN IMMEDIATE``, so a write transaction is
+  already exclusive), then inserts the lines, folds them into the summary
+  with the SDK's :func:`~claude_agent_sdk.fold_session_summary` and stamps
+  ``mtime_ms``. Concurrent appends to one session are therefore serialized
+  and ordered by commit.
+* Entries with a string ``uuid`` are idempotent: the lines go in with
+  multi-row ``INSERT OR IGNORE`` (SQLite/libSQL) or ``INSERT ... ON CONFLICT
+  DO NOTHING`` (PostgreSQL), the SQL of ``bulk_create(ignore_conflicts=True)``,
+  so the partial unique index skips lines already stored and a retried or
+  overlapping batch adds nothing twice (nor a uuid repeated within a batch).
+  Entries without a ``uuid`` (titles, tags, mode markers, ...) are appended
+  without dedup.
+* ``load`` returns the entries deep-equal to what was appended, or ``None``
+  for a key with no rows. ``data`` is a text column of ``json.dumps`` output,
+  not a ``JSONField``: exact round trip (key order too), no JSON1 functions
+  needed, and ``\u0000`` (which PostgreSQL ``jsonb`` rejects) is stored
+  fine. Over a libSQL server a load goes in pages of about 1 MiB, since
+  libsql-client refuses any answer over 4 MiB.
+* ``mtime`` (``list_sessions`` and ``list_session_summaries``) is the same
+  ``mtime_ms`` column: the committing server's wall clock in epoch
+  milliseconds, taken inside the write transaction and kept strictly
+  increasing per session (``max(now, previous + 1)``), never derived from
+  entry timestamps. ``list_sessions`` reads the summary table, so it costs one
+  row per session, not per line; subagent subpaths are never listed.
+* ``delete`` of a main key removes the key, every subpath under it and the
+  summary; a key with a ``subpath`` removes only that subpath.
+* ``list_subkeys`` lists the distinct non-empty subpaths of a session.
+
+How the SDK uses it (claude-agent-sdk 0.2.187): ``project_key`` is the
+CLI's project directory name for ``cwd`` (``project_key_for_directory``), so a
+session resumes from the store only with the same ``cwd``. Lines arrive in
+one ``append`` per transcript file when a turn's result comes in
+(``session_store_flush="batched"``, also every 500 entries / 1 MiB) and at
+close; ``"eager"`` appends as frames come. A failed batch is retried 3 times,
+then reported as a ``MirrorErrorMessage`` in the message stream.
+
+Retention is the caller's business: the SDK never deletes from the store.
+Helpers for the rest of the project: :func:`erase_session` /
+:func:`erase_session_rows` remove a session everywhere (thread deletion),
+:func:`session_messages` gives the conversation for a page reload and
+:func:`fork_point` where to cut a fork at one of its messages. Async
+methods run their ORM work in ``sync_to_async(thread_sensitive=True)``, one
+call (and at most one transaction) per operation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from claude_agent_sdk import (
+    SessionKey,
+    SessionListSubkeysKey,
+    SessionStore,
+    SessionStoreEntry,
+    SessionStoreListEntry,
+    SessionSummaryEntry,
+    fold_session_summary,
+)
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models.constants import OnConflict
+from django.db.models.functions import Length
+
+from .models import TranscriptEntry, TranscriptSummary
+
+__all__ = [
+    "DjangoSessionStore",
+    "erase_session",
+    "erase_session_rows",
+    "fork_point",
+    "main_transcript",
+    "session_messages",
+    "transcript_messages",
+]
+
+MAIN = ""  # the subpath of a main transcript
+
+
+def _dumps(value: Any) -> str:
+    # ensure_ascii (the default) keeps lone surrogates and NULs as \u escapes:
+    # the text is always valid UTF-8 and PostgreSQL text accepts it.
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _subpath(key: SessionKey) -> str:
+    return key.get("subpath") or MAIN
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# A libSQL server answers each query in one Hrana message, and libsql-client
+# refuses messages over 4 MiB: a remote load goes in pages of about 1 MiB
+# of JSON text (ASCII; at most twice that once escaped for the wire).
+REMOTE_PAGE_CHARS = 1 << 20
+
+
+def _paged(connection) -> bool:
+    return bool(getattr(connection, "is_remote", False))
+
+
+def _texts_in_order(lines) -> list[str]:
+    """The ``data`` of a queryset of transcript lines, in ``id`` order."""
+    lines = lines.order_by("id")
+    if not _paged(connections[lines.db]):
+        return list(lines.values_list("data", flat=True))
+    sizes = list(lines.values_list("id", Length("data")))
+    texts: list[str] = []
+    start = 0
+    while start < len(sizes):
+        end, chars = start + 1, sizes[start][1]
+        while end < len(sizes) and chars + sizes[end][1] <= REMOTE_PAGE_CHARS:
+            chars += sizes[end][1]
+            end += 1
+        texts += lines.filter(id__gte=sizes[start][0], id__lte=sizes[end - 1][0]).values_list(
+            "data", flat=True
+        )
+        start = end
+    return texts
+
+
+_COLUMNS = ("project_key", "session_id", "subpath", "uuid", "data", "created_at")
+
+
+def _insert_rows(connection, rows: list[tuple]) -> None:
+    """Insert transcript lines in list order, skipping duplicate uuids:
+    multi-row ``INSERT OR IGNORE`` (SQLite/libSQL) or ``INSERT ... ON CONFLICT
+    DO NOTHING`` (PostgreSQL), the SQL of ``bulk_create(ignore_conflicts=
+    True)`` without its per-value compile cost (about 5x the insert itself at
+    500 rows). One statement per chunk (one round trip to a libSQL server or
+    PostgreSQL). Rows take ``id`` values in VALUES order; a skipped duplicate
+    leaves at most a gap, never a reordering."""
+    ops = connection.ops
+    fields = [TranscriptEntry._meta.get_field(name) for name in _COLUMNS]
+    head = "{} {} ({}) VALUES ".format(
+        ops.insert_statement(on_conflict=OnConflict.IGNORE),
+        ops.quote_name(TranscriptEntry._meta.db_table),
+        ", ".join(ops.quote_name(field.column) for field in fields),
+    )
+    suffix = ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, None, None)
+    placeholders = "({})".format(", ".join(["%s"] * len(fields)))
+    per_statement = min(1000, (connection.features.max_query_params or 10**6) // len(fields))
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            cursor.execute(
+                f"{head}{', '.join([placeholders] * len(chunk))} {suffix}".rstrip(),
+                [value for row in chunk for value in row],
+            )
+
+
+class DjangoSessionStore(SessionStore):
+    """:class:`~claude_agent_sdk.SessionStore` on the Django ORM (see the module
+    docstring for the schema and the contract). ``using`` picks the database
+    alias; the default is ``"default"``."""
+
+    def __init__(self, using: str = DEFAULT_DB_ALIAS) -> None:
+        self.using = using
+
+    def __repr__(self) -> str:
+        return f"DjangoSessionStore(using={self.using!r})"
+
+    # --- writes ---------------------------------------------------------------
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        if not entries:
+            return
+        await sync_to_async(self._append, thread_sensitive=True)(key, entries)
+
+    def _append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        project_key, session_id, subpath = key["project_key"], key["session_id"], _subpath(key)
+        rows = []
+        for entry in entries:
+            uuid = entry.get("uuid") if isinstance(entry, dict) else None
+            rows.append((uuid if isinstance(uuid, str) and uuid else None, _dumps(entry)))
+        with transaction.atomic(using=self.using):
+            summary = self._lock_summary(project_key, session_id) if subpath == MAIN else None
+            now_ms = _now_ms()
+            if summary is not None and summary.data:
+                now_ms = max(now_ms, summary.mtime_ms + 1)
+            created_at = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+            connection = connections[self.using]
+            stamp = connection.ops.adapt_datetimefield_value(created_at)
+            _insert_rows(
+                connection,
+                [(project_key, session_id, subpath, uuid, data, stamp) for uuid, data in rows],
+            )
+            if summary is not None:
+                prev: SessionSummaryEntry | None = None
+                if summary.data:
+                    prev = {
+                        "session_id": session_id,
+                        "mtime": summary.mtime_ms,
+                        "data": json.loads(summary.data),
+                    }
+                folded = fold_session_summary(prev, key, entries)
+                summary.mtime_ms = now_ms
+                summary.data = _dumps(folded["data"])
+                summary.save(using=self.using, update_fields=["mtime_ms", "data"])
+
+    def _lock_summary(self, project_key: str, session_id: str) -> TranscriptSummary:
+        """The session's summary row, locked until the transaction ends. A new
+        session gets a placeholder row (``data == ""``) first, inserted with
+        ``ignore_conflicts`` so two first appends cannot both create it."""
+        rows = TranscriptSummary.objects.using(self.using).filter(
+            project_key=project_key, session_id=session_id
+        )
+        if connections[self.using].features.has_select_for_update:
+            rows = rows.select_for_update()
+        summary = rows.first()
+        if summary is None:
+            TranscriptSummary.objects.using(self.using).bulk_create(
+                [TranscriptSummary(
+                    project_key=project_key, session_id=session_id, mtime_ms=0, data=""
+                )],
+                ignore_conflicts=True,
+            )
+            summary = rows.get()
+        return summary
+
+    async def delete(self, key: SessionKey) -> None:
+        await sync_to_async(self._delete, thread_sensitive=True)(key)
+
+    def _delete(self, key: SessionKey) -> None:
+        project_key, session_id, subpath = key["project_key"], key["session_id"], _subpath(key)
+        entries = TranscriptEntry.objects.using(self.using).filter(
+            session_id=session_id, project_key=project_key
+        )
+        if subpath != MAIN:
+            entries.filter(subpath=subpath).delete()
+            return
+        with transaction.atomic(using=self.using):
+            entries.delete()  # the main transcript and every subpath under it
+            TranscriptSummary.objects.using(self.using).filter(
+                project_key=project_key, session_id=session_id
+            ).delete()
+
+    # --- reads ----------------------------------------------------------------
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        return await sync_to_async(self._load, thread_sensitive=True)(key)
+
+    def _load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        lines = TranscriptEntry.objects.using(self.using).filter(
+            session_id=key["session_id"], project_key=key["project_key"], subpath=_subpath(key)
+        )
+        texts = _texts_in_order(lines)
+        return [json.loads(text) for text in texts] if texts else None
+
+    async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
+        rows = TranscriptSummary.objects.using(self.using).filter(
+            project_key=project_key
+        ).exclude(data="").values_list("session_id", "mtime_ms")
+        return [{"session_id": sid, "mtime": mtime} async for sid, mtime in rows]
+
+    async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
+        rows = TranscriptSummary.objects.using(self.using).filter(
+            project_key=project_key
+        ).exclude(data="").values_list("session_id", "mtime_ms", "data")
+        return [
+            {"session_id": sid, "mtime": mtime, "data": json.loads(data)}
+            async for sid, mtime, data in rows
+        ]
+
+    async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        rows = (
+            TranscriptEntry.objects.using(self.using)
+            .filter(session_id=key["session_id"], project_key=key["project_key"])
+            .exclude(subpath=MAIN)
+            .order_by("subpath")
+            .values_list("subpath", flat=True)
+            .distinct()
+        )
+        return [subpath async for subpath in rows]
+
+
+# --- helpers for the rest of the project ----------------------------------------
+
+
+def erase_session_rows(session_id: str, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Sync core of :func:`erase_session`, for callers already in a sync
+    context or inside their own ``transaction.atomic()`` (it nests)."""
+    with transaction.atomic(using=using):
+        lines, _ = TranscriptEntry.objects.using(using).filter(session_id=session_id).delete()
+        summaries, _ = TranscriptSummary.objects.using(using).filter(
+            session_id=session_id
+        ).delete()
+    return lines + summaries
+
+
+async def erase_session(session_id: str, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Delete every stored row of ``session_id``: all project keys, the main
+    transcript, its subpaths and its summaries. Returns the number of rows
+    deleted (transcript lines plus summary rows; 0 if nothing was stored)."""
+    return await sync_to_async(erase_session_rows, thread_sensitive=True)(session_id, using)
+
+
+# Text the CLI writes into user entries itself (slash commands, hooks,
+# reminders, IDE context, interrupt markers): never shown as the person's words.
+_CLI_TAGS = (
+    "bash-input|bash-stderr|bash-stdout|command-args|command-contents|command-message|"
+    "command-name|command-stderr|command-stdout|goal|ide_diagnostics|ide_opened_file|"
+    "ide_selection|local-command-caveat|local-command-stderr|local-command-stdout|"
+    "new-diagnostics|session-start-hook|system-reminder|task-notification|tick|"
+    "user-memory-input|user-prompt-submit-hook"
+)
+_CLI_TAGGED = re.compile(rf"<({_CLI_TAGS})(?:\s[^>]*)?>.*?</\1>", re.DOTALL)
+_CLI_OPENING = re.compile(rf"\s*<({_CLI_TAGS})[\s>/]")  # a CLI text without its closing tag
+_CLI_MARKER = re.compile(r"^\s*\[Request interrupted by user[^\]]*\]\s*$")
+
+
+def _typed_text(text: Any) -> str:
+    """``text`` without CLI-injected parts; empty if nothing typed remains."""
+    if not isinstance(text, str):
+        return ""
+    text = _CLI_TAGGED.sub("", text)
+    if not text.strip() or _CLI_MARKER.match(text) or _CLI_OPENING.match(text):
+        return ""
+    return text.strip()
+
+
+def _user_text(entry: dict) -> str:
+    if entry.get("isMeta") is True or entry.get("isCompactSummary") is True:
+        return ""
+    if entry.get("isVisibleInTranscriptOnly") is True:
+        return ""
+    message = entry.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return _typed_text(content)
+    if not isinstance(content, list) or any(
+        isinstance(block, dict) and block.get("type") == "tool_result" for block in content
+    ):
+        return ""  # a tool's answer (and anything riding along with it)
+    parts = [
+        _typed_text(block.get("text"))
+        for block in content
+        if isinstance(block, dict) and block.get("type") == "text"
+    ]
+    return "\n\n".join(part for part in parts if part)
+
+
+def _assistant_text(entry: dict) -> tuple[str | None, str]:
+    message = entry.get("message")
+    if not isinstance(message, dict):
+        return None, ""
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = [content]
+    elif isinstance(content, list):
+        parts = [
+            block["text"]
+            for block in content
+            if isinstance(block, dict) and block.get("type") == "text"
+            and isinstance(block.get("text"), str)
+        ]
+    else:
+        parts = []
+    message_id = message.get("id")
+    return (message_id if isinstance(message_id, str) else None), "\n\n".join(
+        part for part in parts if part
+    )
+
+
+def transcript_messages(entries: list[dict]) -> list[dict]:
+    """The conversation in transcript ``entries`` (see :func:`session_messages`)."""
+    messages: list[dict] = []
+    last_id: str | None = None  # message.id of the assistant reply being read
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("isSidechain") is True:
+            continue
+        kind = entry.get("type")
+        uuid = entry.get("uuid") if isinstance(entry.get("uuid"), str) else ""
+        if kind == "user":
+            text = _user_text(entry)
+            if text:
+                messages.append({"role": "user", "text": text, "uuid": uuid})
+                last_id = None
+        elif kind == "assistant":
+            if entry.get("isApiErrorMessage") is True:
+                continue  # the CLI's stand-in for a failed model call, not a reply
+            message_id, text = _assistant_text(entry)
+            same_reply = message_id is not None and message_id == last_id
+            last_id = message_id
+            if not text:
+                continue
+            if same_reply and messages and messages[-1]["role"] == "assistant":
+                messages[-1]["text"] += "\n\n" + text
+            else:
+                messages.append({"role": "assistant", "text": text, "uuid": uuid})
+    return messages
+
+
+def main_transcript(session_id: str, using: str = DEFAULT_DB_ALIAS) -> list[dict]:
+    """The stored main transcript of ``session_id`` (sync), under the project
+    key written most recently if several hold the id; ``[]`` if none does."""
+    project_key = (
+        TranscriptSummary.objects.using(using)
+        .filter(session_id=session_id)
+        .order_by("-mtime_ms", "-id")
+        .values_list("project_key", flat=True)
+        .first()
+    )
+    lines = TranscriptEntry.objects.using(using).filter(session_id=session_id, subpath=MAIN)
+    if project_key is None:  # lines without a summary row: take the newest key
+        project_key = lines.order_by("-id").values_list("project_key", flat=True).first()
+        if project_key is None:
+            return []
+    return [json.loads(text) for text in _texts_in_order(lines.filter(project_key=project_key))]
+
+
+async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> list[dict]:
+    """The conversation of ``session_id`` as ``[{"role", "text", "uuid"}]``, in order.
+
+    Reads the main transcript of the session from the store, under any
+    project key (the most recently written one if several hold the id).
+    User messages are what the person typed: ``type == "user"`` entries whose
+    content is a string or has ``text`` blocks, without tool results,
+    ``isMeta``/compact-summary entries and CLI-injected text
+    (``<command-name>``, ``<local-command-stdout>``, ``<system-reminder>``,
+    ...). Assistant messages are the ``text`` blocks of ``type ==
+    "assistant"`` entries; consecutive entries of one reply (same
+    ``message.id``) merge into one message carrying the first entry's uuid.
+    Several text blocks are joined with a blank line. The CLI's synthetic
+    ``isApiErrorMessage`` replies ("API Error: ...") are left out: a failed
+    turn is an error, not something the assistant said. An unknown session
+    gives ``[]``.
+    """
+
+    entries = await sync_to_async(main_transcript, thread_sensitive=True)(session_id, using)
+    return transcript_messages(entries)
+
+
+def fork_cut(entries: list[dict], message_uuid: str) -> str | None:
+    """See :func:`fork_point`."""
+    cut, reply_id = None, None
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("isSidechain") is True:
+            continue
+        if cut is None:
+            if entry.get("uuid") == message_uuid:
+                cut = message_uuid
+                if entry.get("type") != "assistant":
+                    return cut
+                reply_id, _ = _assistant_text(entry)
+                if reply_id is None:
+                    return cut
+            continue
+        kind = entry.get("type")
+        if kind == "user":
+            break
+        if kind == "assistant":
+            if _assistant_text(entry)[0] != reply_id:
+                break
+            if isinstance(entry.get("uuid"), str):
+                cut = entry["uuid"]
+    return cut
+
+
+async def fork_point(
+    session_id: str, message_uuid: str, using: str = DEFAULT_DB_ALIAS
+) -> str | None:
+    """The transcript uuid to fork ``session_id`` at so that the fork ends
+    with the message :func:`session_messages` reported as ``message_uuid``:
+    pass it as ``up_to_message_id`` to the SDK's ``fork_session_via_store``,
+    which cuts right after that entry. For an assistant reply written as
+    several entries (same ``message.id``) that is the reply's LAST entry, not
+    the first one the message is named by. ``None`` if the session's main
+    transcript has no such entry."""
+    entries = await sync_to_async(main_transcript, thread_sensitive=True)(session_id, using)
+    return fork_cut(entries, message_uuid)
