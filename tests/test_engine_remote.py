@@ -171,6 +171,11 @@ with connection.cursor() as cursor:
     cursor.execute("SELECT thread_id FROM sessions_app_sessionmapping WHERE message_count > %(n)s", {"n": 10})
     assert sorted(r[0] for r in cursor.fetchall()) == ["b1", "b2"]
 
+# More rows than Django's fetch chunk (100): none lost at chunk boundaries.
+M.objects.bulk_create([M(thread_id=f"many{i}", resource_id="r4", session_id="s") for i in range(250)])
+assert len(list(M.objects.filter(resource_id="r4"))) == 250
+M.objects.filter(resource_id="r4").delete()
+
 # Delete.
 deleted, _ = M.objects.filter(resource_id="r3").delete()
 assert deleted == 3, deleted

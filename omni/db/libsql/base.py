@@ -29,7 +29,7 @@ non-sqlite3 connection (``TypeError: connection must be instance of
 
 from collections.abc import Mapping
 from contextlib import suppress
-from itertools import tee
+from itertools import islice, tee
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from django.db.backends.sqlite3 import base as sqlite3_base
@@ -70,6 +70,11 @@ class HranaCursorWrapper(dbapi2.Cursor):
         names = list(first) if isinstance(first, Mapping) else None
         query = sqlite3_base.SQLiteCursorWrapper.convert_query(self, query, param_names=names)
         return super().executemany(query, param_list)
+
+    def fetchmany(self, size=None):
+        # libsql-client's own fetchmany drops a row at every chunk boundary,
+        # and Django reads results in chunks of 100.
+        return list(islice(self, size if size and size > 0 else self.arraysize))
 
 
 class HranaConnection(dbapi2.Connection):

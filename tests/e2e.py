@@ -1,0 +1,607 @@
+"""End-to-end helpers: a live daphne server (real SDK + CLI + offline model),
+an SSE client on ``http.client`` and a websocket client on aiohttp.
+
+The server runs as a subprocess, exactly as an operator starts it
+(``manage.py migrate``, then ``daphne ... omni.asgi:application``), with a
+data dir of its own, ``OMNI_AUTH=off`` and ``OMNI_OFFLINE_MODEL=1``. Its
+database is the embedded libSQL file in that data dir, or, when the test run
+itself has ``DATABASE_URL=postgres://...``, a fresh PostgreSQL database of its
+own (``omni_e2e_<random>``) on the same server, dropped at the end.
+
+The transcript store (``OMNI_SESSION_STORE``) is on, as by default, unless
+the test run sets ``OMNI_SESSION_STORE`` itself, or
+``sessions_app/transcripts.py`` does not exist (then it is off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+START_TIMEOUT = 60
+TURN_TIMEOUT = 60
+
+# Variables of the test run that must not leak into the server's environment:
+# the server gets its own data dir, database, auth mode and model.
+PROJECT_VARS = ("DATABASE_URL", "REDIS_URL", "CLAUDE_CONFIG_DIR", "ANTHROPIC_BASE_URL",
+                "ANTHROPIC_API_KEY", "OMNI_DATA_DIR", "OMNI_AUTH", "OMNI_OFFLINE_MODEL",
+                "OMNI_SECRET_KEY", "OMNI_DEBUG", "OMNI_ALLOWED_HOSTS")
+
+
+def python_bin() -> str:
+    exe = VENV_BIN / "python"
+    return str(exe) if exe.exists() else sys.executable
+
+
+def daphne_cmd() -> list[str]:
+    exe = VENV_BIN / "daphne"
+    if exe.exists():
+        return [str(exe)]
+    if found := shutil.which("daphne"):
+        return [found]
+    return [sys.executable, "-m", "daphne"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_store_flag() -> str:
+    if (value := os.environ.get("OMNI_SESSION_STORE")) is not None:
+        return value
+    return "1" if (ROOT / "sessions_app" / "transcripts.py").exists() else "0"
+
+
+def store_enabled() -> bool:
+    return session_store_flag().strip().lower() in ("1", "true", "yes", "on")
+
+
+# --- processes -------------------------------------------------------------------
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _ppid(pid: int) -> int | None:
+    stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
+    if not stat:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces or parentheses
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    return _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren...)."""
+    children: dict[int, list[int]] = {}
+    for p in _pids():
+        if (parent := _ppid(p)) is not None:
+            children.setdefault(parent, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _is_zombie(pid: int) -> bool:
+    stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
+    return not stat or stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def is_cli(pid: int) -> bool:
+    return "claude" in cmdline(pid) and not _is_zombie(pid)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has ``name=value`` (orphans included)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for p in _pids():
+        if p == os.getpid() or _is_zombie(p):
+            continue
+        if needle in _read(f"/proc/{p}/environ").split(b"\0"):
+            found.append(p)
+    return found
+
+
+# --- the server ------------------------------------------------------------------
+
+class PostgresDatabase:
+    """A database of its own on the test run's PostgreSQL server."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.psycopg = psycopg
+        parts = urlsplit(url)
+        self.name = f"omni_e2e_{uuid.uuid4().hex[:12]}"
+        self.admin_url = urlunsplit(parts._replace(path="/postgres"))
+        self.url = urlunsplit(parts._replace(path="/" + self.name))
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+
+    def tables(self) -> set[str]:
+        with self.psycopg.connect(self.url, connect_timeout=10) as conn:
+            rows = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()
+        return {name for (name,) in rows}
+
+    def drop(self) -> None:
+        with self.psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (self.name,),
+            )
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}"')
+
+
+class Server:
+    """A daphne subprocess serving ``omni.asgi:application``."""
+
+    def __init__(self, data_dir: Path, database_url: str | None):
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.database_url = database_url
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.starts = 0
+        self.log_path: Path | None = None
+        self.seen_cli: set[int] = set()  # CLI pids seen below daphne
+
+    # --- lifecycle ---
+    @property
+    def claude_dir(self) -> Path:
+        return self.data_dir / "claude"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in PROJECT_VARS}
+        env.update(
+            OMNI_DATA_DIR=str(self.data_dir),
+            OMNI_AUTH="off",
+            OMNI_OFFLINE_MODEL="1",
+            OMNI_SESSION_STORE=session_store_flag(),
+            OMNI_LOG_LEVEL="INFO",
+            PYTHONUNBUFFERED="1",
+            DJANGO_SETTINGS_MODULE="omni.settings",
+        )
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
+        return env  # CI (and PATH, HOME...) pass through
+
+    def start(self) -> None:
+        env = self.env()
+        migrate = subprocess.run(
+            [python_bin(), "manage.py", "migrate", "--noinput"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert migrate.returncode == 0, f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
+        self.starts += 1
+        self.port = free_port()
+        self.log_path = self.data_dir / f"daphne-{self.starts}.log"
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            daphne_cmd() + ["-b", "127.0.0.1", "-p", str(self.port), "omni.asgi:application"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daphne exited ({self.proc.returncode}):\n{self.log()}")
+            try:
+                status, _, _ = self.request("GET", "/api/openapi.json", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"daphne did not answer within {START_TIMEOUT}s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 15) -> None:
+        """Terminate daphne (SIGTERM, as an operator or a process manager
+        does); fail if it is still running after ``timeout`` seconds (it is
+        then killed) or if a CLI process it started outlives it."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        self.seen_cli.update(p for p in descendants(proc.pid) if is_cli(p))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+                raise AssertionError(
+                    f"daphne did not exit within {timeout}s of SIGTERM:\n{self.log()[-4000:]}")
+        left = self.leftover_cli()
+        if left:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(
+                "CLI processes outlived the server: "
+                + "; ".join(f"{p}: {cmdline(p)[:120]}" for p in left)
+            )
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def leftover_cli(self) -> list[int]:
+        """CLI processes started for this server that are still alive: ones
+        seen below daphne, and any process carrying this server's CLI config
+        dir (which catches orphans reparented away from daphne)."""
+        alive = {p for p in self.seen_cli if not _is_zombie(p) and Path(f"/proc/{p}").exists()
+                 and "claude" in cmdline(p)}
+        alive.update(processes_with_env("CLAUDE_CONFIG_DIR", str(self.claude_dir)))
+        return sorted(alive)
+
+    def local_transcripts(self, session_id: str) -> list[Path]:
+        """The CLI's local files of a session under this server's config dir."""
+        projects = self.claude_dir / "projects"
+        return sorted(projects.glob(f"*/{session_id}.jsonl")) + sorted(
+            p for p in projects.glob(f"*/{session_id}") if p.is_dir())
+
+    def cli_children(self) -> list[int]:
+        """CLI processes currently running below daphne."""
+        if self.proc is None:
+            return []
+        found = [p for p in descendants(self.proc.pid) if is_cli(p)]
+        self.seen_cli.update(found)
+        return found
+
+    def wait_no_cli(self, timeout: float = 10) -> list[int]:
+        """Wait until no CLI process runs below daphne; the ones left, if any."""
+        deadline = time.monotonic() + timeout
+        while (left := self.cli_children()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
+    # --- log ---
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def all_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.data_dir.glob("daphne-*.log")))
+
+    def wait_log(self, pattern: str, timeout: float = 5) -> str:
+        """The first line of the current log matching the regex ``pattern``."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            for line in self.log().splitlines():
+                if rx.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    # --- HTTP ---
+    def connection(self, timeout: float = TURN_TIMEOUT) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
+                timeout: float = 30) -> tuple[int, dict, object]:
+        """``(status, headers, parsed JSON or text)``; ``body`` is JSON-encoded."""
+        conn = self.connection(timeout)
+        try:
+            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, data, headers)
+            resp = conn.getresponse()
+            text = resp.read().decode("utf-8", "replace")
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            if hdrs.get("content-type", "").startswith("application/json"):
+                return resp.status, hdrs, json.loads(text)
+            return resp.status, hdrs, text
+        finally:
+            conn.close()
+
+    def get_json(self, path: str, **query) -> tuple[int, object]:
+        status, _, data = self.request("GET", f"{path}?{urlencode(query)}" if query else path)
+        return status, data
+
+    def sessions(self, resource_id: str, **query) -> dict:
+        status, data = self.get_json("/api/sessions", resourceId=resource_id, **query)
+        assert status == 200, data
+        return data
+
+    def metadata(self, thread_id: str, resource_id: str) -> tuple[int, dict]:
+        status, _, data = self.request(
+            "POST", "/api/sessions/metadata", {"threadId": thread_id, "resourceId": resource_id})
+        return status, data
+
+    # --- SSE ---
+    def open_sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEStream":
+        conn = self.connection(timeout)
+        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return SSEStream(conn, conn.getresponse())
+
+    def sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEResult":
+        """POST and read the whole answer: events of a stream, or a JSON error."""
+        with self.open_sse(path, body, timeout) as stream:
+            return stream.result()
+
+    def chat(self, message: str, resource_id: str, thread_id: str | None = None, **extra) -> "SSEResult":
+        body = {"message": message, "resourceId": resource_id, **extra}
+        if thread_id is not None:
+            body["threadId"] = thread_id
+        return self.sse("/api/chat", body)
+
+    def fork(self, message: str, resource_id: str, parent: str, thread_id: str, **extra) -> "SSEResult":
+        return self.sse("/api/chat/fork", {
+            "message": message, "resourceId": resource_id,
+            "forkFromThreadId": parent, "threadId": thread_id, **extra,
+        })
+
+    def ws_url(self, path: str = "/ws/chat/") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+class SSEResult:
+    def __init__(self, status: int, headers: dict, events: list[dict], body: object = None):
+        self.status = status
+        self.headers = headers
+        self.events = events
+        self.body = body  # the JSON (or text) of a non-stream answer
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e.get("type") == kind]
+
+    def chunks(self, kind: str) -> list[dict]:
+        return [e["chunk"] for e in self.of("chunk") if e["chunk"].get("kind") == kind]
+
+    @property
+    def session(self) -> dict:
+        assert self.events and self.events[0]["type"] == "session", self.describe()
+        return self.events[0]
+
+    @property
+    def session_id(self) -> str:
+        return self.session["sessionId"]
+
+    @property
+    def text(self) -> str:
+        return "".join(e["text"] for e in self.of("text"))
+
+    @property
+    def last(self) -> dict:
+        return self.events[-1]
+
+    def describe(self) -> str:
+        if self.body is not None:
+            return f"HTTP {self.status}: {self.body!r}"
+        return f"HTTP {self.status}: " + ", ".join(
+            e["type"] + (f"({e.get('code')}: {e.get('message')})" if e["type"] == "error" else "")
+            for e in self.events)
+
+    def assert_ok(self) -> "SSEResult":
+        assert self.status == 200, self.describe()
+        assert self.events and self.events[-1]["type"] == "done", self.describe()
+        return self
+
+
+class SSEStream:
+    """An open ``text/event-stream`` answer, read event by event."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse):
+        self.conn = conn
+        self.resp = resp
+        self.status = resp.status
+        self.headers = {k.lower(): v for k, v in resp.getheaders()}
+        self.events: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def is_stream(self) -> bool:
+        return self.headers.get("content-type", "").startswith("text/event-stream")
+
+    def next_event(self) -> dict | None:
+        """The next event, or None at the end of the stream."""
+        data: list[str] = []
+        while True:
+            line = self.resp.readline()
+            if not line:
+                if data:
+                    raise AssertionError(f"stream ended inside an event: {data!r}")
+                return None
+            line = line.decode("utf-8").rstrip("\r\n")
+            if not line:
+                if data:
+                    event = json.loads("\n".join(data))
+                    self.events.append(event)
+                    return event
+                continue
+            if line.startswith(":"):  # an SSE comment (keep-alive)
+                continue
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value[1:] if value.startswith(" ") else value)
+            # other fields (event:, id:, retry:) are not part of the contract
+
+    def read_until(self, kind: str) -> dict:
+        while (event := self.next_event()) is not None:
+            if event["type"] == kind:
+                return event
+        raise AssertionError(f"the stream ended before a {kind!r} event: {[e['type'] for e in self.events]}")
+
+    def result(self) -> SSEResult:
+        if not self.is_stream:
+            text = self.resp.read().decode("utf-8", "replace")
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = text
+            return SSEResult(self.status, self.headers, [], body)
+        while self.next_event() is not None:
+            pass
+        return SSEResult(self.status, self.headers, list(self.events))
+
+    def close(self) -> None:
+        """Drop the connection (mid-stream: the client going away)."""
+        with contextlib.suppress(OSError):
+            if self.conn.sock is not None:
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self.resp.close()
+        self.conn.close()
+
+
+# --- websocket -------------------------------------------------------------------
+
+class WSClient:
+    """A websocket client (aiohttp) that reads the contract's JSON events."""
+
+    def __init__(self, session, ws):
+        self.session = session
+        self.ws = ws
+        self.events: list[dict] = []
+
+    @classmethod
+    async def connect(cls, server: Server, headers: dict | None = None) -> "WSClient":
+        import aiohttp
+
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        try:
+            ws = await session.ws_connect(server.ws_url(), headers=headers or {},
+                                          timeout=aiohttp.ClientWSTimeout(ws_close=10))
+        except BaseException:
+            await session.close()
+            raise
+        return cls(session, ws)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()
+
+    async def send(self, frame) -> None:
+        if isinstance(frame, str):
+            await self.ws.send_str(frame)
+        else:
+            await self.ws.send_json(frame)
+
+    async def recv(self, timeout: float = TURN_TIMEOUT) -> dict:
+        import aiohttp
+
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise AssertionError(f"expected a text frame, got {msg.type!r} {msg.data!r}")
+        event = json.loads(msg.data)
+        self.events.append(event)
+        return event
+
+    async def recv_until(self, *kinds: str, timeout: float = TURN_TIMEOUT) -> list[dict]:
+        """Events up to and including the first whose type is in ``kinds``."""
+        out = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"no {kinds} event within {timeout}s: {[e['type'] for e in out]}")
+            event = await self.recv(timeout=left)
+            out.append(event)
+            if event["type"] in kinds:
+                return out
+
+    async def turn(self, frame: dict, timeout: float = TURN_TIMEOUT) -> SSEResult:
+        """Send a message/fork frame and read its events through done or error."""
+        await self.send(frame)
+        # status 200: the turn started (a turn that cannot start gets one error event)
+        return SSEResult(200, {}, await self.recv_until("done", "error", timeout=timeout))
+
+
+# --- fixtures ----------------------------------------------------------------------
+
+def make_server(tmp_path_factory) -> tuple[Server, PostgresDatabase | None]:
+    data_dir = tmp_path_factory.mktemp("omni-e2e-server")
+    url = os.environ.get("DATABASE_URL", "")
+    pg = PostgresDatabase(url) if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None
+    server = Server(data_dir, pg.url if pg else None)
+    try:
+        server.start()
+        if pg:  # the server migrated (and serves) the database of its own
+            assert "sessions_app_sessionmapping" in pg.tables(), pg.tables()
+    except BaseException:
+        try:
+            server.stop()
+        finally:
+            if pg:
+                pg.drop()
+        raise
+    return server, pg
+
+
+@pytest.fixture(scope="module")
+def daphne_server(tmp_path_factory):
+    """A daphne server for the module; stopped (and checked for leftover CLI
+    processes) at the end, its PostgreSQL database dropped."""
+    server, pg = make_server(tmp_path_factory)
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            if pg:
+                pg.drop()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def reply(last: str, *earlier: str) -> str:
+    """The offline model's answer to ``last`` after the user texts ``earlier``."""
+    quoted = " | ".join(f'"{t[:200]}"' for t in earlier) or "none"
+    return f'Offline model heard: "{last[:200]}". Earlier questions: {quoted}.'
