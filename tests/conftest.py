@@ -23,3 +23,15 @@ def offline_chat(settings, tmp_path):
     settings.CLAUDE_CONFIG_DIR = tmp_path / "data" / "claude"
     settings.DATA_DIR.mkdir()
     return settings
+
+
+@pytest.fixture(autouse=True)
+def close_async_orm_connections():
+    """Async ORM calls (and turns, which run outside any request) use
+    asgiref's shared sync thread; close that thread's connections after each
+    test so the test database can be flushed and, on PostgreSQL, dropped."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()

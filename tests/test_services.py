@@ -5,8 +5,6 @@ import logging
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 from django.utils import timezone
 
 from sessions_app import services
@@ -14,15 +12,6 @@ from sessions_app.errors import BadRequest, NotFound
 from sessions_app.models import SessionMapping
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def close_async_connections():
-    """The async ORM runs in asgiref's thread for sync code; close that
-    thread's connections after each test so PostgreSQL can drop the test
-    database at the end."""
-    yield
-    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture

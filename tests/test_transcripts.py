@@ -49,15 +49,6 @@ def _wipe():
     TranscriptSummary.objects.all().delete()
 
 
-@pytest.fixture(autouse=True)
-async def close_store_connections():
-    """The store's ORM work runs on asgiref's shared sync thread; close that
-    thread's connection after each test so the test database can be flushed
-    and dropped (PostgreSQL refuses to drop a database still in use)."""
-    yield
-    await sync_to_async(connections.close_all, thread_sensitive=True)()
-
-
 def e(n, uuid=None, **fields):
     entry = {"type": "x", "n": n, **fields}
     if uuid is not None:
