@@ -17,8 +17,9 @@ opens the SDK client (a warm-client pool goes there).
 import asyncio
 import contextvars
 import logging
+import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 from claude_agent_sdk._errors import ClaudeSDKError
@@ -144,7 +145,7 @@ class Turn:
                     if sid is None:
                         pending.append(message)
                         continue
-                    await self._on_session(sid, resumed=resume is not None, notice=notice)
+                    await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
                     for earlier in pending:
                         self._publish(events.chunk_event(sid, earlier))
                 elif (sid := events.init_session_id(message)) and sid != self.session_id:
@@ -163,8 +164,11 @@ class Turn:
             await asyncio.shield(_disconnect(client))
         if self.session_id is None:
             raise ApiError("the CLI ended without starting a session", code="turn_failed")
+        # A failed model call's "API Error" text is not a message of the thread.
+        answered = result is not None and not result.is_error
         await services.save_session(
-            spec.thread_id, spec.resource_id, self.session_id, assistant_message="".join(reply) or None
+            spec.thread_id, spec.resource_id, self.session_id,
+            assistant_message="".join(reply) if answered else None,
         )
         if result is not None:
             self._publish(events.done_event(self.session_id, result))
@@ -235,6 +239,7 @@ class TurnRegistry:
     def start(self, spec: TurnSpec) -> Turn:
         if spec.key in self._turns:
             raise Conflict(f"thread {spec.thread_id!r} is busy with another turn", code="thread_busy")
+        _stop_turns_on_server_shutdown()
         turn = Turn(spec)
         self._turns[spec.key] = turn
         # A context of its own: the turn outlives the request that started
@@ -245,6 +250,43 @@ class TurnRegistry:
 
     def running(self) -> list[Turn]:
         return list(self._turns.values())
+
+    async def shutdown(self, timeout: float = 10) -> None:
+        """The server is stopping: interrupt every running turn and wait for
+        it to end (its CLI exits, its mapping is saved, so it resumes on the
+        next server). Without this a turn's task never finishes, its CLI
+        outlives the loop and the SDK's anyio worker thread (non-daemon,
+        stopped only when that task is done) keeps the process from exiting."""
+        turns = self.running()
+        if not turns:
+            return
+        log.info("[CHAT] Server stopping: interrupting %d running turn(s)", len(turns))
+        for turn in turns:
+            await turn.interrupt()
+        tasks = [turn.task for turn in turns if turn.task is not None]
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+
+
+def _stop_turns_on_server_shutdown() -> None:
+    """Under daphne (a Twisted reactor), run :meth:`TurnRegistry.shutdown`
+    before the reactor stops. Registered once, on the first turn."""
+    global _shutdown_hooked
+    if _shutdown_hooked or "twisted.internet.reactor" not in sys.modules:
+        return  # not under daphne: never install a reactor from here
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(registry.shutdown()))
+    )
+    _shutdown_hooked = True
+
+
+_shutdown_hooked = False
 
 
 registry = TurnRegistry()

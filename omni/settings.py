@@ -158,7 +158,7 @@ LOGGING = {
             "level": os.environ.get("OMNI_LOG_LEVEL", "INFO"),
             "propagate": False,
         },
-        "django": {"handlers": ["console"], "level": "WARNING"},
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
     },
 }
 OMNI_SESSION_STORE = env_flag("OMNI_SESSION_STORE", "1")
