@@ -26,7 +26,7 @@ from claude_agent_sdk._errors import ClaudeSDKError
 from django.conf import settings
 
 from sessions_app import services
-from sessions_app.errors import ApiError, Conflict, NotFound, TooLarge
+from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge
 from sessions_app.resources import resolve_resource
 
 from . import events
@@ -219,6 +219,19 @@ async def _disconnect(client: ClaudeSDKClient) -> None:
         log.debug("disconnect failed", exc_info=True)
 
 
+async def fork_point(session_id: str, message_uuid: str | None) -> str | None:
+    """Where to cut a fork at ``atMessageUuid``: the last transcript entry of
+    that message (a reply can span several entries, named by the first)."""
+    if message_uuid is None or not settings.OMNI_SESSION_STORE:
+        return message_uuid
+    from sessions_app.transcripts import fork_point as stored_fork_point
+
+    cut = await stored_fork_point(session_id, message_uuid)
+    if cut is None:
+        raise BadRequest(f"atMessageUuid {message_uuid!r} is not a message of the thread being forked")
+    return cut
+
+
 def session_store():
     if not settings.OMNI_SESSION_STORE:
         return None
@@ -315,7 +328,7 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
             raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists")
         spec.resume_session_id = parent.session_id
         spec.fork_from_thread_id = parent.thread_id
-        spec.at_message_uuid = body.atMessageUuid
+        spec.at_message_uuid = await fork_point(parent.session_id, body.atMessageUuid)
     elif mapping := await services.get_mapping(thread_id, resource):
         spec.resume_session_id = mapping.session_id
         spec.forked_from_thread_id = mapping.forked_from_thread_id

@@ -1,7 +1,9 @@
 from asgiref.sync import async_to_sync
 from django.contrib import admin
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
-from . import services
+from . import services, transcripts
 from .models import SessionMapping
 
 
@@ -15,13 +17,40 @@ class SessionMappingAdmin(admin.ModelAdmin):
     ordering = ("-updated_at", "-id")
     readonly_fields = (
         "thread_id", "resource_id", "session_id", "created_at", "updated_at",
-        "forked_from_thread_id", "message_count",
+        "forked_from", "message_count", "conversation",
     )
     fields = readonly_fields[:3] + ("agent", "title", "last_message") + readonly_fields[3:]
     list_per_page = 50
 
     def has_add_permission(self, request):
         return False  # mappings are made by chat turns
+
+    @admin.display(description="Forked from")
+    def forked_from(self, obj):
+        if not obj.forked_from_thread_id:
+            return "—"
+        parent = SessionMapping.objects.filter(
+            thread_id=obj.forked_from_thread_id, resource_id=obj.resource_id
+        ).first()
+        if parent is None:
+            return f"{obj.forked_from_thread_id} (deleted)"
+        url = reverse("admin:sessions_app_sessionmapping_change", args=[parent.pk])
+        return format_html('<a href="{}">{}</a>', url, parent.thread_id)
+
+    @admin.display(description="Conversation")
+    def conversation(self, obj):
+        """The transcript from the database, read-only."""
+        messages = transcripts.transcript_messages(transcripts.main_transcript(obj.session_id))
+        if not messages:
+            return "No stored transcript."
+        return format_html(
+            '<div class="omni-conversation">{}</div>',
+            format_html_join(
+                "",
+                '<p data-uuid="{}"><strong>{}</strong>: <span style="white-space: pre-wrap">{}</span></p>',
+                ((m["uuid"], m["role"], m["text"]) for m in messages),
+            ),
+        )
 
     # Deletes go through the session service, so they erase what it erases.
     def delete_model(self, request, obj):

@@ -3,12 +3,13 @@
 from ninja import Query, Router, Schema
 from pydantic import Field
 
-from . import services
+from . import services, transcripts
 from .resources import request_user, resolve_resource
 from .schemas import (
     DeleteOut,
     ErrorOut,
     Id,
+    MessagesOut,
     MetadataOut,
     SessionListOut,
     SessionOut,
@@ -17,6 +18,11 @@ from .schemas import (
 
 router = Router(tags=["sessions"])
 ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 503)}
+
+
+class ThreadQuery(Schema):
+    threadId: Id
+    resourceId: Id | None = None
 
 
 class ListQuery(Schema):
@@ -50,3 +56,16 @@ async def delete_session(request, body: ThreadRef):
 async def session_metadata(request, body: ThreadRef):
     resource = await caller_resource(request, body.resourceId)
     return {"session": SessionOut.of(await services.get_metadata(body.threadId, resource))}
+
+
+@router.get("/sessions/messages", response={200: MessagesOut, **ERRORS}, summary="A thread's conversation")
+async def session_messages(request, query: Query[ThreadQuery]):
+    """The user and assistant texts so far, in order, read from the transcript store
+    (for a page that reloads). A message's `uuid` can be a fork's `atMessageUuid`."""
+    resource = await caller_resource(request, query.resourceId)
+    mapping = await services.get_metadata(query.threadId, resource)
+    return {
+        "threadId": mapping.thread_id,
+        "sessionId": mapping.session_id,
+        "messages": await transcripts.session_messages(mapping.session_id),
+    }

@@ -7,15 +7,20 @@ Mirrors the seed's store: save, get the session id, delete, list, metadata.
 
 import base64
 import binascii
+import glob
 import logging
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from django.db import IntegrityError
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from .errors import BadRequest, Conflict, NotFound
+from .errors import ApiError, BadRequest, Conflict, NotFound
 from .models import SessionMapping
 
 log = logging.getLogger("omni.chat")
@@ -29,6 +34,10 @@ PREVIEW_CHARS = 200
 def _clip(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class EraseFailed(ApiError):
+    status, code = 503, "erase_failed"
 
 
 @dataclass
@@ -141,8 +150,51 @@ async def save_session(
 
 
 async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
-    """Delete a thread's mapping. Raises :class:`NotFound` if there is none."""
+    """Delete a thread: its mapping, and its transcript wherever it is kept.
+
+    The mapping and the transcript rows go in one transaction (unless another
+    mapping still uses the session), then the CLI's local files. If the files
+    cannot be removed the mapping is already gone (nothing points at a
+    half-erased transcript) and :class:`EraseFailed` reports it.
+    Raises :class:`NotFound` if there is no such thread.
+    """
     mapping = await get_metadata(thread_id, resource_id)
-    await mapping.adelete()
+    erase = await sync_to_async(_delete_rows)(mapping)
     log.info("[CHAT] Deleted session mapping thread=%s resource=%s", thread_id, resource_id)
+    if erase:
+        try:
+            await sync_to_async(erase_local_transcript)(mapping.session_id)
+        except OSError as exc:
+            raise EraseFailed(
+                f"thread {thread_id!r} was deleted but its local transcript could not be removed: {exc}"
+            ) from exc
     return mapping
+
+
+def _delete_rows(mapping: SessionMapping) -> bool:
+    """Delete the mapping and, if no other mapping shares its session, the
+    transcript rows. True if the transcript is to be erased."""
+    from .transcripts import erase_session_rows
+
+    with transaction.atomic():
+        mapping.delete()
+        shared = SessionMapping.objects.filter(session_id=mapping.session_id).exists()
+        if not shared:
+            erase_session_rows(mapping.session_id)
+    return not shared
+
+
+def erase_local_transcript(session_id: str) -> int:
+    """Remove the CLI's files for a session under ``CLAUDE_CONFIG_DIR``:
+    ``projects/*/<id>.jsonl`` and the ``projects/*/<id>/`` folder of its
+    subagents. Returns how many were removed."""
+    projects = Path(settings.CLAUDE_CONFIG_DIR) / "projects"
+    removed = 0
+    for path in projects.glob(f"*/{glob.escape(session_id)}.jsonl"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    for path in projects.glob(f"*/{glob.escape(session_id)}"):
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed += 1
+    return removed

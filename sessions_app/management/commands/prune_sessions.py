@@ -1,0 +1,71 @@
+"""Delete sessions idle for longer than a given age, like ``clearsessions``
+does for Django's own sessions: run it from cron.
+
+    python manage.py prune_sessions --older-than 30d [--dry-run]
+
+A thread whose ``updated_at`` is older than the cutoff is deleted through the
+session service (mapping, transcript rows, the CLI's local files). Transcripts
+in the database that no mapping points at and that were last written before
+the cutoff (left by a crash, or mirrored by another tool) are erased too.
+"""
+
+import re
+from datetime import timedelta
+
+from asgiref.sync import async_to_sync
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+
+from sessions_app import services, transcripts
+from sessions_app.errors import NotFound
+from sessions_app.models import SessionMapping, TranscriptSummary
+
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([smhdw])", text.strip())
+    if not match:
+        raise CommandError(f"--older-than {text!r}: use a number and a unit, e.g. 30d, 12h, 2w")
+    return timedelta(**{UNITS[match[2]]: int(match[1])})
+
+
+class Command(BaseCommand):
+    help = "Delete threads (and their transcripts) not updated for longer than --older-than."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--older-than", required=True, type=parse_age, help="e.g. 30d, 12h, 2w")
+        parser.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+        parser.add_argument("--batch-size", type=int, default=500)
+
+    def handle(self, *args, older_than, dry_run, batch_size, **options):
+        cutoff = timezone.now() - older_than
+        old = SessionMapping.objects.filter(updated_at__lt=cutoff).order_by("pk")
+        orphans = TranscriptSummary.objects.filter(
+            mtime_ms__lt=int(cutoff.timestamp() * 1000)
+        ).exclude(session_id__in=SessionMapping.objects.values("session_id"))
+        if dry_run:
+            self.stdout.write(
+                f"Would delete {old.count()} threads and {orphans.count()} orphaned transcripts "
+                f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z."
+            )
+            return
+        threads = 0
+        last_pk = 0
+        while batch := list(old.filter(pk__gt=last_pk).values_list("pk", "thread_id", "resource_id")[:batch_size]):
+            for pk, thread_id, resource_id in batch:
+                try:
+                    async_to_sync(services.delete_session)(thread_id, resource_id)
+                    threads += 1
+                except NotFound:
+                    pass  # deleted meanwhile
+                last_pk = pk
+        erased = 0
+        for session_id in set(orphans.values_list("session_id", flat=True)):
+            transcripts.erase_session_rows(session_id)  # one transaction per session
+            services.erase_local_transcript(session_id)
+            erased += 1
+        self.stdout.write(
+            f"Deleted {threads} threads and {erased} orphaned transcripts "
+            f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z."
+        )
