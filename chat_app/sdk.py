@@ -51,10 +51,9 @@ def cli_env() -> dict[str, str]:
 
 
 def workspace_dir() -> Path:
-    """The CLI's working directory: one of its own under the data dir, the
-    same path for every process sharing the data dir (it names the
-    transcripts' project)."""
-    path = settings.DATA_DIR / "workspace"
+    """The CLI's working directory, ``OMNI_WORKSPACE_DIR`` (default: under the
+    data dir). Its path names the transcripts' project in the store."""
+    path = Path(settings.OMNI_WORKSPACE_DIR)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -21,6 +21,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
+from asgiref.sync import sync_to_async
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 from claude_agent_sdk._errors import ClaudeSDKError
 from django.conf import settings
@@ -30,7 +31,7 @@ from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, TooLar
 from sessions_app.resources import resolve_resource
 
 from . import events
-from .sdk import agent_preset, build_options
+from .sdk import agent_preset, build_options, workspace_dir
 
 log = logging.getLogger("omni.chat")
 
@@ -101,7 +102,14 @@ class Turn:
             if spec.resume_session_id and not spec.fork_from_thread_id:
                 log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
             try:
-                await self._converse(spec.resume_session_id)
+                try:
+                    await self._converse(spec.resume_session_id)
+                except ResumeMissing:
+                    # Stored under another working directory (another machine
+                    # or data dir)? Adopt it here and resume once more.
+                    if not await adopt_session(spec.resume_session_id):
+                        raise
+                    await self._converse(spec.resume_session_id)
             except ResumeMissing:
                 notice = (
                     f"The stored session {spec.resume_session_id} could not be resumed; "
@@ -230,6 +238,20 @@ async def fork_point(session_id: str, message_uuid: str | None) -> str | None:
     if cut is None:
         raise BadRequest(f"atMessageUuid {message_uuid!r} is not a message of the thread being forked")
     return cut
+
+
+async def adopt_session(session_id: str) -> bool:
+    """Move a stored session to this process's project key; True if moved."""
+    if not settings.OMNI_SESSION_STORE:
+        return False
+    from claude_agent_sdk import project_key_for_directory
+    from sessions_app.transcripts import rekey_session
+
+    key = project_key_for_directory(str(workspace_dir()))
+    moved = await sync_to_async(rekey_session)(session_id, key)
+    if moved:
+        log.info("[CHAT] Adopted stored session %s into project %s", session_id, key)
+    return bool(moved)
 
 
 def session_store():

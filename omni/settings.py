@@ -17,6 +17,9 @@ def env_flag(name: str, default: str = "0") -> bool:
 DATA_DIR = Path(os.environ.get("OMNI_DATA_DIR") or BASE_DIR / ".omni-ai").expanduser().resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 CLAUDE_CONFIG_DIR = Path(os.environ.get("CLAUDE_CONFIG_DIR") or DATA_DIR / "claude").expanduser()
+# The CLI's working directory. Its path names the transcripts' project, so
+# server processes sharing a database should use the same path.
+OMNI_WORKSPACE_DIR = Path(os.environ.get("OMNI_WORKSPACE_DIR") or DATA_DIR / "workspace").expanduser()
 
 
 def _secret_key() -> str:

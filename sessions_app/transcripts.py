@@ -343,6 +343,24 @@ async def erase_session(session_id: str, using: str = DEFAULT_DB_ALIAS) -> int:
     return await sync_to_async(erase_session_rows, thread_sensitive=True)(session_id, using)
 
 
+def rekey_session(session_id: str, project_key: str, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Move a session stored under other project keys to ``project_key``
+    (the CLI's project is its working directory, which differs between
+    machines or data dirs). Returns the number of transcript lines moved."""
+    entries = TranscriptEntry.objects.using(using).filter(session_id=session_id)
+    with transaction.atomic(using=using):
+        if entries.filter(project_key=project_key).exists():
+            return 0
+        source = entries.order_by("-id").values_list("project_key", flat=True).first()
+        if source is None:
+            return 0
+        lines = entries.filter(project_key=source).update(project_key=project_key)
+        TranscriptSummary.objects.using(using).filter(
+            session_id=session_id, project_key=source
+        ).update(project_key=project_key)
+    return lines
+
+
 # Text the CLI writes into user entries itself (slash commands, hooks,
 # reminders, IDE context, interrupt markers): never shown as the person's words.
 _CLI_TAGS = (

@@ -21,6 +21,7 @@ def offline_chat(settings, tmp_path):
     settings.OMNI_OFFLINE_MODEL = True
     settings.DATA_DIR = tmp_path / "data"
     settings.CLAUDE_CONFIG_DIR = tmp_path / "data" / "claude"
+    settings.OMNI_WORKSPACE_DIR = tmp_path / "data" / "workspace"
     settings.DATA_DIR.mkdir()
     return settings
 
