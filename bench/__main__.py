@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-BENCHMARKS = ["store"]
+BENCHMARKS = ["store", "turns"]
 
 
 def setup_django():

@@ -68,6 +68,7 @@ class Turn:
         self._interrupted = False
         self._streaming_id: str | None = None
         self.task: asyncio.Task | None = None
+        self.on_finish = lambda turn: None
 
     # --- listeners -------------------------------------------------------
     async def listen(self, start: int = 0):
@@ -123,6 +124,9 @@ class Turn:
             log.exception("turn failed thread=%s", spec.thread_id)
             self._publish(events.error_event("turn_failed", f"{type(exc).__name__}: {exc}"))
         finally:
+            # Free the thread before the last event is read: a client may
+            # send its next message the moment it sees "done".
+            self.on_finish(self)
             self.finished = True
             self._wake.set()
 
@@ -276,12 +280,17 @@ class TurnRegistry:
             raise Conflict(f"thread {spec.thread_id!r} is busy with another turn", code="thread_busy")
         _stop_turns_on_server_shutdown()
         turn = Turn(spec)
+        turn.on_finish = self._release
         self._turns[spec.key] = turn
         # A context of its own: the turn outlives the request that started
         # it, so it must not use that request's thread-sensitive executor.
         turn.task = asyncio.get_running_loop().create_task(turn.run(), context=contextvars.Context())
-        turn.task.add_done_callback(lambda _: self._turns.pop(spec.key, None))
+        turn.task.add_done_callback(lambda _: self._release(turn))  # even if cancelled early
         return turn
+
+    def _release(self, turn: Turn) -> None:
+        if self._turns.get(turn.spec.key) is turn:
+            del self._turns[turn.spec.key]
 
     def running(self) -> list[Turn]:
         return list(self._turns.values())

@@ -1,0 +1,58 @@
+"""The turn pipeline itself, in this process (real SDK and CLI, offline model)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from chat_app.turns import registry, start_turn
+from sessions_app import services
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+
+
+def body(message, thread="pipe-1", **extra):
+    return SimpleNamespace(message=message, threadId=thread, resourceId="erin", agent=None, **extra)
+
+
+async def events_of(turn):
+    return [event async for event in turn.listen()]
+
+
+async def test_the_next_turn_may_start_as_soon_as_done_is_seen(offline_chat):
+    first = await start_turn(None, body("What is 2+2?"))
+    events = await events_of(first)
+    assert events[-1]["type"] == "done"
+    # No other task has run since "done" was read: the thread is free already.
+    second = await start_turn(None, body("And now?"))
+    assert registry.get("erin", "pipe-1") is second
+    events = await events_of(second)
+    assert events[0]["resumed"] is True and events[-1]["type"] == "done"
+    assert registry.get("erin", "pipe-1") is None
+
+
+async def test_a_listener_joining_late_gets_every_event(offline_chat):
+    turn = await start_turn(None, body("Hello there", thread="pipe-2"))
+    live = await events_of(turn)
+    assert await events_of(turn) == live  # replay after the end: same events, same order
+    assert [e["type"] for e in live][0] == "session" and live[-1]["type"] == "done"
+
+
+async def test_a_missing_transcript_starts_a_fresh_session_with_a_notice(offline_chat):
+    await services.save_session("pipe-3", "erin", "00000000-0000-4000-8000-000000000000",
+                                user_message="lost")
+    events = await events_of(await start_turn(None, body("Do you remember?", thread="pipe-3")))
+    session = events[0]
+    assert session["type"] == "session" and session["resumed"] is False
+    assert "could not be resumed" in session["notice"]
+    assert session["sessionId"] != "00000000-0000-4000-8000-000000000000"
+    text = "".join(e["text"] for e in events if e["type"] == "text")
+    assert text == 'Offline model heard: "Do you remember?". Earlier questions: none.'
+    mapping = await services.get_metadata("pipe-3", "erin")
+    assert mapping.session_id == session["sessionId"]
+
+
+async def test_a_model_error_ends_in_done_with_is_error_and_is_not_counted(offline_chat):
+    events = await events_of(await start_turn(None, body("boom [fail]", thread="pipe-4")))
+    assert events[-1]["type"] == "done" and events[-1]["result"]["isError"] is True
+    mapping = await services.get_metadata("pipe-4", "erin")
+    assert mapping.message_count == 1  # the user's message; the API error is no reply
