@@ -102,6 +102,12 @@ class Turn:
         try:
             if spec.resume_session_id and not spec.fork_from_thread_id:
                 log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
+            if spec.resume_session_id:
+                # The database is the truth: a session last written under
+                # another working directory (another server) moves here
+                # first, so the CLI resumes it from the store and not from a
+                # stale local file an earlier turn left on this server.
+                await adopt_session(spec.resume_session_id)
             try:
                 try:
                     await self._converse(spec.resume_session_id)

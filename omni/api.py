@@ -85,7 +85,14 @@ def on_database_error(request, exc):
     if isinstance(exc, (OperationalError, InterfaceError)):
         log.error("database unavailable: %s", exc)
         return error_response(request, Unavailable("the database is unreachable"))
-    raise exc
+    # Anything else the database refused (a constraint, a corrupt file, a
+    # driver error): the call's transaction rolled back and the client cannot
+    # fix it by changing its input, so not a 500 but a 503, without driver
+    # details; the traceback goes to the log.
+    log.error("database error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(
+        request, Unavailable("the database could not complete the call", code="database_error")
+    )
 
 
 api.add_router("/", sessions_router)

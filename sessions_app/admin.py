@@ -1,9 +1,10 @@
 from asgiref.sync import async_to_sync
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from . import services, transcripts
+from .errors import NotFound
 from .models import SessionMapping
 
 
@@ -54,8 +55,18 @@ class SessionMappingAdmin(admin.ModelAdmin):
 
     # Deletes go through the session service, so they erase what it erases.
     def delete_model(self, request, obj):
-        async_to_sync(services.delete_session)(obj.thread_id, obj.resource_id)
+        self._delete(request, obj.thread_id, obj.resource_id)
 
     def delete_queryset(self, request, queryset):
         for thread_id, resource_id in queryset.values_list("thread_id", "resource_id"):
+            self._delete(request, thread_id, resource_id)
+
+    def _delete(self, request, thread_id, resource_id):
+        try:
             async_to_sync(services.delete_session)(thread_id, resource_id)
+        except services.EraseFailed as exc:
+            # The mapping and the rows are gone; say what was left on disk
+            # (and go on with the rest of a bulk delete) instead of a 500.
+            self.message_user(request, exc.message, messages.ERROR)
+        except NotFound:
+            pass  # deleted meanwhile

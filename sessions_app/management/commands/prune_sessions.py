@@ -30,28 +30,46 @@ def parse_age(text: str) -> timedelta:
     return timedelta(**{UNITS[match[2]]: int(match[1])})
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CommandError(f"--batch-size {text!r}: use a whole number of at least 1")
+    return value
+
+
 class Command(BaseCommand):
     help = "Delete threads (and their transcripts) not updated for longer than --older-than."
 
     def add_arguments(self, parser):
         parser.add_argument("--older-than", required=True, type=parse_age, help="e.g. 30d, 12h, 2w")
         parser.add_argument("--dry-run", action="store_true", help="count, delete nothing")
-        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument("--batch-size", type=positive_int, default=500)
 
     def handle(self, *args, older_than, dry_run, batch_size, **options):
         cutoff = timezone.now() - older_than
         old = SessionMapping.objects.filter(updated_at__lt=cutoff).order_by("pk")
-        orphans = TranscriptSummary.objects.filter(
-            mtime_ms__lt=int(cutoff.timestamp() * 1000)
-        ).exclude(session_id__in=SessionMapping.objects.values("session_id"))
+        cutoff_ms = int(cutoff.timestamp() * 1000)
+        # A session counts as written at its latest write under any project key.
+        orphans = (
+            TranscriptSummary.objects.filter(mtime_ms__lt=cutoff_ms)
+            .exclude(session_id__in=SessionMapping.objects.values("session_id"))
+            .exclude(session_id__in=TranscriptSummary.objects.filter(
+                mtime_ms__gte=cutoff_ms).values("session_id"))
+            .values_list("session_id", flat=True)
+            .distinct()
+        )
         if dry_run:
             self.stdout.write(
-                f"Would delete {old.count()} threads and {orphans.count()} orphaned transcripts "
+                f"Would delete {old.count()} threads and {len(set(orphans))} orphaned transcripts "
                 f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z."
             )
             return
         threads = 0
         last_pk = 0
+        failed: list[str] = []  # local files left behind; the rest goes on
         while batch := list(old.filter(pk__gt=last_pk).values_list("pk", "thread_id", "resource_id")[:batch_size]):
             for pk, thread_id, resource_id in batch:
                 try:
@@ -59,13 +77,23 @@ class Command(BaseCommand):
                     threads += 1
                 except NotFound:
                     pass  # deleted meanwhile
+                except services.EraseFailed as exc:
+                    threads += 1  # the mapping and rows are gone, not the files
+                    failed.append(exc.message)
                 last_pk = pk
         erased = 0
-        for session_id in set(orphans.values_list("session_id", flat=True)):
+        for session_id in set(orphans):
             transcripts.erase_session_rows(session_id)  # one transaction per session
-            services.erase_local_transcript(session_id)
             erased += 1
+            try:
+                services.erase_local_transcript(session_id)
+            except OSError as exc:
+                failed.append(f"the local transcript of {session_id} could not be removed: {exc}")
         self.stdout.write(
             f"Deleted {threads} threads and {erased} orphaned transcripts "
             f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z."
         )
+        if failed:
+            for message in failed:
+                self.stderr.write(message)
+            raise CommandError(f"{len(failed)} local transcript(s) could not be removed")
