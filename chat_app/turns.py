@@ -188,6 +188,11 @@ class Turn:
             spec.thread_id, spec.resource_id, self.session_id,
             assistant_message="".join(reply) if answered else None,
         )
+        if settings.OMNI_SESSION_STORE:
+            try:
+                await sync_to_async(services.drop_mirrored_local_transcript)(self.session_id)
+            except OSError:
+                log.warning("could not drop the local transcript of %s", self.session_id, exc_info=True)
         if result is not None:
             self._publish(events.done_event(self.session_id, result))
         else:

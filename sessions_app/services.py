@@ -8,6 +8,7 @@ Mirrors the seed's store: save, get the session id, delete, list, metadata.
 import base64
 import binascii
 import glob
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -182,6 +183,50 @@ def _delete_rows(mapping: SessionMapping) -> bool:
         if not shared:
             erase_session_rows(mapping.session_id)
     return not shared
+
+
+def local_transcript_files(session_id: str) -> list[Path]:
+    """The CLI's files of a session under ``CLAUDE_CONFIG_DIR``: the main
+    ``projects/*/<id>.jsonl`` and the subagents' ``projects/*/<id>/**.jsonl``."""
+    projects = Path(settings.CLAUDE_CONFIG_DIR) / "projects"
+    pattern = glob.escape(session_id)
+    return [*projects.glob(f"*/{pattern}.jsonl"), *projects.glob(f"*/{pattern}/**/*.jsonl")]
+
+
+def drop_mirrored_local_transcript(session_id: str) -> bool:
+    """With the transcript store on, the CLI's local copy is only a cache
+    (resumes load from the database), and a copy left on this server's disk
+    would survive a delete made on another server. Remove it once every line
+    of it that has a uuid is in the database; keep it otherwise."""
+    from .models import TranscriptEntry
+
+    files = local_transcript_files(session_id)
+    if not files:
+        return False
+    wanted = set()
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                uuid = json.loads(line).get("uuid")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(uuid, str):
+                wanted.add(uuid)
+    stored = set()
+    ids = sorted(wanted)
+    for start in range(0, len(ids), 500):
+        stored.update(
+            TranscriptEntry.objects.filter(session_id=session_id, uuid__in=ids[start : start + 500])
+            .values_list("uuid", flat=True)
+        )
+    if wanted - stored:
+        log.warning(
+            "[CHAT] Local transcript of %s kept: %d lines are not in the database yet",
+            session_id, len(wanted - stored),
+        )
+        return False
+    erase_local_transcript(session_id)
+    return True
 
 
 def erase_local_transcript(session_id: str) -> int:

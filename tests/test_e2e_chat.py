@@ -224,7 +224,13 @@ def test_delete_session(daphne_server):
     assert_turn(daphne_server.chat("Another thread", resource, keep))
 
     local = daphne_server.local_transcripts(first.session_id)
-    assert local, "the CLI keeps a local transcript of the session"
+    if store_enabled():  # the database holds it; the CLI's local copy was dropped
+        assert local == [], local
+        status, _, history = daphne_server.request(
+            "GET", f"/api/sessions/messages?threadId={thread}&resourceId={resource}")
+        assert status == 200 and len(history["messages"]) == 2
+    else:
+        assert local, "the CLI keeps a local transcript of the session"
 
     status, _, body = daphne_server.request(
         "DELETE", "/api/sessions", {"threadId": thread, "resourceId": resource})
@@ -618,8 +624,10 @@ def test_restart_without_local_transcripts(daphne_server):
     assert_turn(t1, resumed=False)
     daphne_server.stop()
     projects = daphne_server.claude_dir / "projects"
-    assert any(projects.rglob(f"{t1.session_id}.jsonl")), "the CLI wrote its local transcript"
-    shutil.rmtree(projects)
+    # Mirrored to the database, the CLI's local copy was dropped after the turn;
+    # wipe whatever else the CLI keeps there too.
+    assert not any(projects.rglob(f"{t1.session_id}.jsonl"))
+    shutil.rmtree(projects, ignore_errors=True)
     daphne_server.start()
     t2 = daphne_server.chat("What is the code word?", resource, thread)
     assert_turn(t2, thread_id=thread, resumed=True)

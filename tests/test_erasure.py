@@ -298,3 +298,21 @@ def test_admin_bulk_delete_goes_on_after_a_failure(admin_client, config_dir):
     assert any("t-bulk-stuck" in m and "could not be removed" in m for m in messages), messages
     assert not first.has_mapping() and first.rows() == (0, 0)
     second.assert_erased()
+
+
+# --- the local copy after a turn -------------------------------------------------
+
+
+def test_a_mirrored_local_copy_is_dropped(config_dir):
+    stored = Stored(config_dir, "mirrored")
+    assert services.drop_mirrored_local_transcript(stored.session_id) is True
+    assert not stored.has_files()
+    assert stored.rows() == (3, 1)  # the database keeps the transcript
+
+
+def test_a_local_copy_with_lines_not_yet_in_the_database_is_kept(config_dir):
+    stored = Stored(config_dir, "unmirrored")
+    with stored.main_file.open("a") as f:
+        f.write(json.dumps({"type": "assistant", "uuid": str(uuid.uuid4())}) + "\n")
+    assert services.drop_mirrored_local_transcript(stored.session_id) is False
+    assert stored.main_file.exists() and stored.sub_file.exists()

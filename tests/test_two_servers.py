@@ -238,9 +238,6 @@ def test_deleting_on_b_leaves_no_trace_in_the_database(pair, moved, deleted):
         assert status == 404, data
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: a session's first turn leaves the CLI's local <sid>.jsonl in the config dir "
-    "of the server that ran it; a delete on another server cannot remove it"))
 def test_deleting_on_b_leaves_no_local_transcript_on_a(pair, deleted):
     assert pair.a.local_transcripts(deleted["sid"]) == [], (
         "server A still holds the CLI's transcript of the deleted session")
