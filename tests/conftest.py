@@ -36,3 +36,15 @@ def close_async_orm_connections():
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture
+def chat_log(caplog):
+    """Records of logger ``omni.chat`` (which does not propagate to the root)."""
+    import logging
+
+    logger = logging.getLogger("omni.chat")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="omni.chat")
+    yield caplog
+    logger.removeHandler(caplog.handler)

@@ -1,7 +1,6 @@
 """The admin for ``SessionMapping``: listing, search, filter, read-only ids,
 deletes through the session service, no adding."""
 
-import logging
 import re
 from datetime import timedelta
 from unittest import mock
@@ -45,15 +44,6 @@ def rows():
             updated_at=now - timedelta(minutes=age)
         )
     return made
-
-
-@pytest.fixture
-def chat_log(caplog):
-    logger = logging.getLogger("omni.chat")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="omni.chat")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def changelist(admin_client, **query):

@@ -3,7 +3,6 @@
 Runs on the embedded libSQL file (default) and on PostgreSQL (``DATABASE_URL``).
 """
 
-import asyncio
 import json
 import os
 import uuid as uuidlib
@@ -15,6 +14,7 @@ from django.core.management import CommandError, call_command
 
 from sessions_app.models import TranscriptEntry
 from sessions_app.transcripts import DjangoSessionStore, session_messages
+from tests.sdk_helpers import ask, sdk_options
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -145,42 +145,23 @@ def test_missing_config_dir_is_an_error(tmp_path):
 def test_imported_cli_session_resumes_from_the_store(tmp_path):
     """A session the CLI wrote with no store at all, imported, then resumed
     with an empty config dir: the history comes from the database."""
-    from claude_agent_sdk import ClaudeAgentOptions, ResultMessage, query
-    from claude_agent_sdk import AssistantMessage, TextBlock
-
     from chat_app.offline_model import start_offline_model
 
     workdir = tmp_path / "work"
     workdir.mkdir()
     model = start_offline_model()
 
-    def options(config, **extra):
-        config.mkdir(exist_ok=True)
-        return ClaudeAgentOptions(
-            env={"ANTHROPIC_BASE_URL": model.base_url, "ANTHROPIC_API_KEY": "offline",
-                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CONFIG_DIR": str(config)},
-            cwd=str(workdir), system_prompt="You are a test.", allowed_tools=[], **extra)
-
-    async def ask(prompt, opts):
-        session_id, texts = None, []
-        async with asyncio.timeout(120):
-            async for message in query(prompt=prompt, options=opts):
-                if isinstance(message, AssistantMessage):
-                    texts += [b.text for b in message.content if isinstance(b, TextBlock)]
-                elif isinstance(message, ResultMessage):
-                    session_id = message.session_id
-        return session_id, "".join(texts)
-
     try:
         local = tmp_path / "local"
-        session_id, _ = async_to_sync(ask)("What is 2+2?", options(local))
+        session_id, _ = async_to_sync(ask)(
+            "What is 2+2?", sdk_options(model, local, workdir, store=False))
         summary = run("--config-dir", str(local))
         assert summary.startswith("Imported ") and "(1 new, 0 updated)" in summary, summary
         assert run("--config-dir", str(local)).startswith("Imported 0 transcript lines")
 
         _, reply = async_to_sync(ask)(
             "What was my last question?",
-            options(tmp_path / "empty", session_store=DjangoSessionStore(), resume=session_id),
+            sdk_options(model, tmp_path / "empty", workdir, resume=session_id),
         )
         assert '"What is 2+2?"' in reply, reply
         assert [m["text"] for m in async_to_sync(session_messages)(session_id)

@@ -1,7 +1,6 @@
 """The session service (``sessions_app.services``): save, get, delete, list, metadata."""
 
 import base64
-import logging
 from datetime import timedelta
 
 import pytest
@@ -12,16 +11,6 @@ from sessions_app.errors import BadRequest, NotFound
 from sessions_app.models import SessionMapping
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def chat_log(caplog):
-    """Records of logger ``omni.chat``, whether or not it propagates to the root."""
-    logger = logging.getLogger("omni.chat")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="omni.chat")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 async def make(n: int, resource: str = "alice", prefix: str = "t") -> list[SessionMapping]:

@@ -15,17 +15,12 @@ import uuid as uuidlib
 import pytest
 from asgiref.sync import sync_to_async
 from claude_agent_sdk import (
-    AssistantMessage,
-    ClaudeAgentOptions,
-    ResultMessage,
     SessionStore,
-    TextBlock,
     fold_session_summary,
     fork_session_via_store,
     get_session_messages_from_store,
     list_sessions_from_store,
     project_key_for_directory,
-    query,
 )
 from claude_agent_sdk.testing import run_session_store_conformance
 from django.db import connections
@@ -38,6 +33,7 @@ from sessions_app.transcripts import (
     session_messages,
     transcript_messages,
 )
+from tests.sdk_helpers import ask, sdk_options
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -453,33 +449,6 @@ def offline_model():
     model.stop()
 
 
-def sdk_options(model, config_dir, workdir, **extra):
-    config_dir.mkdir(exist_ok=True)
-    return ClaudeAgentOptions(
-        session_store=DjangoSessionStore(),
-        env={
-            "ANTHROPIC_BASE_URL": model.base_url,
-            "ANTHROPIC_API_KEY": "offline",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "CLAUDE_CONFIG_DIR": str(config_dir),
-        },
-        cwd=str(workdir),
-        system_prompt="You are a test.",
-        allowed_tools=[],
-        **extra,
-    )
-
-
-async def ask(prompt, options):
-    """(session id, reply text) of one turn."""
-    session_id, texts = None, []
-    async with asyncio.timeout(120):
-        async for message in query(prompt=prompt, options=options):
-            if isinstance(message, AssistantMessage):
-                texts += [b.text for b in message.content if isinstance(b, TextBlock)]
-            elif isinstance(message, ResultMessage):
-                session_id = message.session_id
-    return session_id, "".join(texts)
 
 
 @pytest.mark.sdk
