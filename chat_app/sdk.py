@@ -43,6 +43,9 @@ def cli_env() -> dict[str, str]:
         "CLAUDE_CONFIG_DIR": str(settings.CLAUDE_CONFIG_DIR),
         # A server's CLI talks to the model endpoint and nothing else.
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # A person is waiting: give up on an unreachable model in seconds,
+        # not after the CLI's default ten retries (minutes).
+        "CLAUDE_CODE_MAX_RETRIES": str(settings.OMNI_MODEL_MAX_RETRIES),
     }
     if settings.OMNI_OFFLINE_MODEL:
         env["ANTHROPIC_BASE_URL"] = offline_model_url()

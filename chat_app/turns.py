@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
-from claude_agent_sdk import ClaudeSDKClient, ResultMessage
+from claude_agent_sdk import AssistantMessage, ClaudeSDKClient, ResultMessage
 from claude_agent_sdk._errors import ClaudeSDKError
 from django.conf import settings
 
@@ -36,6 +36,8 @@ from .sdk import agent_preset, build_options, workspace_dir
 log = logging.getLogger("omni.chat")
 
 MISSING_SESSION = "No conversation found with session ID"
+# AssistantMessage.error values that mean the model endpoint failed us, not the request.
+MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
 
 
 @dataclass
@@ -150,6 +152,7 @@ class Turn:
         streamed: set[str] = set()
         reply: list[str] = []
         result: ResultMessage | None = None
+        api_error: str | None = None  # the CLI's stand-in reply for a failed model call
         client = ClaudeSDKClient(options)
         self._client = client
         try:
@@ -172,6 +175,8 @@ class Turn:
                 self._publish(events.chunk_event(self.session_id, message))
                 if isinstance(message, ResultMessage):
                     result = message
+                elif isinstance(message, AssistantMessage) and message.error:
+                    api_error = message.error
         except ClaudeSDKError as exc:
             if self.session_id is None and MISSING_SESSION in str(exc) and resume:
                 raise ResumeMissing() from exc
@@ -193,7 +198,11 @@ class Turn:
                 await sync_to_async(services.drop_mirrored_local_transcript)(self.session_id)
             except OSError:
                 log.warning("could not drop the local transcript of %s", self.session_id, exc_info=True)
-        if result is not None:
+        if result is not None and result.is_error and api_error in MODEL_UNAVAILABLE:
+            # The model could not be reached (after the CLI's retries): the
+            # stream's 503. The session and the user's message are kept.
+            self._publish(events.error_event("model_unavailable", result.result or api_error))
+        elif result is not None:
             self._publish(events.done_event(self.session_id, result))
         else:
             self._publish(events.error_event("turn_failed", "the turn ended without a result"))

@@ -120,6 +120,9 @@ WHITENOISE_USE_FINDERS = True
 # "off": trust the resourceId a client sends; "required": callers authenticate.
 OMNI_AUTH = os.environ.get("OMNI_AUTH", "required").strip().lower()
 OMNI_OFFLINE_MODEL = env_flag("OMNI_OFFLINE_MODEL")
+# How often the CLI retries a failed model call before the turn ends with
+# "model_unavailable" (each retry waits longer: 3 retries is about 4 s).
+OMNI_MODEL_MAX_RETRIES = int(os.environ.get("OMNI_MODEL_MAX_RETRIES", "3"))
 OMNI_MAX_MESSAGE_CHARS = 100_000
 
 OMNI_DEFAULT_AGENT = "smart"

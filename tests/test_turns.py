@@ -56,3 +56,21 @@ async def test_a_model_error_ends_in_done_with_is_error_and_is_not_counted(offli
     assert events[-1]["type"] == "done" and events[-1]["result"]["isError"] is True
     mapping = await services.get_metadata("pipe-4", "erin")
     assert mapping.message_count == 1  # the user's message; the API error is no reply
+
+
+async def test_an_unreachable_model_ends_the_turn_with_model_unavailable(offline_chat, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    offline_chat.OMNI_OFFLINE_MODEL = False
+    offline_chat.OMNI_MODEL_MAX_RETRIES = 1
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", dead)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "unused")
+    events = await events_of(await start_turn(None, body("Anyone there?", thread="pipe-5")))
+    assert events[0]["type"] == "session"
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "model_unavailable"
+    assert "API Error" in events[-1]["message"]
+    mapping = await services.get_metadata("pipe-5", "erin")
+    assert mapping.message_count == 1  # the user's message is kept; it resumes later
