@@ -21,10 +21,10 @@ install: $(VENV)/.installed
 run: install
 	$(PY) manage.py migrate --noinput
 	@if [ -z "$$ANTHROPIC_API_KEY" ] && [ -z "$$ANTHROPIC_BASE_URL" ]; then \
-	  echo "*****************************************************************"; \
-	  echo "* No ANTHROPIC_API_KEY: answering with the OFFLINE MODEL.       *"; \
-	  echo "* Replies are canned echoes. Export ANTHROPIC_API_KEY for Claude. *"; \
-	  echo "*****************************************************************"; \
+	  echo "******************************************************************"; \
+	  echo "*  No ANTHROPIC_API_KEY: answering with the OFFLINE MODEL.        *"; \
+	  echo "*  Replies are canned echoes. Export ANTHROPIC_API_KEY for Claude. *"; \
+	  echo "******************************************************************"; \
 	fi
 	OMNI_AUTH=$${OMNI_AUTH:-off} \
 	OMNI_OFFLINE_MODEL=$${OMNI_OFFLINE_MODEL:-$$( [ -z "$$ANTHROPIC_API_KEY$$ANTHROPIC_BASE_URL" ] && echo 1 || echo 0 )} \

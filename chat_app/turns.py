@@ -106,19 +106,12 @@ class Turn:
                 log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
             if spec.resume_session_id:
                 # The database is the truth: a session last written under
-                # another working directory (another server) moves here
-                # first, so the CLI resumes it from the store and not from a
-                # stale local file an earlier turn left on this server.
+                # another working directory (another machine, data dir or
+                # server) moves to this one's project key first, so the CLI
+                # resumes it from the store and not from a stale local file.
                 await adopt_session(spec.resume_session_id)
             try:
-                try:
-                    await self._converse(spec.resume_session_id)
-                except ResumeMissing:
-                    # Stored under another working directory (another machine
-                    # or data dir)? Adopt it here and resume once more.
-                    if not await adopt_session(spec.resume_session_id):
-                        raise
-                    await self._converse(spec.resume_session_id)
+                await self._converse(spec.resume_session_id)
             except ResumeMissing:
                 notice = (
                     f"The stored session {spec.resume_session_id} could not be resumed; "
