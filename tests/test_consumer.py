@@ -45,6 +45,8 @@ async def test_turns_resume_on_one_connection(offline_chat):
     assert reply_text(first) == 'Offline model heard: "What is 2+2?". Earlier questions: none.'
     kinds = [e["chunk"]["kind"] for e in first if e["type"] == "chunk"]
     assert kinds[0] == "SystemMessage" and "AssistantMessage" in kinds and kinds[-1] == "ResultMessage"
+    init = next(e["chunk"] for e in first if e["type"] == "chunk" and e["chunk"].get("subtype") == "init")
+    assert init["data"]["tools"] == []  # the default agent has no tool that touches the server
 
     await comm.send_json_to(
         {"type": "message", "message": "What was my last question?", "threadId": "ws-1",
