@@ -15,6 +15,7 @@ opens the SDK client (a warm-client pool goes there).
 """
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import sys
@@ -25,6 +26,7 @@ from asgiref.sync import sync_to_async
 from claude_agent_sdk import AssistantMessage, ClaudeSDKClient, ResultMessage
 from claude_agent_sdk._errors import ClaudeSDKError
 from django.conf import settings
+from django.db import close_old_connections
 
 from sessions_app import services
 from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge
@@ -128,8 +130,14 @@ class Turn:
             # Free the thread before the last event is read: a client may
             # send its next message the moment it sees "done".
             self.on_finish(self)
-            self.finished = True
-            self._wake.set()
+            # Like a request's end: a turn runs outside any request, so close
+            # its database connection if it is past CONN_MAX_AGE or broken.
+            try:
+                with contextlib.suppress(Exception):
+                    await sync_to_async(close_old_connections)()
+            finally:
+                self.finished = True
+                self._wake.set()
 
     async def _converse(self, resume: str | None, notice: str | None = None) -> None:
         spec = self.spec
