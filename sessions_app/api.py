@@ -20,11 +20,6 @@ router = Router(tags=["sessions"])
 ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 503)}
 
 
-class ThreadQuery(Schema):
-    threadId: Id
-    resourceId: Id | None = None
-
-
 class ListQuery(Schema):
     resourceId: Id | None = None
     limit: int = Field(services.DEFAULT_LIMIT, ge=1, le=services.MAX_LIMIT)
@@ -59,7 +54,7 @@ async def session_metadata(request, body: ThreadRef):
 
 
 @router.get("/sessions/messages", response={200: MessagesOut, **ERRORS}, summary="A thread's conversation")
-async def session_messages(request, query: Query[ThreadQuery]):
+async def session_messages(request, query: Query[ThreadRef]):
     """The user and assistant texts so far, in order, read from the transcript store
     (for a page that reloads). A message's `uuid` can be a fork's `atMessageUuid`."""
     resource = await caller_resource(request, query.resourceId)
