@@ -23,8 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
-from claude_agent_sdk import AssistantMessage, ClaudeSDKClient, ResultMessage
-from claude_agent_sdk._errors import ClaudeSDKError
+from claude_agent_sdk import AssistantMessage, ClaudeSDKClient, ClaudeSDKError, ResultMessage
 from django.conf import settings
 from django.db import close_old_connections
 

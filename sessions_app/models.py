@@ -1,5 +1,6 @@
 from django.db import models
 
+# Thread and resource ids (contract §4): one pattern for every validator.
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 

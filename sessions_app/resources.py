@@ -8,12 +8,12 @@ sent, and gets back the resource to scope the call to.
 import re
 
 from django.conf import settings
-
 from ninja.utils import check_csrf
 
 from .errors import BadRequest, Forbidden, NotAuthenticated
+from .models import ID_PATTERN
 
-ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ID_RE = re.compile(ID_PATTERN)
 
 
 def validate_id(value, field: str) -> str:

@@ -5,9 +5,9 @@ from typing import Annotated
 from ninja import Schema
 from pydantic import Field, StringConstraints
 
-from .models import SessionMapping
+from .models import ID_PATTERN, SessionMapping
 
-Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$", strict=True)]
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN, strict=True)]
 
 
 def iso_z(value) -> str:
