@@ -43,7 +43,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             await self.handle(parse_frame(data))
         except ApiError as exc:
-            await self.send_json(events.error_event(exc.code, exc.message))
+            await self.send_json(events.error_event(exc.code, exc.message, exc.retry_after))
 
     async def handle(self, frame):
         user = self.scope.get("user")

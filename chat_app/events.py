@@ -73,8 +73,11 @@ def done_event(session_id: str, result: ResultMessage) -> dict:
     }
 
 
-def error_event(code: str, message: str) -> dict:
-    return {"type": "error", "code": code, "message": message}
+def error_event(code: str, message: str, retry_after: int | None = None) -> dict:
+    event = {"type": "error", "code": code, "message": message}
+    if retry_after is not None:  # 429 / 503: when to try again, in seconds
+        event["retryAfter"] = retry_after
+    return event
 
 
 def init_session_id(message) -> str | None:

@@ -121,7 +121,7 @@ class Turn:
                 log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
                 await self._converse(None, notice=notice)
         except ApiError as exc:
-            self._publish(events.error_event(exc.code, exc.message))
+            self._publish(events.error_event(exc.code, exc.message, exc.retry_after))
         except Exception as exc:  # never leave a listener hanging
             log.exception("turn failed thread=%s", spec.thread_id)
             self._publish(events.error_event("turn_failed", f"{type(exc).__name__}: {exc}"))

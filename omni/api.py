@@ -48,7 +48,10 @@ api = NinjaAPI(
 
 
 def error_response(request, exc: ApiError):
-    return api.create_response(request, exc.as_dict(), status=exc.status)
+    response = api.create_response(request, exc.as_dict(), status=exc.status)
+    if exc.retry_after is not None:
+        response["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 @api.exception_handler(ApiError)

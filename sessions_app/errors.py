@@ -10,14 +10,19 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None):
+    retry_after: int | None = None  # seconds: a ``Retry-After`` header (429, 503)
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = max(1, int(retry_after))
 
     def as_dict(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
+
 
 
 class BadRequest(ApiError):
@@ -44,8 +49,20 @@ class TooLarge(ApiError):
     status, code = 413, "message_too_large"
 
 
+class RateLimited(ApiError):
+    """A resource over its turn rate or concurrent-turn limit."""
+
+    status, code = 429, "rate_limited"
+
+
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+class ServerBusy(Unavailable):
+    """Every live Claude process of this server is busy (or it is stopping)."""
+
+    code = "server_busy"
 
 
 def describe_validation(errors) -> str:
