@@ -11,6 +11,7 @@ from sessions_app.resources import auth_required, resolve_resource
 
 from . import events
 from .schemas import parse_frame
+from .pool import pool
 from .turns import Turn, registry, start_turn
 
 log = logging.getLogger("omni.chat")
@@ -29,6 +30,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.forwarders: dict[tuple[str, str], asyncio.Task] = {}
         self.own_turns: dict[str, Turn] = {}
         await self.accept()
+        pool.fill_spares()  # a chat client is here: have a process ready for its new thread
 
     async def disconnect(self, code):
         for task in getattr(self, "forwarders", {}).values():

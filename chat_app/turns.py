@@ -9,9 +9,9 @@ start (the transport that started it, a websocket ``follow``), and a client
 that goes away does not cut the turn short: it runs to its end, its
 transcript and mapping are saved and its CLI process exits.
 
-Where the roadmap plugs in: :class:`TurnRegistry` is the one-turn-per-thread
-lock (a cross-process lease goes in its ``start``), and :meth:`Turn._converse`
-opens the SDK client (a warm-client pool goes there).
+A turn runs on a process from :mod:`chat_app.pool`: its thread's warm
+client, a spare, or a CLI started for it, within the server's process budget.
+:class:`TurnRegistry` is the one-turn-per-thread lock.
 """
 
 import asyncio
@@ -28,10 +28,11 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from sessions_app import services
-from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, TooLarge
+from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, RateLimited, TooLarge
 from sessions_app.resources import resolve_resource
 
 from . import events
+from .pool import Slot, WarmClient, pool
 from .sdk import agent_preset, build_options, workspace_dir
 
 log = logging.getLogger("omni.chat")
@@ -54,6 +55,7 @@ class TurnSpec:
     fork_from_thread_id: str | None = None
     at_message_uuid: str | None = None
     forked_from_thread_id: str | None = None  # the mapping's value, kept on later turns
+    version: int | None = None  # the mapping's version at turn start (warm-client staleness)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,8 +63,11 @@ class TurnSpec:
 
 
 class Turn:
-    def __init__(self, spec: TurnSpec):
+    def __init__(self, spec: TurnSpec, slot: Slot):
         self.spec = spec
+        self.slot = slot  # the live process this turn runs on (pool)
+        self._kept: WarmClient | None = None  # the client to keep warm after the turn
+        self._version: int | None = None  # the mapping's version after this turn's writes
         self.events: list[dict] = []
         self.finished = False
         self.session_id: str | None = None
@@ -126,8 +131,14 @@ class Turn:
             log.exception("turn failed thread=%s", spec.thread_id)
             self._publish(events.error_event("turn_failed", f"{type(exc).__name__}: {exc}"))
         finally:
-            # Free the thread before the last event is read: a client may
-            # send its next message the moment it sees "done".
+            # Give the process back and free the thread before the last event
+            # is read: a client may send its next message the moment it sees
+            # "done" (and find its warm client).
+            if self._kept is not None:
+                pool.checkin(self.slot, spec.key, self._kept, agent=spec.agent,
+                             session_id=self.session_id, version=self._version)
+            else:
+                pool.discard(self.slot, "turn did not end cleanly")
             self.on_finish(self)
             # Like a request's end: a turn runs outside any request, so close
             # its database connection if it is past CONN_MAX_AGE or broken.
@@ -153,14 +164,20 @@ class Turn:
         reply: list[str] = []
         result: ResultMessage | None = None
         api_error: str | None = None  # the CLI's stand-in reply for a failed model call
-        client = ClaudeSDKClient(options)
+        warm = self.slot.take()  # the thread's warm client or a spare, if the pool had one
+        if warm is None:
+            warm = WarmClient(ClaudeSDKClient(options), spec.agent)
+        client = warm.client
         self._client = client
+        keep = hung = False
         try:
-            await client.connect()
+            if not client_connected(client):
+                async with silence():
+                    await client.connect()
             await client.query(spec.message)
             if self._interrupted:  # asked for before the CLI was up
                 await client.interrupt()
-            async for message in client.receive_response():
+            async for message in until_silent(client.receive_response()):
                 if self.session_id is None:
                     sid = events.init_session_id(message)
                     if sid is None:
@@ -177,22 +194,33 @@ class Turn:
                     result = message
                 elif isinstance(message, AssistantMessage) and message.error:
                     api_error = message.error
+        except Silent:
+            hung = True
+            raise
         except ClaudeSDKError as exc:
             if self.session_id is None and MISSING_SESSION in str(exc) and resume:
                 raise ResumeMissing() from exc
             if result is None:  # after a result the CLI's non-zero exit adds nothing
                 raise
+        else:
+            # A client whose turn ended with its result (an interrupt included)
+            # can take the thread's next turn; after an error it cannot.
+            keep = result is not None and not result.is_error
         finally:
             self._client = None
-            await asyncio.shield(_disconnect(client))
+            if keep:
+                self._kept = warm
+            else:
+                await asyncio.shield(pool.close(client, kill=hung))
         if self.session_id is None:
             raise ApiError("the CLI ended without starting a session", code="turn_failed")
         # A failed model call's "API Error" text is not a message of the thread.
         answered = result is not None and not result.is_error
-        await services.save_session(
+        mapping = await services.save_session(
             spec.thread_id, spec.resource_id, self.session_id,
             assistant_message="".join(reply) if answered else None,
         )
+        self._version = mapping.version
         if settings.OMNI_SESSION_STORE:
             try:
                 await sync_to_async(services.drop_mirrored_local_transcript)(self.session_id)
@@ -244,11 +272,40 @@ class ResumeMissing(Exception):
     """The stored session is gone (no local file, nothing in the store)."""
 
 
-async def _disconnect(client: ClaudeSDKClient) -> None:
+class Silent(ApiError):
+    """The CLI sent nothing for ``OMNI_TURN_SILENCE_SECONDS``."""
+
+    status, code = 504, "turn_timeout"
+
+
+@contextlib.asynccontextmanager
+async def silence():
+    """A CLI that sends nothing for ``OMNI_TURN_SILENCE_SECONDS`` ends the
+    turn with :class:`Silent` instead of holding it (and its thread) forever."""
     try:
-        await client.disconnect()
-    except Exception:
-        log.debug("disconnect failed", exc_info=True)
+        async with asyncio.timeout(settings.OMNI_TURN_SILENCE_SECONDS):
+            yield
+    except TimeoutError:
+        raise Silent(
+            f"the Claude process sent nothing for {settings.OMNI_TURN_SILENCE_SECONDS:g} s; "
+            "the turn was stopped"
+        ) from None
+
+
+async def until_silent(messages):
+    """``messages``, each within the silence timeout."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            async with silence():
+                message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        yield message
+
+
+def client_connected(client: ClaudeSDKClient) -> bool:
+    return getattr(client, "_query", None) is not None
 
 
 async def fork_point(session_id: str, message_uuid: str | None) -> str | None:
@@ -296,10 +353,22 @@ class TurnRegistry:
         return self._turns.get((resource_id, thread_id))
 
     def start(self, spec: TurnSpec) -> Turn:
+        """Start a turn on a process of the pool (synchronous: checking the
+        thread, the resource's limit and the budget cannot race)."""
         if spec.key in self._turns:
             raise Conflict(f"thread {spec.thread_id!r} is busy with another turn", code="thread_busy")
+        limit = settings.OMNI_MAX_TURNS_PER_RESOURCE
+        if sum(key[0] == spec.resource_id for key in self._turns) >= limit:
+            raise RateLimited(
+                f"resource {spec.resource_id!r} already runs {limit} turns; wait for one to end",
+                retry_after=settings.OMNI_BUSY_RETRY_AFTER,
+            )
         _stop_turns_on_server_shutdown()
-        turn = Turn(spec)
+        slot = pool.checkout(
+            spec.key, agent=spec.agent, session_id=spec.resume_session_id, version=spec.version,
+            fork=bool(spec.fork_from_thread_id),
+        )
+        turn = Turn(spec, slot)
         turn.on_finish = self._release
         self._turns[spec.key] = turn
         # A context of its own: the turn outlives the request that started
@@ -309,6 +378,7 @@ class TurnRegistry:
         return turn
 
     def _release(self, turn: Turn) -> None:
+        pool.discard(turn.slot, "turn cancelled")  # no-op once the turn gave it back
         if self._turns.get(turn.spec.key) is turn:
             del self._turns[turn.spec.key]
 
@@ -321,18 +391,18 @@ class TurnRegistry:
         next server). Without this a turn's task never finishes, its CLI
         outlives the loop and the SDK's anyio worker thread (non-daemon,
         stopped only when that task is done) keeps the process from exiting."""
-        turns = self.running()
-        if not turns:
-            return
-        log.info("[CHAT] Server stopping: interrupting %d running turn(s)", len(turns))
-        for turn in turns:
-            await turn.interrupt()
-        tasks = [turn.task for turn in turns if turn.task is not None]
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=2)
+        pool.stopping = True  # turns ending now keep no warm client
+        if turns := self.running():
+            log.info("[CHAT] Server stopping: interrupting %d running turn(s)", len(turns))
+            for turn in turns:
+                await turn.interrupt()
+            tasks = [turn.task for turn in turns if turn.task is not None]
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        await pool.shutdown()
 
 
 def _stop_turns_on_server_shutdown() -> None:
@@ -383,6 +453,7 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
     elif mapping := await services.get_mapping(thread_id, resource):
         spec.resume_session_id = mapping.session_id
         spec.forked_from_thread_id = mapping.forked_from_thread_id
+        spec.version = mapping.version
         if body.agent is None:
             spec.agent, spec.preset = agent_preset(mapping.agent)
     return registry.start(spec)

@@ -125,6 +125,21 @@ OMNI_OFFLINE_MODEL = env_flag("OMNI_OFFLINE_MODEL")
 OMNI_MODEL_MAX_RETRIES = int(os.environ.get("OMNI_MODEL_MAX_RETRIES", "3"))
 OMNI_MAX_MESSAGE_CHARS = 100_000
 
+# --- Warm Claude processes (chat_app/pool.py). A live CLI holds ~220-250 MB:
+# the default budget of 24 stays under 6 GB on a 2-core, 24 GB machine.
+OMNI_MAX_PROCESSES = int(os.environ.get("OMNI_MAX_PROCESSES", "24"))
+OMNI_WARM_CLIENTS = int(os.environ.get("OMNI_WARM_CLIENTS", "16"))
+OMNI_SPARE_CLIENTS = int(os.environ.get("OMNI_SPARE_CLIENTS", "1"))
+OMNI_WARM_IDLE_SECONDS = float(os.environ.get("OMNI_WARM_IDLE_SECONDS", "600"))
+OMNI_WARM_MAX_TURNS = int(os.environ.get("OMNI_WARM_MAX_TURNS", "100"))
+OMNI_WARM_MAX_RSS_MB = int(os.environ.get("OMNI_WARM_MAX_RSS_MB", "1024"))
+# A turn whose CLI sends nothing for this long is ended (turn_timeout).
+OMNI_TURN_SILENCE_SECONDS = float(os.environ.get("OMNI_TURN_SILENCE_SECONDS", "300"))
+# Concurrent turns per resource (429 rate_limited beyond).
+OMNI_MAX_TURNS_PER_RESOURCE = int(os.environ.get("OMNI_MAX_TURNS_PER_RESOURCE", "4"))
+# Retry-After (seconds) of server_busy and rate_limited answers.
+OMNI_BUSY_RETRY_AFTER = int(os.environ.get("OMNI_BUSY_RETRY_AFTER", "2"))
+
 OMNI_DEFAULT_AGENT = "smart"
 OMNI_AGENTS = {
     "smart": {

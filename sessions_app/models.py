@@ -21,6 +21,9 @@ class SessionMapping(models.Model):
     last_message = models.TextField(blank=True, default="")
     message_count = models.PositiveIntegerField(default=0)
     forked_from_thread_id = models.CharField(max_length=128, null=True, blank=True)
+    # Bumped by every write of the mapping: a warm Claude process that last
+    # saw an older version answers no more (another server took a turn).
+    version = models.PositiveIntegerField(default=1)
 
     class Meta:
         constraints = [

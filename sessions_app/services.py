@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from .errors import ApiError, BadRequest, Conflict, NotFound
 from .models import SessionMapping
+from .signals import thread_deleted
 
 log = logging.getLogger("omni.chat")
 
@@ -140,7 +141,7 @@ async def save_session(
         if not mapping.title and user_message:
             changes["title"] = _clip(user_message, TITLE_CHARS)
         await SessionMapping.objects.filter(pk=mapping.pk).aupdate(
-            message_count=F("message_count") + added, **changes
+            message_count=F("message_count") + added, version=F("version") + 1, **changes
         )
         await mapping.arefresh_from_db()
     log.info(
@@ -162,6 +163,9 @@ async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
     mapping = await get_metadata(thread_id, resource_id)
     erase = await sync_to_async(_delete_rows)(mapping)
     log.info("[CHAT] Deleted session mapping thread=%s resource=%s", thread_id, resource_id)
+    thread_deleted.send(
+        sender=SessionMapping, thread_id=thread_id, resource_id=resource_id, session_id=mapping.session_id
+    )
     if erase:
         try:
             await sync_to_async(erase_local_transcript)(mapping.session_id)

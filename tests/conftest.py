@@ -38,6 +38,18 @@ def close_async_orm_connections():
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
+@pytest.fixture(autouse=True)
+async def empty_process_pool():
+    """Each test starts with no warm Claude process and leaves none behind
+    (closed on the test's own event loop, as daphne closes them at shutdown)."""
+    from chat_app.pool import pool
+
+    pool.reset()
+    yield pool
+    await pool.shutdown()
+    pool.reset()
+
+
 @pytest.fixture
 def chat_log(caplog):
     """Records of logger ``omni.chat`` (which does not propagate to the root)."""
@@ -48,3 +60,10 @@ def chat_log(caplog):
     caplog.set_level(logging.INFO, logger="omni.chat")
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="module")
+def server_env() -> dict[str, str]:
+    """Extra environment of a module's ``daphne_server`` (tests/e2e.py);
+    a module overrides this fixture to change it."""
+    return {}

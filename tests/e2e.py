@@ -171,7 +171,8 @@ class PostgresDatabase:
 class Server:
     """A daphne subprocess serving ``omni.asgi:application``."""
 
-    def __init__(self, data_dir: Path, database_url: str | None):
+    def __init__(self, data_dir: Path, database_url: str | None, extra_env: dict[str, str] | None = None):
+        self.extra_env = dict(extra_env or {})
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.database_url = database_url
@@ -196,9 +197,13 @@ class Server:
             OMNI_LOG_LEVEL="INFO",
             PYTHONUNBUFFERED="1",
             DJANGO_SETTINGS_MODULE="omni.settings",
+            # Spare processes only where a test asks for them: on 2 cores their
+            # start-up would slow every other test's turns.
+            OMNI_SPARE_CLIENTS="0",
         )
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
+        env.update(self.extra_env)
         return env  # CI (and PATH, HOME...) pass through
 
     def start(self) -> None:
@@ -563,11 +568,11 @@ class WSClient:
 
 # --- fixtures ----------------------------------------------------------------------
 
-def make_server(tmp_path_factory) -> tuple[Server, PostgresDatabase | None]:
+def make_server(tmp_path_factory, **extra_env: str) -> tuple[Server, PostgresDatabase | None]:
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")
     url = os.environ.get("DATABASE_URL", "")
     pg = PostgresDatabase(url) if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None
-    server = Server(data_dir, pg.url if pg else None)
+    server = Server(data_dir, pg.url if pg else None, extra_env)
     try:
         server.start()
         if pg:  # the server migrated (and serves) the database of its own
@@ -583,10 +588,10 @@ def make_server(tmp_path_factory) -> tuple[Server, PostgresDatabase | None]:
 
 
 @pytest.fixture(scope="module")
-def daphne_server(tmp_path_factory):
+def daphne_server(tmp_path_factory, server_env):
     """A daphne server for the module; stopped (and checked for leftover CLI
     processes) at the end, its PostgreSQL database dropped."""
-    server, pg = make_server(tmp_path_factory)
+    server, pg = make_server(tmp_path_factory, **server_env)
     try:
         yield server
     finally:

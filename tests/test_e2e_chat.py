@@ -25,6 +25,14 @@ SESSION_FIELDS = {"threadId", "resourceId", "sessionId", "createdAt", "updatedAt
                   "title", "lastMessage", "messageCount", "forkedFromThreadId"}
 
 
+@pytest.fixture(scope="module")
+def server_env():
+    """Warm clients off (a new CLI per turn, as the seed runs): these tests
+    check that every turn's CLI process exits. tests/test_e2e_pool.py runs
+    the defaults, warm clients on."""
+    return {"OMNI_WARM_CLIENTS": "0"}
+
+
 @pytest.fixture(autouse=True)
 def no_cli_left(daphne_server):
     """After every test, no CLI process runs below daphne any more."""

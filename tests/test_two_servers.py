@@ -38,17 +38,13 @@ ADOPTED = "[CHAT] Adopted stored session"
 
 
 class PairServer(Server):
-    """A :class:`~tests.e2e.Server` with extra environment (or none of the
-    test run's ``OMNI_WORKSPACE_DIR``)."""
-
-    def __init__(self, data_dir: Path, database_url: str, extra_env: dict[str, str]):
-        super().__init__(data_dir, database_url)
-        self.extra_env = extra_env
+    """A :class:`~tests.e2e.Server` that does not inherit the test run's
+    ``OMNI_WORKSPACE_DIR`` (unless given one)."""
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        env.pop("OMNI_WORKSPACE_DIR", None)
-        env.update(self.extra_env)
+        if "OMNI_WORKSPACE_DIR" not in self.extra_env:
+            env.pop("OMNI_WORKSPACE_DIR", None)
         return env
 
 
@@ -60,7 +56,11 @@ class Pair:
         self.pg = (PostgresDatabase(url)
                    if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None)
         self.database_url = self.pg.url if self.pg else f"file:{tmp / 'shared.db'}"
-        extra = {"OMNI_WORKSPACE_DIR": str(tmp / "workspace")} if shared_workspace else {}
+        # Warm clients off: these tests check that each turn's CLI exits
+        # (tests/test_e2e_pool.py moves conversations with them on).
+        extra = {"OMNI_WARM_CLIENTS": "0"}
+        if shared_workspace:
+            extra["OMNI_WORKSPACE_DIR"] = str(tmp / "workspace")
         self.a = PairServer(tmp / "server-a", self.database_url, extra)
         self.b = PairServer(tmp / "server-b", self.database_url, extra)
 

@@ -1,0 +1,370 @@
+"""Warm Claude processes: a budget of live CLI processes per server process.
+
+A new CLI process costs ~0.4 s before its first token and ~220 MB while it
+lives; a ``ClaudeSDKClient`` kept connected between turns answers a follow-up
+in ~20 ms. This module keeps such clients, within one limit:
+
+* **warm clients**, one per thread ``(resource_id, thread_id)``: after a turn
+  that ended cleanly, its client stays connected; the thread's next turn, on
+  any connection or transport of this process, sends its message to the same
+  CLI (no spawn, no resume). At most ``OMNI_WARM_CLIENTS`` idle ones, least
+  recently used evicted first, each closed after ``OMNI_WARM_IDLE_SECONDS``
+  idle, after ``OMNI_WARM_MAX_TURNS`` turns or when its CLI's RSS passes
+  ``OMNI_WARM_MAX_RSS_MB`` (long-lived CLIs creep), and at once after an
+  error, an unfinished interrupt, an agent change or a delete of its thread.
+* **spares**: ``OMNI_SPARE_CLIENTS`` started, unbound clients per agent preset,
+  so a new thread's first turn skips the spawn too; a used spare is replaced
+  in the background.
+* **the budget**: ``OMNI_MAX_PROCESSES`` live CLI processes in all, shared by
+  running turns, warm clients and spares. A turn that needs a process when the
+  budget is full evicts an idle warm client or a spare; when every process is
+  busy it is refused at once with ``server_busy`` (503, ``Retry-After``).
+
+**Never stale.** A warm client remembers the mapping's ``version`` after its
+last turn. Every mapping write bumps the version, so a turn taken anywhere
+else (another server process sharing the database) makes the next turn here
+see a newer version: the warm client is dropped and the turn resumes cold
+from the transcript store. A fork never uses its parent's client (it is keyed
+by its own thread), nor a spare (it resumes the parent).
+
+Everything here runs on the server's event loop; :meth:`ProcessPool.checkout`
+is synchronous, so deciding and reserving a process cannot race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from claude_agent_sdk import ClaudeSDKClient
+from django.conf import settings
+
+from sessions_app.errors import ServerBusy
+
+log = logging.getLogger("omni.pool")
+
+Key = tuple[str, str]  # (resource_id, thread_id)
+
+
+@dataclass(eq=False)
+class WarmClient:
+    """A connected ``ClaudeSDKClient`` and what it is good for."""
+
+    client: ClaudeSDKClient
+    agent: str
+    session_id: str | None = None  # None: a spare, no conversation yet
+    version: int | None = None  # the mapping's version after its last turn
+    turns: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int | None:
+        return client_pid(self.client)
+
+
+def client_pid(client: ClaudeSDKClient) -> int | None:
+    """The CLI process id of a connected client (None if not running)."""
+    process = getattr(getattr(client, "_transport", None), "_process", None)
+    if process is None or getattr(process, "returncode", None) is not None:
+        return None
+    return getattr(process, "pid", None)
+
+
+def rss_mb(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Slot:
+    """A turn's claim on one live process: the warm client or spare it was
+    given, or the right to start one. Given back exactly once, with
+    :meth:`ProcessPool.checkin` or :meth:`ProcessPool.discard`."""
+
+    def __init__(self, pool: ProcessPool, warm: WarmClient | None, kind: str):
+        self.pool = pool
+        self.warm = warm
+        self.kind = kind  # "warm", "spare" or "cold"
+        self.returned = False
+
+    def take(self) -> WarmClient | None:
+        """The warm client or spare to run on (once); None: start a new one."""
+        warm, self.warm = self.warm, None
+        return warm
+
+
+class ProcessPool:
+    def __init__(self):
+        self.idle: OrderedDict[Key, WarmClient] = OrderedDict()  # LRU first
+        self.spares: dict[str, list[WarmClient]] = {}
+        self.busy = 0  # processes held by running turns (or being started for them)
+        self.starting = 0  # spares being started
+        self._closing: set[asyncio.Task] = set()
+        self._filling: asyncio.Task | None = None
+        self._janitor: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+
+    # --- accounting --------------------------------------------------------
+    @property
+    def spare_count(self) -> int:
+        return sum(len(s) for s in self.spares.values())
+
+    @property
+    def live(self) -> int:
+        return self.busy + len(self.idle) + self.spare_count + self.starting
+
+    def counts(self) -> dict:
+        return {
+            "running": self.busy,
+            "warm": len(self.idle),
+            "spare": self.spare_count + self.starting,
+            "budget": settings.OMNI_MAX_PROCESSES,
+        }
+
+    # --- a turn takes a process ---------------------------------------------
+    def checkout(self, key: Key, *, agent: str, session_id: str | None, version: int | None,
+                 fork: bool) -> Slot:
+        """The process for a turn on ``key``: its warm client if it is still
+        current, else a spare (new threads), else the right to start one.
+        Raises :class:`ServerBusy` when every process of the budget is busy."""
+        self._bind_loop()
+        warm = self.idle.pop(key, None)
+        if warm is not None:
+            reason = None
+            if fork or session_id is None:
+                reason = "new session"
+            elif warm.agent != agent:
+                reason = "agent changed"
+            elif warm.session_id != session_id or warm.version != version:
+                reason = "stale"  # a turn ran elsewhere since this client's last one
+            if reason is None:
+                self.busy += 1
+                log.info("[POOL] Reusing warm client thread=%s pid=%s", key[1], warm.pid)
+                return Slot(self, warm, "warm")
+            self._close(warm, key[1], reason)
+        if session_id is None and not fork and (spares := self.spares.get(agent)):
+            spare = spares.pop(0)
+            self.busy += 1
+            log.info("[POOL] Using spare client agent=%s thread=%s pid=%s", agent, key[1], spare.pid)
+            return Slot(self, spare, "spare")
+        if self.live >= settings.OMNI_MAX_PROCESSES and not self._evict_one(prefer_agent=agent):
+            log.warning(
+                "[POOL] Refused turn thread=%s: all %d processes busy (server_busy)",
+                key[1], settings.OMNI_MAX_PROCESSES,
+            )
+            raise ServerBusy(
+                f"every Claude process of this server is busy ({settings.OMNI_MAX_PROCESSES}); try again shortly",
+                retry_after=settings.OMNI_BUSY_RETRY_AFTER,
+            )
+        self.busy += 1
+        return Slot(self, None, "cold")
+
+    def _evict_one(self, prefer_agent: str) -> bool:
+        """Free one idle process for a turn: the least recently used warm
+        client, else a spare (one of another agent first)."""
+        if self.idle:
+            key, warm = self.idle.popitem(last=False)
+            self._close(warm, key[1], "budget")
+            return True
+        for agent in sorted(self.spares, key=lambda a: a == prefer_agent):
+            if self.spares[agent]:
+                self._close(self.spares[agent].pop(), None, "budget")
+                return True
+        return False
+
+    # --- the turn gives it back ----------------------------------------------
+    def checkin(self, slot: Slot, key: Key, warm: WarmClient, *, agent: str,
+                session_id: str, version: int | None) -> None:
+        """A turn ended cleanly: keep its client warm for the thread's next turn
+        (unless it is due for recycling, or warm clients are off)."""
+        if not self._give_back(slot):
+            return
+        self.fill_spares()  # replace a used spare, after its turn
+        warm.agent, warm.session_id, warm.version = agent, session_id, version
+        warm.turns += 1
+        warm.last_used = time.monotonic()
+        reason = None
+        if self.stopping or settings.OMNI_WARM_CLIENTS <= 0:
+            reason = "not kept"
+        elif warm.turns >= settings.OMNI_WARM_MAX_TURNS:
+            reason = f"recycled after {warm.turns} turns"
+        elif settings.OMNI_WARM_MAX_RSS_MB and (mb := rss_mb(warm.pid)) > settings.OMNI_WARM_MAX_RSS_MB:
+            reason = f"recycled at {mb:.0f} MB RSS"
+        elif warm.pid is None:
+            reason = "process gone"
+        if reason:
+            self._close(warm, key[1], reason)
+            return
+        if (old := self.idle.pop(key, None)) is not None:  # cannot happen: one turn per thread
+            self._close(old, key[1], "replaced")
+        self.idle[key] = warm
+        while len(self.idle) > settings.OMNI_WARM_CLIENTS:
+            old_key, old = self.idle.popitem(last=False)
+            self._close(old, old_key[1], "lru")
+        self._start_janitor()
+
+    def discard(self, slot: Slot, reason: str) -> None:
+        """A turn ended without a client to keep (it closed its own, see
+        :meth:`kill`) or never used its process: free the slot."""
+        if not self._give_back(slot):
+            return
+        self.fill_spares()
+        if (unused := slot.take()) is not None:
+            self._close(unused, None, reason)
+
+    async def close(self, client: ClaudeSDKClient, *, kill: bool = False) -> None:
+        """End a client a turn cannot keep (after an error or an interrupt
+        without a result). ``kill``: a hung CLI, which may never exit on its
+        own: SIGKILL it first, then let the SDK reap it."""
+        if kill and (pid := client_pid(client)) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await _disconnect(client)
+
+    def _give_back(self, slot: Slot) -> bool:
+        if slot.returned:
+            return False
+        slot.returned = True
+        self.busy -= 1
+        return True
+
+    # --- forgetting a thread ----------------------------------------------------
+    def forget(self, key: Key, reason: str = "deleted") -> None:
+        """Close a thread's warm client (its thread was deleted). Safe to call
+        from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._forget(key, reason)
+        else:
+            loop.call_soon_threadsafe(self._forget, key, reason)
+
+    def _forget(self, key: Key, reason: str) -> None:
+        if (warm := self.idle.pop(key, None)) is not None:
+            self._close(warm, key[1], reason)
+
+    # --- spares ----------------------------------------------------------------
+    def fill_spares(self) -> None:
+        """Start missing spares in the background, within the budget."""
+        if self.stopping or settings.OMNI_SPARE_CLIENTS <= 0:
+            return
+        if self._filling is None or self._filling.done():
+            self._bind_loop()
+            self._filling = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        from .sdk import agent_preset, build_options
+        from .turns import session_store
+
+        while not self.stopping and self.live < settings.OMNI_MAX_PROCESSES:
+            missing = [name for name in settings.OMNI_AGENTS
+                       if len(self.spares.get(name, [])) < settings.OMNI_SPARE_CLIENTS]
+            if not missing:
+                return
+            agent, preset = agent_preset(missing[0])
+            client = ClaudeSDKClient(build_options(preset, session_store=session_store()))
+            self.starting += 1
+            try:
+                await client.connect()
+            except Exception:
+                log.warning("[POOL] Could not start a spare client agent=%s", agent, exc_info=True)
+                await _disconnect(client)
+                return
+            finally:
+                self.starting -= 1
+            spare = WarmClient(client, agent)
+            if self.stopping:
+                await _disconnect(client)
+                return
+            self.spares.setdefault(agent, []).append(spare)
+            log.info("[POOL] Spare client ready agent=%s pid=%s", agent, spare.pid)
+
+    # --- idle expiry -------------------------------------------------------------
+    def _start_janitor(self) -> None:
+        if self._janitor is None or self._janitor.done():
+            self._janitor = asyncio.get_running_loop().create_task(self._expire_idle())
+
+    async def _expire_idle(self) -> None:
+        timeout = settings.OMNI_WARM_IDLE_SECONDS
+        while self.idle and not self.stopping:
+            await asyncio.sleep(max(0.05, min(timeout / 4, 30)))
+            now = time.monotonic()
+            for key, warm in list(self.idle.items()):
+                if now - warm.last_used >= settings.OMNI_WARM_IDLE_SECONDS:
+                    del self.idle[key]
+                    self._close(warm, key[1], "idle")
+
+    # --- closing ------------------------------------------------------------------
+    def _close(self, warm: WarmClient, thread_id: str | None, reason: str) -> None:
+        log.info("[POOL] Closing client thread=%s pid=%s: %s", thread_id or "-", warm.pid, reason)
+        task = asyncio.get_running_loop().create_task(_disconnect(warm.client))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _bind_loop(self) -> None:
+        """The pool lives on one event loop (daphne's). A new loop (a test's)
+        starts an empty pool; clients left on an old loop are killed."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.reset()
+            self._loop = loop
+
+    def reset(self) -> None:
+        """Forget everything, killing the idle clients and spares (their
+        loop is gone, so they cannot be disconnected)."""
+        leftovers = [*self.idle.values(), *(s for spares in self.spares.values() for s in spares)]
+        if leftovers:
+            log.warning("[POOL] Reset: killing %d idle clients", len(leftovers))
+        for warm in leftovers:
+            if (pid := warm.pid) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.__init__()
+
+    async def shutdown(self) -> None:
+        """Close every idle client and spare and wait for their CLIs to exit
+        (running turns are the registry's to stop first)."""
+        self.stopping = True
+        for task in (self._filling, self._janitor):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        for key, warm in list(self.idle.items()):
+            self._close(warm, key[1], "shutdown")
+        self.idle.clear()
+        for spares in self.spares.values():
+            for spare in spares:
+                self._close(spare, None, "shutdown")
+        self.spares.clear()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=10)
+
+
+async def _disconnect(client: ClaudeSDKClient) -> None:
+    try:
+        await client.disconnect()
+    except Exception:
+        log.debug("disconnect failed", exc_info=True)
+
+
+pool = ProcessPool()
