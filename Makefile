@@ -45,6 +45,7 @@ test-postgres: install
 	fi
 
 bench: install
+	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) -m bench
 
 clean:

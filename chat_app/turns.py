@@ -110,11 +110,12 @@ class Turn:
         try:
             if spec.resume_session_id and not spec.fork_from_thread_id:
                 log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
-            if spec.resume_session_id:
+            if spec.resume_session_id and self.slot.kind != "warm":
                 # The database is the truth: a session last written under
                 # another working directory (another machine, data dir or
                 # server) moves to this one's project key first, so the CLI
                 # resumes it from the store and not from a stale local file.
+                # (A warm client needs none of this: it is current.)
                 await adopt_session(spec.resume_session_id)
             try:
                 await self._converse(spec.resume_session_id)

@@ -1,0 +1,349 @@
+"""Warm Claude processes, measured as a client sees them, in one run.
+
+Starts live daphne servers with the offline model (exactly as an operator
+does: ``migrate``, then ``daphne omni.asgi:application``) and measures time
+to the first ``text`` event through the websocket:
+
+* baselines, straight on the SDK against an offline model of the bench's
+  own: a new CLI process per message (``query()`` with ``resume``, the
+  seed's way) and one ``ClaudeSDKClient`` kept across messages;
+* the project, defaults (spares on): a new thread's first turn on a spare,
+  warm follow-ups;
+* the project with no spares and no warm clients: a first turn that starts
+  its CLI, and a follow-up after eviction (a cold resume from the store);
+* 16 conversations at once, 4 turns each: p50/p95 to first text of first
+  turns and follow-ups, wall time, peak RSS of daphne with its CLI children;
+* a burst of 60 new conversations at once with the default budget: how many
+  were served, refused with ``server_busy``, failed otherwise; peak RSS; and
+  whether the server still answers afterwards.
+
+Writes ``bench/results/pool.md`` and ``bench/results/pool.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, query
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLES = 15
+CONCURRENT, TURNS = 16, 4
+BURST = 60
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+# --- baselines: the SDK alone ----------------------------------------------------
+
+def _first_text(message) -> bool:
+    event = getattr(message, "event", None)
+    return isinstance(event, dict) and event.get("type") == "content_block_delta"
+
+
+async def raw_baselines(model_url: str) -> dict[str, list[float]]:
+    work = Path(tempfile.mkdtemp(prefix="omni-bench-raw-"))
+    options = dict(
+        env={"ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": "offline",
+             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CONFIG_DIR": str(work / "claude")},
+        cwd=str(work), tools=[], setting_sources=[], include_partial_messages=True,
+        system_prompt="You are a benchmark.",
+    )
+    spawn, warm = [], []
+    session = None
+    for i in range(SAMPLES // 3 + 1):  # a process per message: slow, fewer samples
+        started, first = time.perf_counter(), None
+        async for message in query(prompt=f"spawn {i}", options=ClaudeAgentOptions(resume=session, **options)):
+            if first is None and _first_text(message):
+                first = time.perf_counter() - started
+            session = getattr(message, "session_id", None) or session
+        if i:  # the first one creates the session: not a resume
+            spawn.append(_ms(first))
+    client = ClaudeSDKClient(ClaudeAgentOptions(**options))
+    await client.connect()
+    try:
+        for i in range(SAMPLES + 1):
+            started, first = time.perf_counter(), None
+            await client.query(f"warm {i}")
+            async for message in client.receive_response():
+                if first is None and _first_text(message):
+                    first = time.perf_counter() - started
+            if i:
+                warm.append(_ms(first))
+    finally:
+        await client.disconnect()
+    return {"spawn": spawn, "warm": warm}
+
+
+# --- the project through its websocket ----------------------------------------------
+
+class Peak:
+    """Peak RSS of a process and all its descendants, sampled every 50 ms."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_mb, self.peak_cli = pid, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        from tests.e2e import descendants, is_cli
+
+        while not self._stop.is_set():
+            pids = [self.pid, *descendants(self.pid)]
+            self.peak_mb = max(self.peak_mb, sum(_rss_mb(p) for p in pids))
+            self.peak_cli = max(self.peak_cli, sum(1 for p in pids if is_cli(p)))
+            self._stop.wait(0.05)
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def ws_turn(ws, thread: str, resource: str, message: str) -> tuple[str, float | None]:
+    """One turn over an open websocket: (last event's type or error code, ms to first text)."""
+    started, first = time.perf_counter(), None
+    await ws.send_json({"type": "message", "message": message, "threadId": thread, "resourceId": resource})
+    while True:
+        event = json.loads((await ws.receive(timeout=120)).data)
+        if event["type"] == "text" and first is None:
+            first = _ms(time.perf_counter() - started)
+        if event["type"] == "done":
+            return "done", first
+        if event["type"] == "error":
+            return event["code"], first
+
+
+async def connect(server):
+    import aiohttp
+
+    http = aiohttp.ClientSession()
+    return http, await http.ws_connect(server.ws_url())
+
+
+async def wait_spare(server, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while server.log().count("[POOL] Spare client ready agent=smart") < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no spare client became ready")
+        await asyncio.sleep(0.05)
+
+
+async def project_defaults(server) -> dict[str, list[float]]:
+    http, ws = await connect(server)
+    try:
+        spare, follow = [], []
+        for i in range(5):
+            await wait_spare(server, i + 1)
+            thread = f"spare-{uuid.uuid4().hex[:8]}"
+            spare.append((await ws_turn(ws, thread, "bench", "hello"))[1])
+        for i in range(SAMPLES):
+            follow.append((await ws_turn(ws, thread, "bench", f"follow-up {i}"))[1])
+        return {"spare": spare, "follow": follow}
+    finally:
+        await ws.close()
+        await http.close()
+
+
+async def project_cold(server) -> dict[str, list[float]]:
+    http, ws = await connect(server)
+    try:
+        first, cold = [], []
+        for i in range(5):
+            thread = f"cold-{uuid.uuid4().hex[:8]}"
+            first.append((await ws_turn(ws, thread, "bench", "hello"))[1])
+            cold.append((await ws_turn(ws, thread, "bench", "again"))[1])
+        return {"first": first, "cold": cold}
+    finally:
+        await ws.close()
+        await http.close()
+
+
+async def conversations(server, count: int, turns: int) -> dict:
+    async def one(i):
+        http, ws = await connect(server)
+        try:
+            thread, out = f"conc-{i}-{uuid.uuid4().hex[:6]}", []
+            for t in range(turns):
+                out.append(await ws_turn(ws, thread, f"user-{i % 4}", f"turn {t}"))
+            return out
+        finally:
+            await ws.close()
+            await http.close()
+
+    with Peak(server.proc.pid) as peak:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(count)))
+        wall = time.perf_counter() - started
+    firsts = [r[0][1] for r in results if r[0][0] == "done"]
+    follows = [ms for r in results for status, ms in r[1:] if status == "done"]
+    failed = sum(status != "done" for r in results for status, _ in r)
+    return {"first": firsts, "follow": follows, "wall": wall, "peak_mb": peak.peak_mb,
+            "peak_cli": peak.peak_cli, "failed": failed}
+
+
+async def burst(server, count: int) -> dict:
+    async def one(i):
+        http, ws = await connect(server)
+        try:
+            return (await ws_turn(ws, f"burst-{i}-{uuid.uuid4().hex[:6]}", f"burst-{i}", "hello"))[0]
+        finally:
+            await ws.close()
+            await http.close()
+
+    with Peak(server.proc.pid) as peak:
+        outcomes = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    codes = [o if isinstance(o, str) else type(o).__name__ for o in outcomes]
+    status, _, _ = server.request("GET", "/api/sessions?resourceId=burst-0")
+    http, ws = await connect(server)
+    try:
+        after = (await ws_turn(ws, "after-burst", "bench", "still there?"))[0]
+    finally:
+        await ws.close()
+        await http.close()
+    return {"served": codes.count("done"), "busy": codes.count("server_busy"),
+            "other": len(codes) - codes.count("done") - codes.count("server_busy"),
+            "codes": sorted(set(codes)), "peak_mb": peak.peak_mb, "peak_cli": peak.peak_cli,
+            "after": after, "rest_status": status}
+
+
+# --- the run -----------------------------------------------------------------------
+
+def start_server(name: str, **env: str):
+    from tests.e2e import Server
+
+    server = Server(Path(tempfile.mkdtemp(prefix=f"omni-bench-{name}-")), os.environ.get("DATABASE_URL"),
+                    {"OMNI_LOG_LEVEL": "INFO", **env})
+    server.start()
+    return server
+
+
+async def measure() -> dict:
+    from chat_app.offline_model import start_offline_model
+
+    model = start_offline_model()
+    try:
+        raw = await raw_baselines(model.base_url)
+    finally:
+        model.stop()
+    out = {"raw": raw}
+    server = start_server("defaults", OMNI_SPARE_CLIENTS="1")
+    try:
+        out["defaults"] = await project_defaults(server)
+        out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
+    finally:
+        server.stop()
+    server = start_server("cold", OMNI_SPARE_CLIENTS="0", OMNI_WARM_CLIENTS="0")
+    try:
+        out["cold"] = await project_cold(server)
+    finally:
+        server.stop()
+    server = start_server("burst", OMNI_SPARE_CLIENTS="1")
+    try:
+        out["budget"] = int(server.env().get("OMNI_MAX_PROCESSES") or 24)
+        out["burst"] = await burst(server, BURST)
+    finally:
+        server.stop()
+    return out
+
+
+def rows_of(m: dict) -> list[tuple[str, float, str]]:
+    p50 = statistics.median
+    raw_warm, raw_spawn = p50(m["raw"]["warm"]), p50(m["raw"]["spawn"])
+    follow = p50(m["defaults"]["follow"])
+    conc, b = m["concurrent"], m["burst"]
+    return [
+        ("raw SDK: new process per message (resume), to first text p50", raw_spawn, "ms"),
+        ("raw SDK: warm ClaudeSDKClient, to first text p50", raw_warm, "ms"),
+        ("project: new thread on a spare, to first text p50", p50(m["defaults"]["spare"]), "ms"),
+        ("project: new thread without a spare, to first text p50", p50(m["cold"]["first"]), "ms"),
+        ("project: follow-up (warm), to first text p50", follow, "ms"),
+        ("project: follow-up after eviction (cold resume), p50", p50(m["cold"]["cold"]), "ms"),
+        ("follow-up warm vs raw warm", follow / raw_warm, "x"),
+        ("raw spawn-per-message vs follow-up warm", raw_spawn / follow, "x faster"),
+        (f"{CONCURRENT} conversations x {TURNS}: first turn p50", p50(conc["first"]), "ms"),
+        (f"{CONCURRENT} conversations x {TURNS}: follow-up p50", p50(conc["follow"]), "ms"),
+        (f"{CONCURRENT} conversations x {TURNS}: follow-up p95", pct(conc["follow"], 0.95), "ms"),
+        (f"{CONCURRENT} conversations x {TURNS}: wall time", conc["wall"], "s"),
+        (f"{CONCURRENT} conversations x {TURNS}: peak RSS, daphne + CLIs", conc["peak_mb"], "MB"),
+        (f"{CONCURRENT} conversations x {TURNS}: peak CLI processes", conc["peak_cli"], "processes"),
+        (f"{CONCURRENT} conversations x {TURNS}: failed turns", conc["failed"], "turns"),
+        (f"burst of {BURST} new conversations: served", b["served"], "conversations"),
+        (f"burst of {BURST} new conversations: server_busy", b["busy"], "conversations"),
+        (f"burst of {BURST} new conversations: other errors", b["other"], "conversations"),
+        (f"burst of {BURST} new conversations: peak RSS, daphne + CLIs", b["peak_mb"], "MB"),
+        (f"burst of {BURST} new conversations: peak CLI processes (budget {m['budget']})",
+         b["peak_cli"], "processes"),
+        ("after the burst: a new turn", 1.0 if b["after"] == "done" else 0.0, "1 = done"),
+    ]
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def write_results(m: dict, rows) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    lines = [f"# Warm sessions benchmark ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {machine()}. Offline model, websocket client, `python -m bench pool`.", "",
+             "| measure | value | unit |", "| --- | ---: | --- |"]
+    for name, value, unit in rows:
+        lines.append(f"| {name} | {value:,.1f} | {unit} |")
+    (RESULTS / "pool.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the chart needs bench/requirements.txt
+        return
+    labels = ["raw: process\nper message", "raw: warm\nclient", "new thread\n(spare)", "new thread\n(no spare)",
+              "follow-up\n(warm)", "follow-up\n(cold)", f"{CONCURRENT} at once:\nfollow-up p50"]
+    values = [row[1] for row in rows[:6]] + [rows[9][1]]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    bars = ax.bar(labels, values, color=["#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#37a"])
+    ax.bar_label(bars, fmt="%.0f ms", fontsize=8)
+    ax.set_ylabel("time to first text (ms)")
+    ax.set_title(f"Time to first text, p50 ({machine()})", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "pool.png", dpi=110)
+    plt.close(fig)
+
+
+def run():
+    measured = asyncio.run(measure())
+    rows = rows_of(measured)
+    write_results(measured, rows)
+    return rows
