@@ -68,6 +68,7 @@ class Turn:
         self.slot = slot  # the live process this turn runs on (pool)
         self._kept: WarmClient | None = None  # the client to keep warm after the turn
         self._version: int | None = None  # the mapping's version after this turn's writes
+        self._first_save: asyncio.Future | None = None  # a follow-up's save at its session event
         self.events: list[dict] = []
         self.finished = False
         self.session_id: str | None = None
@@ -217,6 +218,8 @@ class Turn:
             raise ApiError("the CLI ended without starting a session", code="turn_failed")
         # A failed model call's "API Error" text is not a message of the thread.
         answered = result is not None and not result.is_error
+        if self._first_save is not None:
+            await self._first_save
         mapping = await services.save_session(
             spec.thread_id, spec.resource_id, self.session_id,
             assistant_message="".join(reply) if answered else None,
@@ -240,7 +243,7 @@ class Turn:
         spec = self.spec
         self.session_id = session_id
         # Saved as soon as it is known, so a turn cut short still resumes.
-        await services.save_session(
+        save = services.save_session(
             spec.thread_id,
             spec.resource_id,
             session_id,
@@ -248,6 +251,14 @@ class Turn:
             user_message=spec.message,
             forked_from_thread_id=spec.fork_from_thread_id,
         )
+        if session_id == spec.resume_session_id and not spec.fork_from_thread_id:
+            # A follow-up: the mapping exists and names this session already,
+            # so the text need not wait for the write (the turn's last save
+            # waits for it).
+            self._first_save = asyncio.ensure_future(save)
+            self._first_save.add_done_callback(_log_failed_save)
+        else:
+            await save  # a new mapping: its insert may find the thread taken
         self._publish(
             events.session_event(
                 spec.thread_id, spec.resource_id, session_id, resumed,
@@ -267,6 +278,11 @@ class Turn:
         elif (text := events.assistant_text(message)) and message.message_id not in streamed:
             reply.append(text)
             self._publish(events.text_event(self.session_id, text))
+
+
+def _log_failed_save(future: asyncio.Future) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("[CHAT] Could not save the session mapping: %s", exc)
 
 
 class ResumeMissing(Exception):
