@@ -201,7 +201,9 @@ class Server:
             env["DATABASE_URL"] = self.database_url
         return env  # CI (and PATH, HOME...) pass through
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Migrate and serve; on ``port`` if given (a restart on the same
+        address, as clients holding a URL see it), else on a free one."""
         env = self.env()
         migrate = subprocess.run(
             [python_bin(), "manage.py", "migrate", "--noinput"],
@@ -209,7 +211,7 @@ class Server:
         )
         assert migrate.returncode == 0, f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
         self.starts += 1
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = self.data_dir / f"daphne-{self.starts}.log"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -563,11 +565,12 @@ class WSClient:
 
 # --- fixtures ----------------------------------------------------------------------
 
-def make_server(tmp_path_factory) -> tuple[Server, PostgresDatabase | None]:
+def make_server(tmp_path_factory, server_class: type[Server] = Server,
+                **options) -> tuple[Server, PostgresDatabase | None]:
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")
     url = os.environ.get("DATABASE_URL", "")
     pg = PostgresDatabase(url) if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None
-    server = Server(data_dir, pg.url if pg else None)
+    server = server_class(data_dir, pg.url if pg else None, **options)
     try:
         server.start()
         if pg:  # the server migrated (and serves) the database of its own
