@@ -266,7 +266,7 @@ def test_reload_restores_and_follows_a_running_turn(server, tabs):
     expect(page.locator("#stop")).to_be_visible()
     expect(assistant(page).last.locator(".text")).to_have_text(reply(slow, "First question"))
     wait_turn_end(page)
-    assert texts(page)[-2:] == [("user", slow), ("assistant", reply(slow, "First question"))]
+    assert texts(page)[-2:] == [("user", slow), ("assistant", reply(slow, "First question"))], (texts(page), [f[:90] for f in tab.frames if "chunk" not in f[:20]])
 
 
 def test_fork_from_the_thread_and_from_an_earlier_message(server, tabs):

@@ -212,18 +212,20 @@ function startStreaming(threadId) {
   return state.streaming;
 }
 
+function addNote(li, note) {
+  li.classList.add("ended");
+  const small = document.createElement("small");
+  small.className = "note";
+  small.textContent = note;
+  li.append(small);
+}
+
 function endStreaming(note = null) {
   const streaming = state.streaming;
   if (!streaming) return;
   streaming.li.classList.remove("streaming");
   streaming.li.removeAttribute("aria-busy");
-  if (note) {
-    streaming.li.classList.add("ended");
-    const small = document.createElement("small");
-    small.className = "note";
-    small.textContent = note;
-    streaming.li.append(small);
-  }
+  if (note) addNote(streaming.li, note);
   if (!streaming.text && !note) streaming.li.remove();
   state.streaming = null;
 }
@@ -273,29 +275,46 @@ async function openThread(threadId, { focus = true } = {}) {
   if (focus) el.input.focus();
 }
 
-async function drawConversation(threadId, { keep = null } = {}) {
-  let data;
-  try {
-    data = await api.messages(threadId);
-  } catch (err) {
-    if (state.threadId !== threadId) return;
-    if (err.status === 404 && socket.isRunning(threadId)) return; // its first turn is starting
-    if (err.status === 404) {
-      showError(`There is no conversation ${threadId}.`);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Draw the thread's stored conversation (GET /api/sessions/messages). After a
+ * turn (`ended`: the reply just drawn, `note`: how it ended), wait until the
+ * store holds that reply (it is written as the turn runs, and may trail its
+ * last event by a moment); if it never does (a stopped reply), keep the page
+ * as drawn.
+ */
+let drawing = 0; // the latest drawConversation call; an older one gives way
+
+async function drawConversation(threadId, { ended = null, note = null } = {}) {
+  const call = ++drawing;
+  for (let attempt = 0; ; attempt++) {
+    let data;
+    try {
+      data = await api.messages(threadId);
+    } catch (err) {
+      if (state.threadId !== threadId || call !== drawing) return;
+      if (err.status === 404 && (ended || socket.isRunning(threadId))) return; // not stored yet
+      if (err.status === 404) showError(`There is no conversation ${threadId}.`);
+      else showError(`Could not load the conversation: ${describeError(err)}`);
       return;
     }
-    showError(`Could not load the conversation: ${describeError(err)}`);
+    if (state.threadId !== threadId || call !== drawing) return;
+    const last = data.messages[data.messages.length - 1];
+    const stored = !ended || !ended.text || (last && last.role === "assistant" && last.text === ended.text);
+    if (!stored) {
+      if (attempt >= 5) return;
+      await sleep(300);
+      continue;
+    }
+    const streaming = state.streaming && state.streaming.threadId === threadId ? state.streaming : null;
+    el.messages.replaceChildren();
+    let li = null;
+    for (const message of data.messages) li = appendMessage(message.role, message.text, message.uuid);
+    if (note && ended && ended.text && li) addNote(li, note);
+    if (streaming) el.messages.append(streaming.li);
     return;
   }
-  if (state.threadId !== threadId) return;
-  const streaming = state.streaming && state.streaming.threadId === threadId ? state.streaming : null;
-  el.messages.replaceChildren();
-  for (const message of data.messages) appendMessage(message.role, message.text, message.uuid);
-  // A reply that ended but is not in the stored transcript yet stays drawn.
-  if (keep && keep.text && !data.messages.some((m) => m.role === "assistant" && m.text === keep.text)) {
-    el.messages.append(keep.li);
-  }
-  if (streaming) el.messages.append(streaming.li);
 }
 
 function newChat() {
@@ -434,7 +453,7 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
       await loadThreads();
       if (state.threadId === threadId) {
         drawHeader();
-        await drawConversation(threadId, { keep: ended });
+        await drawConversation(threadId, { ended, note });
       }
     } else {
       loadThreads();
@@ -446,12 +465,14 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
 socket.addEventListener("gone", async ({ detail: { threadId } }) => {
   // The turn ended while the socket was down: show what the server kept.
   if (threadId !== state.threadId) return;
-  endStreaming("interrupted: the connection to the server was lost");
+  const ended = state.streaming;
+  const note = "interrupted: the connection to the server was lost";
+  endStreaming(note);
   drawRunning();
   await loadThreads();
   if (state.threadId === threadId) {
     drawHeader();
-    await drawConversation(threadId);
+    await drawConversation(threadId, { ended, note });
   }
 });
 
