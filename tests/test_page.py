@@ -226,6 +226,9 @@ def test_send_streams_and_a_follow_up_remembers(server, tabs):
     expect(page.locator("#messages .message")).to_have_count(0)
     assert page.evaluate("document.activeElement.id") == "message"
 
+    agents = page.locator("#agent option")
+    assert agents.all_inner_texts() == ["smart", "datadog", "correlator"]  # the server's presets
+    page.get_by_label("Agent").select_option("datadog")
     ask(page, "What is 2+2?")
     thread = current_thread(page)
     # The answer streamed over the websocket in pieces.
@@ -243,8 +246,8 @@ def test_send_streams_and_a_follow_up_remembers(server, tabs):
         ("user", "What was my last question?"),
         ("assistant", reply("What was my last question?", "What is 2+2?")),
     ]
-    assert [(s["threadId"], s["messageCount"]) for s in server.sessions(tab.resource)["sessions"]] == [
-        (thread, 4)]
+    assert [(s["threadId"], s["messageCount"], s["agent"])
+            for s in server.sessions(tab.resource)["sessions"]] == [(thread, 4, "datadog")]
 
 
 def test_reload_restores_and_follows_a_running_turn(server, tabs):
@@ -332,6 +335,25 @@ def test_stop_ends_the_running_turn(server, tabs):
     send(page, "After the stop")
     expect(assistant(page).last.locator(".text")).to_contain_text('Offline model heard: "After the stop"')
     wait_turn_end(page)
+
+
+def test_a_busy_thread_says_so(server, tabs):
+    resource = new_id("user")
+    first, second = tabs(resource), tabs(resource)
+    page = open_page(first, server)
+    ask(page, "Shared thread")
+    thread = current_thread(page)
+    other = second.page
+    other.goto(server.url(f"/#thread={thread}"))
+    expect(other.locator("#messages .message")).to_have_count(2)
+    expect(other.locator("#connection")).to_have_attribute("data-state", "open")
+
+    send(page, "[slow] taking a while")
+    expect(assistant(page).last.locator(".text")).to_contain_text("Offline")
+    send(other, "Me too")
+    expect(other.get_by_role("alert")).to_contain_text("still answering")
+    wait_turn_end(page)
+    wait_turn_end(other)
 
 
 def test_delete_asks_first(server, tabs):
