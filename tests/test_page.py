@@ -176,8 +176,10 @@ def assistant(page):
 
 
 def wait_turn_end(page) -> None:
+    """The turn ended and the page drew the stored conversation."""
     expect(page.locator("#messages .message.streaming")).to_have_count(0)
     expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator("#messages")).not_to_have_attribute("aria-busy", "true")
 
 
 def ask(page, text: str, *earlier: str) -> None:
@@ -352,8 +354,15 @@ def test_a_busy_thread_says_so(server, tabs):
     expect(assistant(page).last.locator(".text")).to_contain_text("Offline")
     send(other, "Me too")
     expect(other.get_by_role("alert")).to_contain_text("still answering")
+    # Away and back while the turn runs: the whole reply is there in the end.
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator("#messages .message")).to_have_count(0)
+    thread_item(page, thread).locator(".thread-open").click()
+    expect(assistant(page).last.locator(".text")).to_have_text(
+        reply("[slow] taking a while", "Shared thread"))
     wait_turn_end(page)
     wait_turn_end(other)
+    assert len(texts(page)) == 4
 
 
 def test_delete_asks_first(server, tabs):

@@ -52,6 +52,10 @@ function resourceId() {
   return ID_RE.test(value) ? value : config.defaultResourceId;
 }
 
+// The running turns' replies so far, by thread (drawn again when a thread
+// whose turn is running is opened again).
+const replies = new Map();
+
 const api = new Api({ base: config.apiBase, csrfToken: config.csrfToken, resourceId });
 const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + config.wsPath;
 const socket = new ChatSocket(wsUrl);
@@ -270,8 +274,17 @@ async function openThread(threadId, { focus = true } = {}) {
   }
   await drawConversation(threadId);
   if (state.threadId !== threadId) return;
-  // A turn may still be running (a reload, another tab): receive the rest.
-  if (!socket.isRunning(threadId)) socket.follow(threadId, resourceId());
+  if (socket.isRunning(threadId)) {
+    // Its turn runs on this page's socket: draw the reply so far.
+    if (!state.streaming) {
+      const streaming = startStreaming(threadId);
+      streaming.text = replies.get(threadId) || "";
+      renderText(streaming.li.querySelector(".text"), streaming.text);
+    }
+  } else {
+    // A turn may still be running (a reload, another tab): receive the rest.
+    socket.follow(threadId, resourceId());
+  }
   if (focus) el.input.focus();
 }
 
@@ -286,8 +299,17 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  */
 let drawing = 0; // the latest drawConversation call; an older one gives way
 
-async function drawConversation(threadId, { ended = null, note = null } = {}) {
+async function drawConversation(threadId, options = {}) {
   const call = ++drawing;
+  el.messages.setAttribute("aria-busy", "true");
+  try {
+    await fetchAndDraw(threadId, call, options);
+  } finally {
+    if (call === drawing) el.messages.removeAttribute("aria-busy");
+  }
+}
+
+async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
   for (let attempt = 0; ; attempt++) {
     let data;
     try {
@@ -426,15 +448,19 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
     return;
   }
   if (event.type === "session") {
+    replies.set(threadId, "");
     if (event.notice && current) showError(event.notice);
     loadThreads().then(() => current && state.threadId === threadId && drawHeader());
     if (current && !state.streaming) startStreaming(threadId);
-  } else if (event.type === "text" && current) {
+  } else if (event.type === "text") {
+    replies.set(threadId, (replies.get(threadId) || "") + event.text);
+    if (!current) return;
     const streaming = state.streaming || startStreaming(threadId);
-    streaming.text += event.text;
+    streaming.text = replies.get(threadId);
     renderText(streaming.li.querySelector(".text"), streaming.text);
     streaming.li.scrollIntoView({ block: "end" });
   } else if (event.type === "done" || event.type === "error") {
+    replies.delete(threadId);
     if (current) {
       const stopped = state.stopped;
       state.stopped = false;
@@ -450,11 +476,8 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
       const ended = state.streaming;
       endStreaming(note);
       drawRunning();
-      await loadThreads();
-      if (state.threadId === threadId) {
-        drawHeader();
-        await drawConversation(threadId, { ended, note });
-      }
+      await Promise.all([loadThreads(), drawConversation(threadId, { ended, note })]);
+      if (state.threadId === threadId) drawHeader();
     } else {
       loadThreads();
     }
@@ -469,11 +492,8 @@ socket.addEventListener("gone", async ({ detail: { threadId } }) => {
   const note = "interrupted: the connection to the server was lost";
   endStreaming(note);
   drawRunning();
-  await loadThreads();
-  if (state.threadId === threadId) {
-    drawHeader();
-    await drawConversation(threadId, { ended, note });
-  }
+  await Promise.all([loadThreads(), drawConversation(threadId, { ended, note })]);
+  if (state.threadId === threadId) drawHeader();
 });
 
 socket.addEventListener("state", ({ detail }) => {
