@@ -5,7 +5,7 @@ server's configuration."""
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.middleware.csrf import get_token
-from django.shortcuts import render
+from django.shortcuts import render, resolve_url
 from django.views.decorators.http import require_safe
 
 from sessions_app.resources import auth_required
@@ -28,6 +28,7 @@ def page_config(request) -> dict:
         "maxMessageChars": settings.OMNI_MAX_MESSAGE_CHARS,
         "apiBase": "/api",
         "wsPath": "/ws/chat/",
+        "loginUrl": resolve_url(settings.LOGIN_URL),
         # REST calls of a logged-in page send it as X-CSRFToken.
         "csrfToken": get_token(request),
     }

@@ -457,6 +457,23 @@ def test_login_required(auth_server, tabs):
     ask(page, "Who am I?")  # the websocket runs as alice (session cookie)
     thread = current_thread(page)
     expect(thread_item(page, thread)).to_have_count(1)
+
+    # Logged out in another tab: the page's next call sends her to log in,
+    # and back to the thread.
+    other = tab.context.new_page()
+    other.goto(auth_server.url())
+    other.get_by_role("button", name="Log out").click()
+    expect(other).to_have_url(re.compile(r"/accounts/login/"))
+    other.close()
+    page.get_by_role("button", name="New chat").click()
+    thread_item(page, thread).locator(".thread-open").click()
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next="))
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("wonderland-123")
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(auth_server.url(f"/#thread={thread}"))
+    expect(page.locator("#messages .message")).to_have_count(2)
+
     page.get_by_role("button", name="Delete").click()  # a REST call with X-CSRFToken
     page.locator("#confirm-delete").get_by_role("button", name="Delete").click()
     expect(thread_item(page, thread)).to_have_count(0)

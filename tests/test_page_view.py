@@ -30,6 +30,7 @@ def test_the_page_with_auth_off(client, settings):
     assert config["auth"] == "off" and config["user"] is None
     assert config["defaultResourceId"] == "default-user"
     assert config["defaultAgent"] == "smart"
+    assert config["loginUrl"] == "/accounts/login/" and config["wsPath"] == "/ws/chat/"
     html = response.content.decode()
     assert 'id="resource-id"' in html and "/static/chat/ui.js" in html
     assert "<script" not in html.split('type="application/json">', 1)[1].split("</script>", 1)[0]

@@ -18,11 +18,13 @@ export class Api {
    * @param {string} opts.base       "/api"
    * @param {string} opts.csrfToken  sent as X-CSRFToken on unsafe methods (session-cookie callers)
    * @param {() => (string|null)} opts.resourceId  the resource to name, or null for the caller's own
+   * @param {(error: ApiError) => void} opts.onUnauthenticated  called on a 401 (e.g. logged out elsewhere)
    */
-  constructor({ base = "/api", csrfToken = "", resourceId = () => null } = {}) {
+  constructor({ base = "/api", csrfToken = "", resourceId = () => null, onUnauthenticated = null } = {}) {
     this.base = base;
     this.csrfToken = csrfToken;
     this.resourceId = resourceId;
+    this.onUnauthenticated = onUnauthenticated;
   }
 
   withResource(fields = {}) {
@@ -57,8 +59,10 @@ export class Api {
     if (!response.ok) {
       const error = (data && data.error) || {};
       const retry = response.headers.get("Retry-After");
-      throw new ApiError(response.status, error.code || `http_${response.status}`,
+      const failure = new ApiError(response.status, error.code || `http_${response.status}`,
         error.message || response.statusText, retry ? Number(retry) : null);
+      if (response.status === 401 && this.onUnauthenticated) this.onUnauthenticated(failure);
+      throw failure;
     }
     return data;
   }

@@ -19,6 +19,7 @@ const el = {
   agent: $("agent"),
   threads: $("threads"),
   threadsEmpty: $("threads-empty"),
+  moreThreads: $("more-threads"),
   title: $("thread-title"),
   origin: $("thread-origin"),
   forkThread: $("fork-thread"),
@@ -41,6 +42,7 @@ const el = {
 const state = {
   threadId: null, // the open thread (null: a new conversation)
   sessions: new Map(), // threadId -> Session, from GET /api/sessions
+  nextCursor: null, // the next page of the thread list
   forkFrom: null, // {threadId, uuid, label}: the next message forks
   streaming: null, // {threadId, li, text}: the assistant reply being drawn
   stopped: false,
@@ -56,7 +58,16 @@ function resourceId() {
 // whose turn is running is opened again).
 const replies = new Map();
 
-const api = new Api({ base: config.apiBase, csrfToken: config.csrfToken, resourceId });
+function logInAgain() {
+  // The session ended (logged out in another tab, expired): back to the login.
+  const next = location.pathname + location.search + location.hash;
+  location.assign(`${config.loginUrl}?next=${encodeURIComponent(next)}`);
+}
+
+const api = new Api({
+  base: config.apiBase, csrfToken: config.csrfToken, resourceId,
+  onUnauthenticated: authRequired ? logInAgain : null,
+});
 const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + config.wsPath;
 const socket = new ChatSocket(wsUrl);
 
@@ -131,11 +142,14 @@ function describeError({ code, message, retryAfter }) {
 
 // --- the thread list -------------------------------------------------------------------
 
-async function loadThreads() {
+async function loadThreads({ more = false } = {}) {
   try {
-    const data = await api.listSessions();
-    state.sessions = new Map(data.sessions.map((s) => [s.threadId, s]));
-    drawThreads(data.sessions);
+    const data = await api.listSessions({ cursor: more ? state.nextCursor : null });
+    const sessions = more ? [...state.sessions.values(), ...data.sessions] : data.sessions;
+    state.sessions = new Map(sessions.map((s) => [s.threadId, s]));
+    state.nextCursor = data.nextCursor;
+    el.moreThreads.hidden = !data.nextCursor;
+    drawThreads([...state.sessions.values()]);
   } catch (err) {
     showError(`Could not list conversations: ${describeError(err)}`);
   }
@@ -271,6 +285,17 @@ async function openThread(threadId, { focus = true } = {}) {
   if (threadId === null) {
     if (focus) el.input.focus();
     return;
+  }
+  if (!state.sessions.has(threadId)) {
+    // Not on the list's first page (or just created elsewhere): its metadata.
+    try {
+      const { session } = await api.metadata(threadId);
+      state.sessions.set(threadId, session);
+    } catch (err) {
+      // drawn as unknown below
+    }
+    if (state.threadId !== threadId) return;
+    drawHeader();
   }
   await drawConversation(threadId);
   if (state.threadId !== threadId) return;
@@ -528,6 +553,7 @@ el.input.addEventListener("keydown", (e) => {
 });
 el.stop.addEventListener("click", stop);
 el.newChat.addEventListener("click", newChat);
+el.moreThreads.addEventListener("click", () => loadThreads({ more: true }));
 el.forkThread.addEventListener("click", () => startFork());
 el.forkCancel.addEventListener("click", () => {
   cancelFork();
