@@ -10,9 +10,12 @@ missing, the tests skip, or fail under ``CI=true``.
 Run: ``.venv/bin/python -m pytest tests/test_page.py``
 """
 
+import json
 import os
 import re
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,62 @@ class PageServer(Server):
         assert done.returncode == 0, done.stderr
 
 
+class DroppingProxy:
+    """A TCP proxy in front of a server that can drop every open connection
+    at once, as a network or a load balancer does, while the server (and its
+    running turns) carries on."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop(self):
+        with self.lock:
+            dropped, self.open = self.open, []
+        for s in dropped:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+        self.drop()
+
+
 def serve(tmp_path_factory, auth: str):
     server, pg = make_server(tmp_path_factory, PageServer, auth=auth)
     try:
@@ -117,9 +176,14 @@ class Tab:
         self.errors: list[str] = []
         self.dialogs: list[str] = []
         self.frames: list[str] = []  # websocket frames from the server
+        self.sent: list[str] = []  # websocket frames to the server
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         self.page.on("dialog", self._dialog)
-        self.page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: self.frames.append(payload)))
+        self.page.on("websocket", self._websocket)
+
+    def _websocket(self, ws):
+        ws.on("framereceived", lambda payload: self.frames.append(payload))
+        ws.on("framesent", lambda payload: self.sent.append(payload))
 
     def _dialog(self, dialog):
         self.dialogs.append(dialog.message)
@@ -435,6 +499,36 @@ def test_a_dropped_websocket_reconnects(server, tabs):
     wait_turn_end(page)
 
     ask(page, "After the restart", "Before the restart", "[slow] cut short")
+
+
+def test_a_dropped_connection_follows_the_running_turn(server, tabs):
+    """The socket drops while the turn goes on in the server: the page
+    reconnects, follows the turn and shows the rest of the reply, once."""
+    proxy = DroppingProxy(server.port)
+    try:
+        tab = tabs()
+        page = tab.page
+        page.goto(proxy.url())
+        connection = page.locator("#connection")
+        expect(connection).to_have_attribute("data-state", "open")
+        ask(page, "Before the drop")
+        slow = "[slow] through a drop"
+        send(page, slow)
+        expect(assistant(page).last.locator(".text")).to_contain_text("Offline")
+        proxy.drop()
+        before = len(tab.frames)
+        expect(connection).to_have_attribute("data-state", "down")
+        expect(connection).to_have_attribute("data-state", "open")
+        expect(assistant(page).last.locator(".text")).to_have_text(reply(slow, "Before the drop"))
+        wait_turn_end(page)
+        assert texts(page)[-2:] == [("user", slow), ("assistant", reply(slow, "Before the drop"))]
+        follows = [f for f in tab.sent if '"follow"' in f]
+        assert follows, tab.sent
+        # The rest came through the follow (the turn was still running).
+        after = [json.loads(f)["type"] for f in tab.frames[before:]]
+        assert "text" in after and after[-1] == "done", after
+    finally:
+        proxy.close()
 
 
 def test_login_required(auth_server, tabs):
