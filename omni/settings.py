@@ -121,7 +121,6 @@ WHITENOISE_USE_FINDERS = True
 # The page's login (OMNI_AUTH=required): Django's own auth views.
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"
-LOGOUT_REDIRECT_URL = "login"
 
 # --- Omni sessions.
 # "off": trust the resourceId a client sends; "required": callers authenticate.
