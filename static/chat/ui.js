@@ -252,8 +252,6 @@ function drawHeader() {
   const threadId = state.threadId;
   const session = threadId ? state.sessions.get(threadId) : null;
   el.title.textContent = threadId ? threadLabel(threadId) : "New conversation";
-  el.forkThread.disabled = !session;
-  el.deleteThread.disabled = !session;
   if (session && session.forkedFromThreadId) {
     el.origin.replaceChildren("Forked from ");
     const link = document.createElement("a");
@@ -270,8 +268,11 @@ function drawHeader() {
 
 function drawRunning() {
   const running = state.threadId !== null && socket.isRunning(state.threadId);
+  const stored = state.threadId !== null && state.sessions.has(state.threadId);
   el.stop.hidden = !running;
   el.send.disabled = running || !socket.isOpen;
+  // Fork and delete a thread that is stored and not answering.
+  el.forkThread.disabled = el.deleteThread.disabled = running || !stored;
 }
 
 async function openThread(threadId, { focus = true } = {}) {
@@ -415,7 +416,6 @@ function send() {
     state.threadId = frame.threadId;
     history.pushState(null, "", "#thread=" + encodeURIComponent(frame.threadId));
     el.title.textContent = `Fork of ${threadLabel(parent)}`;
-    el.forkThread.disabled = el.deleteThread.disabled = true;
     markCurrentThread();
   } else {
     if (!state.threadId) {
