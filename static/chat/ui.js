@@ -252,6 +252,7 @@ function drawHeader() {
   const threadId = state.threadId;
   const session = threadId ? state.sessions.get(threadId) : null;
   el.title.textContent = threadId ? threadLabel(threadId) : "New conversation";
+  document.title = `${el.title.textContent} · Omni chat`;
   if (session && session.forkedFromThreadId) {
     el.origin.replaceChildren("Forked from ");
     const link = document.createElement("a");
