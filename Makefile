@@ -8,7 +8,7 @@ PORT ?= 8000
 # A PostgreSQL server for the second test run (CI has one; elsewhere it is used when reachable).
 TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/omni
 
-.PHONY: install run test test-embedded test-postgres bench clean
+.PHONY: install browser run test test-embedded test-postgres bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,16 @@ run: install
 
 test: test-embedded test-postgres
 
-test-embedded: install
+# The page's browser tests drive Debian's Chromium (Playwright's own browser
+# download cannot work here). Needs root (CI runs as root) when it is missing.
+browser:
+	@command -v chromium >/dev/null || (echo "installing chromium (apt-get)"; apt-get update && apt-get install -y chromium)
+
+test-embedded: install browser
 	$(PY) -m pytest
 
 # The same suite on PostgreSQL. Under CI=true it must run (and fails without a server).
-test-postgres: install
+test-postgres: install browser
 	@if [ "$$CI" = "true" ] || $(PY) -c "import psycopg,sys; psycopg.connect('$(TEST_POSTGRES_URL)'.rsplit('/',1)[0]+'/postgres', connect_timeout=2).close()" 2>/dev/null; then \
 	  echo "== the suite again on PostgreSQL ($(TEST_POSTGRES_URL))"; \
 	  DATABASE_URL=$(TEST_POSTGRES_URL) $(PY) -m pytest; \

@@ -56,7 +56,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "omni.middleware.ApiErrorMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "omni.static.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -112,9 +112,15 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)
+# The chat page's own files (static/chat/): plain ES modules and CSS.
+STATICFILES_DIRS = [BASE_DIR / "static"]
 # Serve app static files (admin, API docs) straight from the apps: no
 # collectstatic step, nothing fetched from a CDN.
 WHITENOISE_USE_FINDERS = True
+
+# The page's login (OMNI_AUTH=required): Django's own auth views.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
 
 # --- Omni sessions.
 # "off": trust the resourceId a client sends; "required": callers authenticate.

@@ -206,7 +206,9 @@ class Server:
         env.update(self.extra_env)
         return env  # CI (and PATH, HOME...) pass through
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Migrate and serve; on ``port`` if given (a restart on the same
+        address, as clients holding a URL see it), else on a free one."""
         env = self.env()
         migrate = subprocess.run(
             [python_bin(), "manage.py", "migrate", "--noinput"],
@@ -214,7 +216,7 @@ class Server:
         )
         assert migrate.returncode == 0, f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
         self.starts += 1
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = self.data_dir / f"daphne-{self.starts}.log"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -568,11 +570,12 @@ class WSClient:
 
 # --- fixtures ----------------------------------------------------------------------
 
-def make_server(tmp_path_factory, **extra_env: str) -> tuple[Server, PostgresDatabase | None]:
+def make_server(tmp_path_factory, server_class: type[Server] = Server,
+                **options) -> tuple[Server, PostgresDatabase | None]:
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")
     url = os.environ.get("DATABASE_URL", "")
     pg = PostgresDatabase(url) if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None
-    server = Server(data_dir, pg.url if pg else None, extra_env)
+    server = server_class(data_dir, pg.url if pg else None, **options)
     try:
         server.start()
         if pg:  # the server migrated (and serves) the database of its own
@@ -591,7 +594,7 @@ def make_server(tmp_path_factory, **extra_env: str) -> tuple[Server, PostgresDat
 def daphne_server(tmp_path_factory, server_env):
     """A daphne server for the module; stopped (and checked for leftover CLI
     processes) at the end, its PostgreSQL database dropped."""
-    server, pg = make_server(tmp_path_factory, **server_env)
+    server, pg = make_server(tmp_path_factory, extra_env=server_env)
     try:
         yield server
     finally:

@@ -79,7 +79,7 @@ def test_a_new_thread_is_answered_by_a_spare(pair):
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
     """A server whose budget is one process."""
-    server, pg = make_server(tmp_path_factory, OMNI_MAX_PROCESSES="1")
+    server, pg = make_server(tmp_path_factory, extra_env={"OMNI_MAX_PROCESSES": "1"})
     try:
         yield server
     finally:
