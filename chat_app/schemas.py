@@ -1,27 +1,56 @@
 """Chat requests (contract §5), validated the same way for SSE and websockets."""
 
+import re
 from typing import Annotated, Literal
 
+from django.conf import settings
 from ninja import Schema
-from pydantic import Field, StrictStr, ValidationError
+from pydantic import AfterValidator, Field, StrictStr, ValidationError, WithJsonSchema
 
 from sessions_app.errors import BadRequest, describe_validation
 from sessions_app.schemas import Id
 
 
+NOT_BLANK = re.compile(r"\S")
+
+
+def not_blank(text: str) -> str:
+    if not NOT_BLANK.search(text):
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
+# A user's message: text with at least one non-space character (400
+# otherwise). Its length limit is checked by the turn pipeline (413), so the
+# document states it without pydantic enforcing it.
+Message = Annotated[
+    StrictStr,
+    AfterValidator(not_blank),
+    Field(
+        json_schema_extra={"pattern": NOT_BLANK.pattern, "maxLength": settings.OMNI_MAX_MESSAGE_CHARS},
+        examples=["What is 2+2?"],
+    ),
+]
+# An agent preset's name (an unknown one is 400 unknown_agent).
+Agent = Annotated[
+    Annotated[StrictStr, WithJsonSchema({"type": "string", "enum": sorted(settings.OMNI_AGENTS)})] | None,
+    Field(examples=["smart"]),
+]
+
+
 class ChatIn(Schema):
-    message: StrictStr
+    message: Message
     threadId: Id | None = None
     resourceId: Id | None = None
-    agent: StrictStr | None = Field(None, examples=["smart"])
+    agent: Agent = None
 
 
 class ForkIn(Schema):
-    message: StrictStr
+    message: Message
     forkFromThreadId: Id
     threadId: Id
     resourceId: Id | None = None
-    agent: StrictStr | None = Field(None, examples=["smart"])
+    agent: Agent = None
     atMessageUuid: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 
