@@ -124,6 +124,15 @@ OMNI_OFFLINE_MODEL = env_flag("OMNI_OFFLINE_MODEL")
 # "model_unavailable" (each retry waits longer: 3 retries is about 4 s).
 OMNI_MODEL_MAX_RETRIES = int(os.environ.get("OMNI_MODEL_MAX_RETRIES", "3"))
 OMNI_MAX_MESSAGE_CHARS = 100_000
+# Turns a resource may start per minute (429 rate_limited beyond).
+OMNI_TURNS_PER_MINUTE = int(os.environ.get("OMNI_TURNS_PER_MINUTE", "30"))
+# The CLI's environment: names of server variables passed to it beyond the
+# built-in list (chat_app/sdk.py: CLI_ENV_NAMES); every other one is removed.
+OMNI_CLI_ENV_PASS = frozenset(
+    name.strip() for name in os.environ.get("OMNI_CLI_ENV_PASS", "").split(",") if name.strip()
+)
+# The Claude Code CLI to run (default: the SDK's bundled CLI).
+OMNI_CLI_PATH = os.environ.get("OMNI_CLI_PATH") or None
 
 OMNI_DEFAULT_AGENT = "smart"
 OMNI_AGENTS = {
