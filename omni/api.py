@@ -68,7 +68,8 @@ def honest_schema(schema: dict, auth_off: bool) -> dict:
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 operation.pop("security", None)
-                operation.get("responses", {}).pop("401", None)
+                for status in (401, "401"):  # ninja keys responses by int
+                    operation.get("responses", {}).pop(status, None)
                 for param in operation.get("parameters", []):
                     if param["name"] == "resourceId":
                         param["required"] = True

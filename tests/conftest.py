@@ -48,3 +48,13 @@ def chat_log(caplog):
     caplog.set_level(logging.INFO, logger="omni.chat")
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(autouse=True)
+def fresh_turn_rate():
+    """Every test starts with no turns counted against a resource's rate."""
+    from chat_app.limits import turn_rate
+
+    turn_rate.reset()
+    yield
+    turn_rate.reset()

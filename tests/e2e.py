@@ -194,6 +194,8 @@ class Server:
             OMNI_OFFLINE_MODEL="1",
             OMNI_SESSION_STORE=session_store_flag(),
             OMNI_LOG_LEVEL="INFO",
+            # tests run many turns a minute on one resource (the limit has tests of its own)
+            OMNI_TURNS_PER_MINUTE="0",
             PYTHONUNBUFFERED="1",
             DJANGO_SETTINGS_MODULE="omni.settings",
         )
