@@ -94,3 +94,58 @@ def parse_frame(data) -> Schema:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(describe_validation(exc.errors())) from exc
+
+
+# --- the stream's events (contract §5), for the OpenAPI document -------------------
+
+
+class _Event(Schema):
+    seq: int | None = Field(None, description="the event's 0-based position in its turn")
+
+
+class SessionEvent(_Event):
+    type: Literal["session"]
+    threadId: str
+    resourceId: str
+    sessionId: str
+    resumed: bool
+    forkedFromThreadId: str | None
+    notice: str | None = Field(None, description="a stored session could not be resumed")
+
+
+class TextEvent(_Event):
+    type: Literal["text"]
+    sessionId: str
+    text: str
+
+
+class ChunkEvent(_Event):
+    type: Literal["chunk"]
+    sessionId: str
+    chunk: dict = Field(description='an SDK message: {"kind": "<SDK message class>", ...its fields}')
+
+
+class DoneResult(Schema):
+    durationMs: int | None
+    costUsd: float | None
+    numTurns: int | None
+    isError: bool
+    usage: dict | None
+
+
+class DoneEvent(_Event):
+    type: Literal["done"]
+    sessionId: str
+    result: DoneResult
+
+
+class ErrorEvent(_Event):
+    type: Literal["error"]
+    code: str = Field(examples=["model_unavailable"])
+    message: str
+    retryAfter: int | None = Field(None, description="seconds, for rate_limited and server_busy")
+
+
+ChatEvent = Annotated[
+    SessionEvent | TextEvent | ChunkEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+]

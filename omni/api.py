@@ -11,8 +11,10 @@ from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
+from pydantic import TypeAdapter
 
 from chat_app.api import router as chat_router
+from chat_app.schemas import ChatEvent
 from omni.auth import API_AUTH
 from sessions_app.api import router as sessions_router
 from sessions_app.errors import (
@@ -77,9 +79,18 @@ def honest_schema(schema: dict, auth_off: bool) -> dict:
     return schema
 
 
+def add_event_schemas(schema: dict) -> None:
+    """The chat stream's events (``ChatEvent``, contract §5) in the components."""
+    events = TypeAdapter(ChatEvent).json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(events.pop("$defs", {}))
+    components["ChatEvent"] = events
+
+
 class OmniAPI(NinjaAPI):
     def get_openapi_schema(self, *, path_prefix=None, path_params=None):
         schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        add_event_schemas(schema)
         return honest_schema(schema, auth_off=settings.OMNI_AUTH == "off")
 
 

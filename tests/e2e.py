@@ -171,7 +171,8 @@ class PostgresDatabase:
 class Server:
     """A daphne subprocess serving ``omni.asgi:application``."""
 
-    def __init__(self, data_dir: Path, database_url: str | None):
+    def __init__(self, data_dir: Path, database_url: str | None, extra_env: dict | None = None):
+        self.extra_env = dict(extra_env or {})  # e.g. OMNI_AUTH=required, applied last
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.database_url = database_url
@@ -201,6 +202,7 @@ class Server:
         )
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
+        env.update(self.extra_env)
         return env  # CI (and PATH, HOME...) pass through
 
     def start(self) -> None:
@@ -320,12 +322,13 @@ class Server:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
-                timeout: float = 30) -> tuple[int, dict, object]:
+                timeout: float = 30, headers: dict | None = None) -> tuple[int, dict, object]:
         """``(status, headers, parsed JSON or text)``; ``body`` is JSON-encoded."""
         conn = self.connection(timeout)
         try:
             data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            headers = {"Content-Type": "application/json"} if data is not None else {}
+            extra, headers = headers or {}, {"Content-Type": "application/json"} if data is not None else {}
+            headers.update(extra)
             conn.request(method, path, data, headers)
             resp = conn.getresponse()
             text = resp.read().decode("utf-8", "replace")
@@ -351,9 +354,11 @@ class Server:
         return status, data
 
     # --- SSE ---
-    def open_sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEStream":
+    def open_sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT,
+                 headers: dict | None = None) -> "SSEStream":
         conn = self.connection(timeout)
-        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        conn.request("POST", path, json.dumps(body).encode(),
+                     {"Content-Type": "application/json", **(headers or {})})
         return SSEStream(conn, conn.getresponse())
 
     def sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEResult":
@@ -565,11 +570,11 @@ class WSClient:
 
 # --- fixtures ----------------------------------------------------------------------
 
-def make_server(tmp_path_factory) -> tuple[Server, PostgresDatabase | None]:
+def make_server(tmp_path_factory, extra_env: dict | None = None) -> tuple[Server, PostgresDatabase | None]:
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")
     url = os.environ.get("DATABASE_URL", "")
     pg = PostgresDatabase(url) if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None
-    server = Server(data_dir, pg.url if pg else None)
+    server = Server(data_dir, pg.url if pg else None, extra_env)
     try:
         server.start()
         if pg:  # the server migrated (and serves) the database of its own
