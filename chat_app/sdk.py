@@ -106,6 +106,10 @@ def cli_env() -> dict[str, str]:
         # A person is waiting: give up on an unreachable model in seconds,
         # not after the CLI's default ten retries (minutes).
         "CLAUDE_CODE_MAX_RETRIES": str(settings.OMNI_MODEL_MAX_RETRIES),
+        # Write the user's message to the transcript before asking the model,
+        # so a turn cut short (the CLI or the server killed) still resumes
+        # with it.
+        "CLAUDE_CODE_EAGER_FLUSH": "1",
     })
     if settings.OMNI_OFFLINE_MODEL:
         env["ANTHROPIC_BASE_URL"] = offline_model_url()
