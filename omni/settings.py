@@ -39,6 +39,24 @@ CSRF_TRUSTED_ORIGINS = [
     origin for origin in os.environ.get("OMNI_CSRF_TRUSTED_ORIGINS", "").split(",") if origin
 ]
 
+# --- Production behind TLS (OMNI_SECURE=1): secure cookies, HSTS, HTTPS
+# redirects; `manage.py check --deploy` passes with the settings README lists.
+OMNI_SECURE = env_flag("OMNI_SECURE")
+if OMNI_SECURE:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_flag("OMNI_SSL_REDIRECT", "1")
+    SECURE_REDIRECT_EXEMPT = [r"^api/health$"]  # load balancers probe over plain HTTP
+    SECURE_HSTS_SECONDS = int(os.environ.get("OMNI_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_flag("OMNI_HSTS_INCLUDE_SUBDOMAINS", "1")
+    SECURE_HSTS_PRELOAD = env_flag("OMNI_HSTS_PRELOAD")
+    if not SECURE_HSTS_PRELOAD:
+        # Preloading commits the whole domain to HTTPS for browsers: opt-in.
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
+if env_flag("OMNI_BEHIND_TLS_PROXY"):
+    # A proxy terminates TLS and says so in X-Forwarded-Proto.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
