@@ -406,7 +406,7 @@ def resource_params(doc):
                 if param["name"] == "resourceId":
                     found.append((f"{method} {path}", param["required"]))
     for name, schema in doc["components"]["schemas"].items():
-        if "resourceId" in schema.get("properties", {}) and not name.endswith("Out"):
+        if "resourceId" in schema.get("properties", {}) and name.endswith(("In", "Ref", "Query")):
             found.append((name, "resourceId" in schema.get("required", [])))
     return found
 
@@ -436,3 +436,24 @@ def test_openapi_is_true_for_the_auth_mode(client, settings):
     chat = doc["components"]["schemas"]["ChatIn"]["properties"]
     assert chat["resourceId"]["type"] == "string" and chat["message"]["pattern"] == r"\S"
     assert chat["agent"]["anyOf"][0]["enum"] == sorted(settings.OMNI_AGENTS)
+
+
+@pytest.mark.django_db
+def test_a_database_down_is_503_json_for_chat_calls_too(client):
+    """The database fails after authentication: 503 in the contract's JSON,
+    nothing started."""
+    from unittest import mock
+
+    from django.db import OperationalError
+
+    token = issue("alice")
+    with mock.patch.object(services, "get_mapping", side_effect=OperationalError("refused")):
+        for path, payload in (
+            ("/api/chat", {"message": "hi", "threadId": "t1"}),
+            ("/api/chat/fork", {"message": "hi", "forkFromThreadId": "a", "threadId": "b"}),
+        ):
+            error = error_of(post(client, path, payload, **bearer(token)), 503)
+            assert "refused" not in error["message"]
+    from chat_app.turns import registry
+
+    assert registry.running() == []

@@ -8,7 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from pydantic import TypeAdapter
+
 from chat_app import sdk
+from chat_app.schemas import ChatEvent
 from chat_app.turns import start_turn
 from tests.e2e import descendants, is_cli
 
@@ -28,10 +31,15 @@ def body(message, thread, **extra):
     return SimpleNamespace(message=message, threadId=thread, resourceId="erin", agent=None, **extra)
 
 
+EVENT = TypeAdapter(ChatEvent)
+
+
 async def run(message, thread):
     turn = await start_turn(None, body(message, thread))
     events = [event async for event in turn.listen()]
     assert events[-1]["type"] == "done", events[-1]
+    for event in events:  # as the OpenAPI document describes them
+        EVENT.validate_python(event)
     return "".join(e["text"] for e in events if e["type"] == "text")
 
 
