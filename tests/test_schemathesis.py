@@ -13,7 +13,7 @@ from tests.e2e import ROOT, make_server, python_bin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-EXAMPLES = 12
+EXAMPLES = 8
 HYPOTHESIS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
     suppress_health_check=list(HealthCheck),
