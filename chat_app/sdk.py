@@ -84,6 +84,10 @@ def real_cli_path() -> str:
     return shutil.which("claude") or "claude"
 
 
+# PR_SET_PDEATHSIG fires when the *thread* that forked the CLI exits, not
+# the process: the SDK spawns the CLI on the event loop's thread (daphne's
+# main thread), which lives as long as the server. Never start a CLI from a
+# short-lived thread (e.g. inside async_to_sync): it would be killed with it.
 @functools.cache
 def setpriv_path() -> str:
     return shutil.which("setpriv") or ""
