@@ -52,12 +52,17 @@ def servers(tmp_path_factory):
 # Statuses the contract gives for reasons a schema cannot state: 413 for a
 # message over 100,000 characters (the document's maxLength), 409 for a thread
 # that exists or is busy and 429 for a resource over its turn rate (state, not
-# validity).
+# validity); a list's cursor is opaque (only a nextCursor is valid, anything
+# else is 400).
 CONFIG = """
 [checks.negative_data_rejection]
 expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5xx"]
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", 401, 403, 404, 409, 429]
+
+[[operations]]
+include-name = "GET /api/sessions"
+checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403]
 """
 
 
