@@ -12,13 +12,30 @@ from .schemas import ChatIn, ForkIn
 from .turns import Turn, start_turn
 
 router = Router(tags=["chat"])
-ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 503)}
+ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 429, 503)}
 SSE_DOC = {
     "responses": {
         200: {
-            "description": "`text/event-stream`: `data: <event JSON>` per event: "
-            "session, text, chunk..., then done or error.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "`text/event-stream`: `data: <event JSON>` per event, each a "
+            "`ChatEvent` (components): session, text and chunk events, then done or error.",
+            "content": {
+                "text/event-stream": {
+                    # one SSE event: its data is a ChatEvent as JSON
+                    "schema": {
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {
+                            "data": {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": {"$ref": "#/components/schemas/ChatEvent"},
+                            },
+                            "id": {"type": "string"},
+                            "event": {"type": "string"},
+                        },
+                    },
+                }
+            },
         }
     }
 }

@@ -1,27 +1,56 @@
 """Chat requests (contract §5), validated the same way for SSE and websockets."""
 
+import re
 from typing import Annotated, Literal
 
+from django.conf import settings
 from ninja import Schema
-from pydantic import Field, StrictStr, ValidationError
+from pydantic import AfterValidator, Field, StrictStr, ValidationError, WithJsonSchema
 
 from sessions_app.errors import BadRequest, describe_validation
 from sessions_app.schemas import Id
 
 
+NOT_BLANK = re.compile(r"\S")
+
+
+def not_blank(text: str) -> str:
+    if not NOT_BLANK.search(text):
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
+# A user's message: text with at least one non-space character (400
+# otherwise). Its length limit is checked by the turn pipeline (413), so the
+# document states it without pydantic enforcing it.
+Message = Annotated[
+    StrictStr,
+    AfterValidator(not_blank),
+    Field(
+        json_schema_extra={"pattern": NOT_BLANK.pattern, "maxLength": settings.OMNI_MAX_MESSAGE_CHARS},
+        examples=["What is 2+2?"],
+    ),
+]
+# An agent preset's name (an unknown one is 400 unknown_agent).
+Agent = Annotated[
+    Annotated[StrictStr, WithJsonSchema({"type": "string", "enum": sorted(settings.OMNI_AGENTS)})] | None,
+    Field(examples=["smart"]),
+]
+
+
 class ChatIn(Schema):
-    message: StrictStr
+    message: Message
     threadId: Id | None = None
     resourceId: Id | None = None
-    agent: StrictStr | None = Field(None, examples=["smart"])
+    agent: Agent = None
 
 
 class ForkIn(Schema):
-    message: StrictStr
+    message: Message
     forkFromThreadId: Id
     threadId: Id
     resourceId: Id | None = None
-    agent: StrictStr | None = Field(None, examples=["smart"])
+    agent: Agent = None
     atMessageUuid: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 
@@ -65,3 +94,58 @@ def parse_frame(data) -> Schema:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(describe_validation(exc.errors())) from exc
+
+
+# --- the stream's events (contract §5), for the OpenAPI document -------------------
+
+
+class _Event(Schema):
+    seq: int | None = Field(None, description="the event's 0-based position in its turn")
+
+
+class SessionEvent(_Event):
+    type: Literal["session"]
+    threadId: str
+    resourceId: str
+    sessionId: str
+    resumed: bool
+    forkedFromThreadId: str | None
+    notice: str | None = Field(None, description="a stored session could not be resumed")
+
+
+class TextEvent(_Event):
+    type: Literal["text"]
+    sessionId: str
+    text: str
+
+
+class ChunkEvent(_Event):
+    type: Literal["chunk"]
+    sessionId: str
+    chunk: dict = Field(description='an SDK message: {"kind": "<SDK message class>", ...its fields}')
+
+
+class DoneResult(Schema):
+    durationMs: int | None
+    costUsd: float | None
+    numTurns: int | None
+    isError: bool
+    usage: dict | None
+
+
+class DoneEvent(_Event):
+    type: Literal["done"]
+    sessionId: str
+    result: DoneResult
+
+
+class ErrorEvent(_Event):
+    type: Literal["error"]
+    code: str = Field(examples=["model_unavailable"])
+    message: str
+    retryAfter: int | None = Field(None, description="seconds, for rate_limited and server_busy")
+
+
+ChatEvent = Annotated[
+    SessionEvent | TextEvent | ChunkEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+]

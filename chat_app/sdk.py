@@ -1,9 +1,14 @@
 """Building ``ClaudeAgentOptions`` for a turn: agent preset, environment and
 working directory. The only module that knows how the CLI is configured."""
 
+import functools
 import os
+import re
+import shutil
 import threading
 from pathlib import Path
+
+import claude_agent_sdk
 
 from claude_agent_sdk import ClaudeAgentOptions
 from django.conf import settings
@@ -36,17 +41,80 @@ def offline_model_url() -> str:
         return _offline_model.base_url
 
 
+# The server's variables the CLI may see (contract §6): the model endpoint and
+# key, its own switches, and what any program needs to run. Everything else
+# (OMNI_SECRET_KEY, DATABASE_URL, REDIS_URL, cloud credentials, ...) is removed.
+CLI_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
+    "TMPDIR", "TMP", "TEMP",
+    # reaching the model endpoint through a proxy or a private CA
+    "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+    "no_proxy", "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+})
+CLI_ENV_PREFIXES = ("LC_", "ANTHROPIC_", "CLAUDE_", "DISABLE_")
+# Cloud model providers, passed only when the CLI is switched to them.
+CLI_PROVIDER_PREFIXES = {
+    "CLAUDE_CODE_USE_BEDROCK": ("AWS_",),
+    "CLAUDE_CODE_USE_VERTEX": ("GOOGLE_", "CLOUD_ML_", "VERTEX_"),
+}
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LAUNCHER = Path(__file__).resolve().parent / "bin" / "claude-launcher"
+
+
+def cli_may_see(name: str, environ) -> bool:
+    if name in CLI_ENV_NAMES or name.startswith(CLI_ENV_PREFIXES):
+        return True
+    if name in settings.OMNI_CLI_ENV_PASS:
+        return True
+    return any(
+        environ.get(switch, "").strip() not in ("", "0") and name.startswith(prefixes)
+        for switch, prefixes in CLI_PROVIDER_PREFIXES.items()
+    )
+
+
+@functools.cache
+def real_cli_path() -> str:
+    """The CLI the SDK would run: ``OMNI_CLI_PATH``, else the SDK's bundled
+    one, else ``claude`` on ``PATH``."""
+    if configured := getattr(settings, "OMNI_CLI_PATH", None):
+        return str(configured)
+    bundled = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    if bundled.is_file():
+        return str(bundled)
+    return shutil.which("claude") or "claude"
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the CLI exits, not
+# the process: the SDK spawns the CLI on the event loop's thread (daphne's
+# main thread), which lives as long as the server. Never start a CLI from a
+# short-lived thread (e.g. inside async_to_sync): it would be killed with it.
+@functools.cache
+def setpriv_path() -> str:
+    return shutil.which("setpriv") or ""
+
+
 def cli_env() -> dict[str, str]:
-    """What the CLI gets on top of the server's environment (which carries
-    ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL`` through unchanged)."""
-    env = {
+    """The ``env`` of the CLI's options: the CLI's own settings, and every
+    server variable it must not see blanked (and, through the launcher,
+    removed: the SDK starts the CLI with ``os.environ`` plus these)."""
+    environ = dict(os.environ)
+    hidden = sorted(name for name in environ if not cli_may_see(name, environ))
+    env = {name: "" for name in hidden}
+    env.update({
+        "OMNI_CLI_UNSET": " ".join(name for name in hidden if SHELL_NAME.fullmatch(name)),
+        "OMNI_CLI_REAL": real_cli_path(),
+        "OMNI_CLI_SETPRIV": setpriv_path(),
         "CLAUDE_CONFIG_DIR": str(settings.CLAUDE_CONFIG_DIR),
         # A server's CLI talks to the model endpoint and nothing else.
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         # A person is waiting: give up on an unreachable model in seconds,
         # not after the CLI's default ten retries (minutes).
         "CLAUDE_CODE_MAX_RETRIES": str(settings.OMNI_MODEL_MAX_RETRIES),
-    }
+        # Write the user's message to the transcript before asking the model,
+        # so a turn cut short (the CLI or the server killed) still resumes
+        # with it.
+        "CLAUDE_CODE_EAGER_FLUSH": "1",
+    })
     if settings.OMNI_OFFLINE_MODEL:
         env["ANTHROPIC_BASE_URL"] = offline_model_url()
         env["ANTHROPIC_API_KEY"] = os.environ.get("ANTHROPIC_API_KEY") or "offline-model"
@@ -83,4 +151,11 @@ def build_options(
         cwd=str(workspace_dir()),
         env=cli_env(),
         session_store=session_store,
+        # The launcher: no server secrets in the CLI's environment, and the
+        # CLI dies with this process (see chat_app/bin/claude-launcher).
+        cli_path=str(LAUNCHER),
+        # A user's message is text for the model (contract §6): no slash
+        # commands or skills, no @path file mentions.
+        verbatim_prompts=True,
+        extra_args={"disable-slash-commands": None},
     )

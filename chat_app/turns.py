@@ -31,7 +31,7 @@ from sessions_app import services
 from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, RateLimited, TooLarge
 from sessions_app.resources import resolve_resource
 
-from . import events
+from . import events, limits
 from .pool import Slot, WarmClient, pool
 from .sdk import agent_preset, build_options, workspace_dir
 
@@ -473,4 +473,5 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
         spec.version = mapping.version
         if body.agent is None:
             spec.agent, spec.preset = agent_preset(mapping.agent)
+    limits.turn_rate.check(resource)  # 429 rate_limited (security)
     return registry.start(spec)

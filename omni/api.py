@@ -5,13 +5,17 @@ with every error in the contract's shape."""
 import json
 import logging
 
+from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
+from pydantic import TypeAdapter
 
 from chat_app.api import router as chat_router
+from chat_app.schemas import ChatEvent
+from omni.auth import API_AUTH
 from sessions_app.api import router as sessions_router
 from sessions_app.errors import (
     ApiError,
@@ -38,7 +42,60 @@ class StrictJSONParser(Parser):
         return data
 
 
-api = NinjaAPI(
+def honest_schema(schema: dict, auth_off: bool) -> dict:
+    """The OpenAPI document true for the running ``OMNI_AUTH`` mode.
+
+    ``off``: no credentials, and ``resourceId`` is required wherever it
+    appears (the server rejects a call without it). ``required``: the
+    security schemes (Bearer token, Django session cookie) on every call, and
+    ``resourceId`` optional (omitted: the caller's own resource).
+    """
+
+    def required_resource(obj):
+        props = obj.get("properties", {})
+        if "resourceId" in props:
+            props["resourceId"] = not_null(props["resourceId"])
+            obj["required"] = sorted(set(obj.get("required", [])) | {"resourceId"})
+
+    def not_null(prop: dict) -> dict:
+        variants = [v for v in prop.get("anyOf", []) if v.get("type") != "null"]
+        if len(variants) == 1:
+            prop = {**{k: v for k, v in prop.items() if k != "anyOf"}, **variants[0]}
+        return prop
+
+    if auth_off:
+        schema.get("components", {}).pop("securitySchemes", None)
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            required_resource(component)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.pop("security", None)
+                for status in (401, "401"):  # ninja keys responses by int
+                    operation.get("responses", {}).pop(status, None)
+                for param in operation.get("parameters", []):
+                    if param["name"] == "resourceId":
+                        param["required"] = True
+                        param["schema"] = not_null(param["schema"])
+    return schema
+
+
+def add_event_schemas(schema: dict) -> None:
+    """The chat stream's events (``ChatEvent``, contract §5) in the components."""
+    events = TypeAdapter(ChatEvent).json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(events.pop("$defs", {}))
+    components["ChatEvent"] = events
+
+
+class OmniAPI(NinjaAPI):
+    def get_openapi_schema(self, *, path_prefix=None, path_params=None):
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        add_event_schemas(schema)
+        return honest_schema(schema, auth_off=settings.OMNI_AUTH == "off")
+
+
+api = OmniAPI(
+    auth=API_AUTH,
     title="Omni sessions",
     version="1.0.0",
     description="Claude Agent SDK sessions per (threadId, resourceId): list, delete, metadata, history and chat streams.",

@@ -39,6 +39,24 @@ CSRF_TRUSTED_ORIGINS = [
     origin for origin in os.environ.get("OMNI_CSRF_TRUSTED_ORIGINS", "").split(",") if origin
 ]
 
+# --- Production behind TLS (OMNI_SECURE=1): secure cookies, HSTS, HTTPS
+# redirects; `manage.py check --deploy` passes with the settings README lists.
+OMNI_SECURE = env_flag("OMNI_SECURE")
+if OMNI_SECURE:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_flag("OMNI_SSL_REDIRECT", "1")
+    SECURE_REDIRECT_EXEMPT = [r"^api/health$"]  # load balancers probe over plain HTTP
+    SECURE_HSTS_SECONDS = int(os.environ.get("OMNI_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_flag("OMNI_HSTS_INCLUDE_SUBDOMAINS", "1")
+    SECURE_HSTS_PRELOAD = env_flag("OMNI_HSTS_PRELOAD")
+    if not SECURE_HSTS_PRELOAD:
+        # Preloading commits the whole domain to HTTPS for browsers: opt-in.
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
+if env_flag("OMNI_BEHIND_TLS_PROXY"):
+    # A proxy terminates TLS and says so in X-Forwarded-Proto.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -130,6 +148,15 @@ OMNI_OFFLINE_MODEL = env_flag("OMNI_OFFLINE_MODEL")
 # "model_unavailable" (each retry waits longer: 3 retries is about 4 s).
 OMNI_MODEL_MAX_RETRIES = int(os.environ.get("OMNI_MODEL_MAX_RETRIES", "3"))
 OMNI_MAX_MESSAGE_CHARS = 100_000
+# Turns a resource may start per minute (429 rate_limited beyond).
+OMNI_TURNS_PER_MINUTE = int(os.environ.get("OMNI_TURNS_PER_MINUTE", "30"))
+# The CLI's environment: names of server variables passed to it beyond the
+# built-in list (chat_app/sdk.py: CLI_ENV_NAMES); every other one is removed.
+OMNI_CLI_ENV_PASS = frozenset(
+    name.strip() for name in os.environ.get("OMNI_CLI_ENV_PASS", "").split(",") if name.strip()
+)
+# The Claude Code CLI to run (default: the SDK's bundled CLI).
+OMNI_CLI_PATH = os.environ.get("OMNI_CLI_PATH") or None
 
 # --- Warm Claude processes (chat_app/pool.py). A live CLI holds ~220-250 MB:
 # the default budget of 24 stays under 6 GB on a 2-core, 24 GB machine.

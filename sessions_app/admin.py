@@ -1,11 +1,12 @@
 from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from . import services, transcripts
 from .errors import NotFound
-from .models import SessionMapping
+from .models import ApiToken, SessionMapping
 
 
 @admin.register(SessionMapping)
@@ -70,3 +71,24 @@ class SessionMappingAdmin(admin.ModelAdmin):
             self.message_user(request, exc.message, messages.ERROR)
         except NotFound:
             pass  # deleted meanwhile
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens are made by ``manage.py issue_token``; here they are listed
+    and revoked. The hash is never shown."""
+
+    list_display = ("prefix", "user", "created_at", "last_used_at", "expires_at", "revoked_at")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    search_fields = ("prefix", "user__username")
+    fields = ("prefix", "user", "created_at", "last_used_at", "expires_at", "revoked_at")
+    readonly_fields = fields
+    actions = ["revoke"]
+
+    def has_add_permission(self, request):
+        return False  # issue_token shows the token once; the admin never knows it
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset):
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)

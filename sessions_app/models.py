@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.db import models
 
 # Thread and resource ids (contract §4): one pattern for every validator.
@@ -96,3 +97,29 @@ class TranscriptSummary(models.Model):
 
     def __str__(self) -> str:
         return f"{self.project_key}/{self.session_id}"
+
+
+class ApiToken(models.Model):
+    """An API token of a user (contract §6), made by ``issue_token``.
+
+    Only the SHA-256 of the token is stored (tokens are 256 random bits, so
+    a plain hash is enough); ``prefix`` is its first characters, kept
+    readable to tell tokens apart in the admin and to revoke one.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    prefix = models.CharField(max_length=16, db_index=True)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"

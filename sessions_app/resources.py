@@ -55,9 +55,18 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
 
 
 async def request_user(request):
-    """The caller of an HTTP request. When callers must authenticate, one
-    authenticated by its session cookie (the admin login) also passes
-    Django's CSRF check on unsafe methods, as a Django form would."""
+    """The caller of an HTTP request: the user the API's auth classes
+    (``omni.auth.API_AUTH``: Bearer token, or the session cookie with its
+    CSRF check) put in ``request.auth``; anonymous with ``OMNI_AUTH=off``
+    and no credentials. Outside the API's auth, the session's user, which
+    must then pass Django's CSRF check on unsafe methods."""
+    auth = getattr(request, "auth", None)
+    if auth is not None:
+        if getattr(auth, "is_authenticated", False):
+            return auth
+        from django.contrib.auth.models import AnonymousUser
+
+        return AnonymousUser()
     user = await request.auser()
     if (
         auth_required()

@@ -67,3 +67,13 @@ def server_env() -> dict[str, str]:
     """Extra environment of a module's ``daphne_server`` (tests/e2e.py);
     a module overrides this fixture to change it."""
     return {}
+
+
+@pytest.fixture(autouse=True)
+def fresh_turn_rate():
+    """Every test starts with no turns counted against a resource's rate."""
+    from chat_app.limits import turn_rate
+
+    turn_rate.reset()
+    yield
+    turn_rate.reset()

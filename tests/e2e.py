@@ -195,6 +195,8 @@ class Server:
             OMNI_OFFLINE_MODEL="1",
             OMNI_SESSION_STORE=session_store_flag(),
             OMNI_LOG_LEVEL="INFO",
+            # tests run many turns a minute on one resource (the limit has tests of its own)
+            OMNI_TURNS_PER_MINUTE="0",
             PYTHONUNBUFFERED="1",
             DJANGO_SETTINGS_MODULE="omni.settings",
             # Spare processes only where a test asks for them: on 2 cores their
@@ -325,12 +327,13 @@ class Server:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
-                timeout: float = 30) -> tuple[int, dict, object]:
+                timeout: float = 30, headers: dict | None = None) -> tuple[int, dict, object]:
         """``(status, headers, parsed JSON or text)``; ``body`` is JSON-encoded."""
         conn = self.connection(timeout)
         try:
             data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            headers = {"Content-Type": "application/json"} if data is not None else {}
+            extra, headers = headers or {}, {"Content-Type": "application/json"} if data is not None else {}
+            headers.update(extra)
             conn.request(method, path, data, headers)
             resp = conn.getresponse()
             text = resp.read().decode("utf-8", "replace")
@@ -356,9 +359,11 @@ class Server:
         return status, data
 
     # --- SSE ---
-    def open_sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEStream":
+    def open_sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT,
+                 headers: dict | None = None) -> "SSEStream":
         conn = self.connection(timeout)
-        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        conn.request("POST", path, json.dumps(body).encode(),
+                     {"Content-Type": "application/json", **(headers or {})})
         return SSEStream(conn, conn.getresponse())
 
     def sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEResult":

@@ -52,13 +52,8 @@ class PageServer(Server):
     """A daphne server in a given ``OMNI_AUTH`` mode."""
 
     def __init__(self, data_dir, database_url, auth: str = "off"):
-        super().__init__(data_dir, database_url)
+        super().__init__(data_dir, database_url, {"OMNI_AUTH": auth})
         self.auth = auth
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["OMNI_AUTH"] = self.auth
-        return env
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"

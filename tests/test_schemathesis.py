@@ -1,0 +1,104 @@
+"""schemathesis against live servers, in both ``OMNI_AUTH`` modes: requests
+generated from ``/api/openapi.json`` (valid and invalid ones), every check:
+no 500, no schema-valid request rejected, every answer as documented (every
+error the contract's JSON). A bounded number of examples per operation."""
+
+import subprocess
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from tests.e2e import ROOT, make_server, python_bin
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+EXAMPLES = 8
+HYPOTHESIS = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def issue_token(server, username: str) -> str:
+    done = subprocess.run(
+        [python_bin(), "manage.py", "issue_token", username],
+        cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=120, check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def live(tmp_path_factory, **env):
+    server, pg = make_server(tmp_path_factory, extra_env=env)
+    return server, pg
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    made = {}
+    try:
+        made["off"] = make_server(tmp_path_factory, extra_env={"OMNI_AUTH": "off"})
+        made["required"] = make_server(tmp_path_factory, extra_env={"OMNI_AUTH": "required"})
+        yield {mode: server for mode, (server, _) in made.items()}
+    finally:
+        for server, pg in made.values():
+            try:
+                server.stop()
+            finally:
+                if pg:
+                    pg.drop()
+
+
+# Statuses the contract gives for reasons a schema cannot state: 413 for a
+# message over 100,000 characters (the document's maxLength), 409 for a thread
+# that exists or is busy and 429 for a resource over its turn rate (state, not
+# validity); a list's cursor is opaque (only a nextCursor is valid, anything
+# else is 400).
+CONFIG = """
+[checks.negative_data_rejection]
+expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5xx"]
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", 401, 403, 404, 409, 429]
+
+[[operations]]
+include-name = "GET /api/sessions"
+checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403]
+"""
+
+
+def load(server):
+    return schemathesis.openapi.from_url(
+        f"http://127.0.0.1:{server.port}/api/openapi.json",
+        config=schemathesis.config.SchemathesisConfig.from_str(CONFIG),
+    )
+
+
+@pytest.fixture(scope="module")
+def schema_auth_off(servers):
+    return load(servers["off"])
+
+
+@pytest.fixture(scope="module")
+def token(servers):
+    return issue_token(servers["required"], "fuzzer")
+
+
+@pytest.fixture(scope="module")
+def schema_auth_required(servers):
+    return load(servers["required"])
+
+
+auth_off = schemathesis.pytest.from_fixture("schema_auth_off")
+auth_required = schemathesis.pytest.from_fixture("schema_auth_required")
+
+
+@auth_off.parametrize()
+@HYPOTHESIS
+def test_api_with_auth_off(case):
+    case.call_and_validate(timeout=60)
+
+
+@auth_required.parametrize()
+@HYPOTHESIS
+def test_api_with_auth_required(case, token):
+    case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, timeout=60)
