@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('sessions_app', '0002_transcripts'),
+        ('sessions_app', '0003_sessionmapping_version'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
