@@ -144,6 +144,15 @@ async def active(resource_id: str, thread_id: str) -> ThreadLease | None:
     return await sync_to_async(active_sync)(resource_id, thread_id)
 
 
+def latest_sync(resource_id: str, thread_id: str) -> ThreadLease | None:
+    """The thread's lease row, live or not: its token names the last turn."""
+    return ThreadLease.objects.filter(resource_id=resource_id, thread_id=thread_id).first()
+
+
+async def latest(resource_id: str, thread_id: str) -> ThreadLease | None:
+    return await sync_to_async(latest_sync)(resource_id, thread_id)
+
+
 async def keep_renewed(lease: Lease, on_lost) -> None:
     """Renew ``lease`` every TTL/3 until cancelled; call ``on_lost()`` (a
     coroutine function) once if it is lost. A renewal that fails for a

@@ -3,7 +3,7 @@
 from typing import Annotated, Literal
 
 from ninja import Schema
-from pydantic import Field, StrictStr, ValidationError
+from pydantic import Field, StrictInt, StrictStr, ValidationError
 
 from sessions_app.errors import BadRequest, describe_validation
 from sessions_app.schemas import Id
@@ -44,6 +44,8 @@ class FollowFrame(Schema):
     type: Literal["follow"]
     threadId: Id
     resourceId: Id | None = None
+    # Only the events after this seq (a client that saw up to it); default: all.
+    afterSeq: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 FRAMES = {

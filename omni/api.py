@@ -12,6 +12,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 
 from chat_app.api import router as chat_router
+from omni.health import router as health_router
 from sessions_app.api import router as sessions_router
 from sessions_app.errors import (
     ApiError,
@@ -100,3 +101,4 @@ def on_database_error(request, exc):
 
 api.add_router("/", sessions_router)
 api.add_router("/", chat_router)
+api.add_router("/", health_router)
