@@ -87,8 +87,8 @@ class Lease:
 
     def release_sync(self) -> None:
         """Let the lease lapse now (the row and its token stay for the next take)."""
+        self.released = True  # first: a renewal racing the release is not a loss
         self._row().update(expires_at=timezone.now() - timedelta(seconds=1), owner="")
-        self.released = True
 
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()
@@ -161,12 +161,14 @@ async def keep_renewed(lease: Lease, on_lost) -> None:
     interval = max(lease_seconds() / 3, 0.05)
     while True:
         await asyncio.sleep(interval)
+        if lease.released:
+            return
         try:
             ok = await lease.renew()
         except Exception:
             log.warning("could not renew the lease of thread %s", lease.thread_id, exc_info=True)
             continue
-        if not ok:
+        if not ok and not lease.released:
             log.error("[CHAT] Lost the lease of thread %s (token %s)", lease.thread_id, lease.token)
             await on_lost()
             return

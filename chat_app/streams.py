@@ -104,7 +104,9 @@ class Hub:
         if self._reader is not None and self._loop is loop and not self._reader.done():
             return
         self._loop = loop
-        self.channel = await layer().new_channel("omni.hub.")
+        # The default prefix: channels_redis reads every process-local
+        # channel through one Redis key, so all of them must share it.
+        self.channel = await layer().new_channel()
         self._outbox = asyncio.Queue()
         self._reader = loop.create_task(self._read())
         self._sender = loop.create_task(self._send())
@@ -238,7 +240,7 @@ class RemoteFollow:
 
     @classmethod
     async def open(cls, key: tuple[str, str], token: int, after: int) -> AsyncIterator[dict]:
-        channel = await layer().new_channel("omni.follow.")
+        channel = await layer().new_channel()
         follow = cls(key, token, after, channel)
         await layer().group_add(event_group(key), channel)
         try:

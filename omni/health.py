@@ -56,7 +56,7 @@ async def check_channel_layer() -> str:
     if hasattr(layer, "connection"):  # channels_redis
         await layer.connection(0).ping()
     else:  # another backend: a round trip through it
-        channel = await layer.new_channel("omni.health.")
+        channel = await layer.new_channel()
         await layer.send(channel, {"type": "omni.health"})
         await layer.receive(channel)
     return "ok"

@@ -95,7 +95,9 @@ if REDIS_URL := os.environ.get("REDIS_URL"):
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 gives up reading after 5 s by default, exactly
+                # channels_redis's blocking-pop timeout: allow more.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 2}],
                 # Key prefix: several deployments (or test runs) may share one Redis.
                 "prefix": os.environ.get("OMNI_REDIS_PREFIX", "omni"),
                 # A follower's channel buffers a turn's live events while its

@@ -134,7 +134,7 @@ async def test_a_follower_asks_again_for_a_missing_event(offline_chat, remote_on
             break
     follow = streams.RemoteFollow(turn.spec.key, turn.token, -1, "unused")
     follow.pending = {e["seq"]: e for e in turn.events[2:4]}  # 0 and 1 never came
-    follow.channel = await streams.layer().new_channel("omni.follow.")
+    follow.channel = await streams.layer().new_channel()
     await streams.layer().group_add(streams.event_group(turn.spec.key), follow.channel)
     assert await asyncio.wait_for(collect(follow._events()), 20) == turn.events
 
