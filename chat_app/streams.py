@@ -104,9 +104,13 @@ class Hub:
         if self._reader is not None and self._loop is loop and not self._reader.done():
             return
         self._loop = loop
+        self._reader = self._sender = None
         # The default prefix: channels_redis reads every process-local
         # channel through one Redis key, so all of them must share it.
-        self.channel = await layer().new_channel()
+        channel = await layer().new_channel()
+        if self._reader is not None:  # another turn started the hub meanwhile
+            return
+        self.channel = channel
         self._outbox = asyncio.Queue()
         self._reader = loop.create_task(self._read())
         self._sender = loop.create_task(self._send())

@@ -24,6 +24,7 @@ CHECK_SECONDS = 1.0
 class HealthChecks(Schema):
     database: str
     channelLayer: str
+    turns: str
 
 
 class HealthOut(Schema):
@@ -75,11 +76,16 @@ async def run_check(name: str, check) -> str:
             summary="Health of this server process")
 async def health(request):
     """`status` is `ok` when every check is `ok` (or `off`: no channel layer to reach); otherwise
-    the answer is 503 and the failing check says `error`. `processes` counts this process's
+    the answer is 503 and the failing check says `error` (`turns` says `draining` while the
+    process is shutting down and takes no new turns). `processes` counts this process's
     live Claude CLI processes (`running`: turns in progress)."""
     database, layer = await asyncio.gather(
         run_check("database", check_database), run_check("channelLayer", check_channel_layer))
-    checks = {"database": database, "channelLayer": layer}
+    counts = process_counts()
+    # A worker that is stopping (SIGTERM) takes no new turns: the balancer
+    # should send them elsewhere.
+    turns = "draining" if counts.get("draining") else "ok"
+    checks = {"database": database, "channelLayer": layer, "turns": turns}
     ok = all(value in ("ok", "off") for value in checks.values())
-    body = {"status": "ok" if ok else "error", "checks": checks, "processes": process_counts()}
+    body = {"status": "ok" if ok else "error", "checks": checks, "processes": counts}
     return JsonResponse(body, status=200 if ok else 503)

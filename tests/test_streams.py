@@ -165,7 +165,7 @@ async def test_an_interrupt_reaches_the_turn_over_the_layer(offline_chat, remote
 async def test_health_without_a_channel_layer(offline_chat):
     response = await AsyncClient().get("/api/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "channelLayer": "off"},
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "channelLayer": "off", "turns": "ok"},
                                "processes": {"running": 0, "draining": False}}
 
 
@@ -184,7 +184,7 @@ async def test_health_is_503_when_redis_is_unreachable(offline_chat, settings):
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "error"
-    assert body["checks"] == {"database": "ok", "channelLayer": "error"}
+    assert body["checks"] == {"database": "ok", "channelLayer": "error", "turns": "ok"}
     assert dead not in response.content.decode()  # reveals nothing
 
 
