@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-BENCHMARKS = ["store", "turns"]
+BENCHMARKS = ["store", "turns", "scale"]
 
 
 def setup_django():
