@@ -169,6 +169,13 @@ async def test_health_without_a_channel_layer(offline_chat):
                                "processes": {"running": 0, "draining": False}}
 
 
+async def test_health_needs_no_credentials(offline_chat):
+    offline_chat.OMNI_AUTH = "required"
+    response = await AsyncClient().get("/api/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert (await AsyncClient().get("/api/chat/stream", {"threadId": "t"})).status_code == 401
+
+
 async def test_health_is_503_when_redis_is_unreachable(offline_chat, settings):
     import socket
 
