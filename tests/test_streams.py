@@ -221,3 +221,24 @@ async def test_shutdown_interrupts_what_outlasts_the_grace(offline_chat):
     assert loop.time() - started < 2.5
     assert turn.finished and turn.events[-1]["result"]["isError"] is True
     assert await leases.active("sam", "drain-3") is None
+
+
+async def test_a_turn_that_loses_its_lease_stops_and_leaves_the_new_holder_alone(offline_chat):
+    offline_chat.OMNI_LEASE_SECONDS = 1.5  # renewed every 0.5 s
+    turn = await start_turn(None, body("Stall [slow]", "stolen"))
+    async for event in turn.listen():
+        if event["type"] == "text":
+            break
+    from asgiref.sync import sync_to_async
+    from django.utils import timezone
+
+    from chat_app.models import ThreadLease
+
+    # as if this worker had stalled past the expiry and another took over
+    await ThreadLease.objects.filter(thread_id="stolen").aupdate(expires_at=timezone.now())
+    thief = await sync_to_async(leases.acquire_sync)("sam", "stolen")
+    assert thief is not None and thief.token == turn.token + 1
+    events = await asyncio.wait_for(collect(turn.listen()), 10)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "lease_lost"
+    assert events[-1]["seq"] == len(events) - 1
+    assert (await leases.active("sam", "stolen")).owner == thief.owner  # not released by the loser
