@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-BENCHMARKS = ["store", "turns", "pool"]
+BENCHMARKS = ["store", "turns", "pool", "scale"]
 
 
 def setup_django():

@@ -6,13 +6,13 @@ import logging
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from sessions_app.errors import ApiError, NotFound
+from sessions_app.errors import ApiError
 from sessions_app.resources import auth_required, resolve_resource
 
-from . import events
+from . import events, streams
 from .schemas import parse_frame
 from .pool import pool
-from .turns import Turn, registry, start_turn
+from .turns import Turn, start_turn
 
 log = logging.getLogger("omni.chat")
 
@@ -52,27 +52,27 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.type in ("message", "fork"):
             turn = await start_turn(user, frame, fork=frame.type == "fork")
             self.own_turns[turn.spec.thread_id] = turn
-            self.forward(turn)
+            self.forward(turn.spec.key, turn.listen())
         elif frame.type == "interrupt":
             turn = self.own_turns.get(frame.threadId)
-            if turn is None or turn.finished:
-                turn = registry.get(resolve_resource(user, frame.resourceId), frame.threadId)
-            if turn is None or turn.finished:
-                raise NotFound(f"no running turn on thread {frame.threadId!r}")
-            await turn.interrupt()
+            if turn is not None and not turn.finished:
+                await turn.interrupt()
+            else:  # this worker's turn or another's: the one running on the thread
+                await streams.interrupt(resolve_resource(user, frame.resourceId), frame.threadId)
         elif frame.type == "follow":
-            turn = registry.get(resolve_resource(user, frame.resourceId), frame.threadId)
-            if turn is None:
-                raise NotFound(f"no running turn on thread {frame.threadId!r}")
-            self.forward(turn)
+            resource = resolve_resource(user, frame.resourceId)
+            key = (resource, frame.threadId)
+            if (running := self.forwarders.get(key)) and not running.done():
+                return  # already streaming this turn to this socket
+            self.forward(key, await streams.follow(resource, frame.threadId, frame.afterSeq))
 
-    def forward(self, turn: Turn) -> None:
-        key = turn.spec.key
+    def forward(self, key: tuple[str, str], stream) -> None:
+        """Send a turn's events (an async iterator) to this socket."""
         if (running := self.forwarders.get(key)) and not running.done():
             return  # already streaming this turn to this socket
 
         async def pump():
-            async for event in turn.listen():
+            async for event in stream:
                 await self.send_json(event)
 
         self.forwarders[key] = asyncio.create_task(pump())

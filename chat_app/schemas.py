@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from django.conf import settings
 from ninja import Schema
-from pydantic import AfterValidator, Field, StrictStr, ValidationError, WithJsonSchema
+from pydantic import AfterValidator, Field, StrictInt, StrictStr, ValidationError, WithJsonSchema
 
 from sessions_app.errors import BadRequest, describe_validation
 from sessions_app.schemas import Id
@@ -73,6 +73,8 @@ class FollowFrame(Schema):
     type: Literal["follow"]
     threadId: Id
     resourceId: Id | None = None
+    # Only the events after this seq (a client that saw up to it); default: all.
+    afterSeq: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 FRAMES = {

@@ -11,7 +11,12 @@ transcript and mapping are saved and its CLI process exits.
 
 A turn runs on a process from :mod:`chat_app.pool`: its thread's warm
 client, a spare, or a CLI started for it, within the server's process budget.
-:class:`TurnRegistry` is the one-turn-per-thread lock.
+:class:`TurnRegistry` is the one-turn-per-thread lock of this process; across
+processes ``start_turn`` takes the thread's lease (:mod:`chat_app.leases`)
+before anything else touches the thread, the turn renews it while it runs and
+lets it go just before its last event. Every event carries ``seq``;
+:mod:`chat_app.streams` lets listeners and interrupts on other workers reach
+the turn.
 """
 
 import asyncio
@@ -28,10 +33,12 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from sessions_app import services
-from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, RateLimited, TooLarge
+from sessions_app.errors import (
+    ApiError, BadRequest, Conflict, NotFound, RateLimited, ServerBusy, TooLarge,
+)
 from sessions_app.resources import resolve_resource
 
-from . import events, limits
+from . import events, leases, limits
 from .pool import Slot, WarmClient, pool
 from .sdk import agent_preset, build_options, workspace_dir
 
@@ -78,6 +85,17 @@ class Turn:
         self._streaming_id: str | None = None
         self.task: asyncio.Task | None = None
         self.on_finish = lambda turn: None
+        # Across processes: the thread's lease (its fencing token names the
+        # turn), and a hook the streams hub sets to send events to followers
+        # on other workers.
+        self.lease: leases.Lease | None = None
+        self.on_event = None
+        self._final: dict | None = None  # the done/error event, published last
+        self._lease_lost = False
+
+    @property
+    def token(self) -> int | None:
+        return self.lease.token if self.lease else None
 
     # --- listeners -------------------------------------------------------
     async def listen(self, start: int = 0):
@@ -93,9 +111,23 @@ class Turn:
             await wake.wait()
 
     def _publish(self, event: dict) -> None:
+        if event.get("type") in ("done", "error") and not self.finished:
+            # The last event waits until the thread is free (lease and
+            # registry, in ``run``): a client may send its next message, to
+            # any worker, the moment it reads it.
+            if self._final is None:
+                self._final = event
+            return
+        event["seq"] = len(self.events)
         self.events.append(event)
         self._wake.set()
         self._wake = asyncio.Event()
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def _lease_was_lost(self) -> None:
+        self._lease_lost = True
+        await self.interrupt()
 
     async def interrupt(self) -> None:
         self._interrupted = True
@@ -111,6 +143,8 @@ class Turn:
         try:
             if spec.resume_session_id and not spec.fork_from_thread_id:
                 log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
+            if self.lease is not None:
+                await self.lease.check()  # nothing moves the session without it
             if spec.resume_session_id and self.slot.kind != "warm":
                 # The database is the truth: a session last written under
                 # another working directory (another machine, data dir or
@@ -129,27 +163,51 @@ class Turn:
                 await self._converse(None, notice=notice)
         except ApiError as exc:
             self._publish(events.error_event(exc.code, exc.message, exc.retry_after))
+        except leases.LeaseLost as exc:
+            self._lease_lost = True
+            log.error("[CHAT] %s", exc)
+            if self._kept is not None:  # its context is another worker's now
+                await asyncio.shield(pool.close(self._kept.client))
+                self._kept = None
         except Exception as exc:  # never leave a listener hanging
             log.exception("turn failed thread=%s", spec.thread_id)
             self._publish(events.error_event("turn_failed", f"{type(exc).__name__}: {exc}"))
         finally:
             # Give the process back and free the thread before the last event
-            # is read: a client may send its next message the moment it sees
-            # "done" (and find its warm client).
+            # is read: a client may send its next message, to any worker, the
+            # moment it sees "done" (and find its warm client here).
             if self._kept is not None:
                 pool.checkin(self.slot, spec.key, self._kept, agent=spec.agent,
                              session_id=self.session_id, version=self._version)
             else:
                 pool.discard(self.slot, "turn did not end cleanly")
-            self.on_finish(self)
-            # Like a request's end: a turn runs outside any request, so close
-            # its database connection if it is past CONN_MAX_AGE or broken.
             try:
-                with contextlib.suppress(Exception):
-                    await sync_to_async(close_old_connections)()
+                if self.lease is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.lease.release())
             finally:
-                self.finished = True
-                self._wake.set()
+                self.on_finish(self)
+                # Like a request's end: a turn runs outside any request, so close
+                # its database connection if it is past CONN_MAX_AGE or broken.
+                try:
+                    with contextlib.suppress(Exception):
+                        await sync_to_async(close_old_connections)()
+                finally:
+                    self._publish_final()
+
+    def _publish_final(self) -> None:
+        final = self._final
+        if self._lease_lost:
+            final = events.error_event(
+                "lease_lost", "this worker lost the thread's lease; the turn was stopped")
+        elif final is None:
+            final = events.error_event("turn_failed", "the turn ended without a result")
+        self.finished = True
+        final["seq"] = len(self.events)
+        self.events.append(final)
+        self._wake.set()
+        if self.on_event is not None:
+            self.on_event(final)
 
     async def _converse(self, resume: str | None, notice: str | None = None) -> None:
         spec = self.spec
@@ -220,6 +278,8 @@ class Turn:
         answered = result is not None and not result.is_error
         if self._first_save is not None:
             await self._first_save
+        if self.lease is not None:
+            await self.lease.check()  # a worker that lost the thread saves nothing more
         mapping = await services.save_session(
             spec.thread_id, spec.resource_id, self.session_id,
             assistant_message="".join(reply) if answered else None,
@@ -361,15 +421,25 @@ def session_store():
 
 
 class TurnRegistry:
-    """The running turns of this process, one per ``(resource, thread)``."""
+    """The turns of this process: the running one of each ``(resource,
+    thread)``, and the last finished one for ``OMNI_STREAM_LINGER_SECONDS``
+    (so a client that reconnects right after the end still gets the tail)."""
 
     def __init__(self):
         self._turns: dict[tuple[str, str], Turn] = {}
+        self._recent: dict[tuple[str, str], Turn] = {}
+        self.draining = False  # the server is stopping: no new turns
 
     def get(self, resource_id: str, thread_id: str) -> Turn | None:
+        """The thread's running turn in this process."""
         return self._turns.get((resource_id, thread_id))
 
-    def start(self, spec: TurnSpec) -> Turn:
+    def find(self, resource_id: str, thread_id: str, finished: bool = False) -> Turn | None:
+        """The running turn, or with ``finished`` the one that just ended."""
+        key = (resource_id, thread_id)
+        return self._turns.get(key) or (self._recent.get(key) if finished else None)
+
+    def start(self, spec: TurnSpec, lease: leases.Lease | None = None) -> Turn:
         """Start a turn on a process of the pool (synchronous: checking the
         thread, the resource's limit and the budget cannot race)."""
         if spec.key in self._turns:
@@ -386,45 +456,104 @@ class TurnRegistry:
             fork=bool(spec.fork_from_thread_id),
         )
         turn = Turn(spec, slot)
+        turn.lease = lease
         turn.on_finish = self._release
         self._turns[spec.key] = turn
+        self._recent.pop(spec.key, None)
         # A context of its own: the turn outlives the request that started
         # it, so it must not use that request's thread-sensitive executor.
-        turn.task = asyncio.get_running_loop().create_task(turn.run(), context=contextvars.Context())
+        loop = asyncio.get_running_loop()
+        turn.task = loop.create_task(self._run(turn), context=contextvars.Context())
         turn.task.add_done_callback(lambda _: self._release(turn))  # even if cancelled early
         return turn
 
+    async def _run(self, turn: Turn) -> None:
+        from .streams import hub
+
+        renewal = None
+        if turn.lease is not None:
+            renewal = asyncio.create_task(leases.keep_renewed(turn.lease, turn._lease_was_lost))
+        try:
+            await hub.attach(turn)
+            await turn.run()
+        finally:
+            if renewal is not None:
+                renewal.cancel()
+            if not turn.finished:  # cancelled before its run could clean up
+                if turn.lease is not None:
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(turn.lease.release())
+                self._release(turn)
+                turn._publish_final()
+
     def _release(self, turn: Turn) -> None:
         pool.discard(turn.slot, "turn cancelled")  # no-op once the turn gave it back
-        if self._turns.get(turn.spec.key) is turn:
-            del self._turns[turn.spec.key]
+        key = turn.spec.key
+        if self._turns.get(key) is not turn:
+            return
+        del self._turns[key]
+        self._recent[key] = turn
+        linger = float(settings.OMNI_STREAM_LINGER_SECONDS)
+        with contextlib.suppress(RuntimeError):  # no loop: nothing lingers
+            asyncio.get_running_loop().call_later(linger, self._forget, turn)
+
+    def _forget(self, turn: Turn) -> None:
+        from .streams import hub
+
+        key = turn.spec.key
+        if self._recent.get(key) is turn:
+            del self._recent[key]
+            asyncio.ensure_future(hub.detach(key))
 
     def running(self) -> list[Turn]:
         return list(self._turns.values())
 
-    async def shutdown(self, timeout: float = 10) -> None:
-        """The server is stopping: interrupt every running turn and wait for
-        it to end (its CLI exits, its mapping is saved, so it resumes on the
-        next server). Without this a turn's task never finishes, its CLI
-        outlives the loop and the SDK's anyio worker thread (non-daemon,
-        stopped only when that task is done) keeps the process from exiting."""
+    async def shutdown(self, grace: float | None = None, timeout: float = 5) -> None:
+        """The server is stopping: take no new turns (503 ``server_busy``),
+        let the running ones finish for up to ``grace`` seconds
+        (``OMNI_SHUTDOWN_GRACE_SECONDS``), then interrupt the rest and wait
+        for them to end (their CLI exits, their mapping is saved and their
+        lease released, so they resume on any worker). Without this a turn's
+        task never finishes, its CLI outlives the loop and the SDK's anyio
+        worker thread (non-daemon, stopped only when that task is done)
+        keeps the process from exiting."""
+        from .streams import hub
+
+        self.draining = True
         pool.stopping = True  # turns ending now keep no warm client
-        if turns := self.running():
-            log.info("[CHAT] Server stopping: interrupting %d running turn(s)", len(turns))
-            for turn in turns:
-                await turn.interrupt()
+        grace = settings.OMNI_SHUTDOWN_GRACE_SECONDS if grace is None else grace
+        try:
+            turns = self.running()
+            if not turns:
+                return
             tasks = [turn.task for turn in turns if turn.task is not None]
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            log.info("[CHAT] Server stopping: waiting up to %ss for %d running turn(s)",
+                     grace, len(turns))
+            if grace > 0:
+                _, pending = await asyncio.wait(tasks, timeout=grace)
+            else:
+                pending = set(tasks)
+            if not pending:
+                return
+            log.info("[CHAT] Server stopping: interrupting %d running turn(s)", len(pending))
+            for turn in turns:
+                if turn.task in pending:
+                    await turn.interrupt()
+            _, pending = await asyncio.wait(pending, timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
-        await pool.shutdown()
+        finally:
+            await pool.shutdown()  # every warm client and spare: no CLI outlives the worker
+            await hub.stop()
 
 
 def _stop_turns_on_server_shutdown() -> None:
     """Under daphne (a Twisted reactor), run :meth:`TurnRegistry.shutdown`
-    before the reactor stops. Registered once, on the first turn."""
+    when it is asked to stop (SIGTERM), before it stops listening: the
+    requests that come meanwhile get 503 ``server_busy``. Registered once,
+    on the first turn (a server that never ran a turn has nothing to wait for)."""
     global _shutdown_hooked
     if _shutdown_hooked or "twisted.internet.reactor" not in sys.modules:
         return  # not under daphne: never install a reactor from here
@@ -443,6 +572,11 @@ _shutdown_hooked = False
 registry = TurnRegistry()
 
 
+def process_counts() -> dict:
+    """This process's live turns (each runs one CLI), for ``GET /api/health``."""
+    return {"running": len(registry.running()), "draining": registry.draining}
+
+
 async def start_turn(user, body, *, fork: bool = False) -> Turn:
     """Validate a chat or fork request (a ``ChatIn``/``ForkIn``), and start it.
 
@@ -456,8 +590,26 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
     agent, preset = agent_preset(body.agent)
     thread_id = body.threadId or f"thread-{uuid.uuid4().hex}"
     spec = TurnSpec(resource, thread_id, body.message, agent, preset)
+    if registry.draining:
+        raise ServerBusy("the server is shutting down; try again (another worker will answer)",
+                         retry_after=1)
     if registry.get(resource, thread_id):
         raise Conflict(f"thread {thread_id!r} is busy with another turn", code="thread_busy")
+    # One turn per thread across every process, from here to the turn's end:
+    # the checks below and everything the turn does to the stored session.
+    lease = await leases.acquire(resource, thread_id)
+    try:
+        await _resolve_thread(spec, body, fork=fork)
+        limits.turn_rate.check(resource)  # 429 rate_limited: turns a minute
+        return registry.start(spec, lease)
+    except BaseException:
+        await asyncio.shield(lease.release())
+        raise
+
+
+async def _resolve_thread(spec: TurnSpec, body, *, fork: bool) -> None:
+    """What the turn resumes: the fork parent's session or the thread's own."""
+    resource, thread_id = spec.resource_id, spec.thread_id
     if fork:
         parent = await services.get_mapping(body.forkFromThreadId, resource)
         if parent is None:
@@ -473,5 +625,3 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
         spec.version = mapping.version
         if body.agent is None:
             spec.agent, spec.preset = agent_preset(mapping.agent)
-    limits.turn_rate.check(resource)  # 429 rate_limited (security)
-    return registry.start(spec)

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from chat_app.api import router as chat_router
 from chat_app.schemas import ChatEvent
 from omni.auth import API_AUTH
+from omni.health import router as health_router
 from sessions_app.api import router as sessions_router
 from sessions_app.errors import (
     ApiError,
@@ -157,3 +158,4 @@ def on_database_error(request, exc):
 
 api.add_router("/", sessions_router)
 api.add_router("/", chat_router)
+api.add_router("/", health_router)

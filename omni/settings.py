@@ -112,7 +112,16 @@ if REDIS_URL := os.environ.get("REDIS_URL"):
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {
+                # redis-py 8 gives up reading after 5 s by default, exactly
+                # channels_redis's blocking-pop timeout: allow more.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 2}],
+                # Key prefix: several deployments (or test runs) may share one Redis.
+                "prefix": os.environ.get("OMNI_REDIS_PREFIX", "omni"),
+                # A follower's channel buffers a turn's live events while its
+                # client reads slowly (the default, 100, drops the rest).
+                "capacity": 1000,
+            },
         }
     }
 else:
@@ -216,3 +225,13 @@ LOGGING = {
     },
 }
 OMNI_SESSION_STORE = env_flag("OMNI_SESSION_STORE", "1")
+
+# --- Scale-out (several server processes).
+# A turn's lease on its thread (chat_app/leases.py): renewed every third of
+# this while the turn runs; a dead worker's thread is free after at most this.
+OMNI_LEASE_SECONDS = float(os.environ.get("OMNI_LEASE_SECONDS", "30"))
+# How long a finished turn's events stay available to a reconnecting stream.
+OMNI_STREAM_LINGER_SECONDS = float(os.environ.get("OMNI_STREAM_LINGER_SECONDS", "30"))
+# On SIGTERM: refuse new turns (503 server_busy) and let running ones finish
+# for up to this long, then interrupt them.
+OMNI_SHUTDOWN_GRACE_SECONDS = float(os.environ.get("OMNI_SHUTDOWN_GRACE_SECONDS", "8"))

@@ -359,11 +359,15 @@ class Server:
         return status, data
 
     # --- SSE ---
-    def open_sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT,
+    def open_sse(self, path: str, body: dict | None, timeout: float = TURN_TIMEOUT,
                  headers: dict | None = None) -> "SSEStream":
+        """POST ``body`` (or GET ``path`` when ``body`` is None) for an event stream."""
         conn = self.connection(timeout)
-        conn.request("POST", path, json.dumps(body).encode(),
-                     {"Content-Type": "application/json", **(headers or {})})
+        if body is None:
+            conn.request("GET", path, None, headers or {})
+        else:
+            conn.request("POST", path, json.dumps(body).encode(),
+                         {"Content-Type": "application/json", **(headers or {})})
         return SSEStream(conn, conn.getresponse())
 
     def sse(self, path: str, body: dict, timeout: float = TURN_TIMEOUT) -> "SSEResult":
@@ -443,6 +447,7 @@ class SSEStream:
         self.status = resp.status
         self.headers = {k.lower(): v for k, v in resp.getheaders()}
         self.events: list[dict] = []
+        self.ids: list[str | None] = []  # each event's SSE ``id:`` field
 
     def __enter__(self):
         return self
@@ -457,6 +462,7 @@ class SSEStream:
     def next_event(self) -> dict | None:
         """The next event, or None at the end of the stream."""
         data: list[str] = []
+        event_id = None
         while True:
             line = self.resp.readline()
             if not line:
@@ -468,6 +474,7 @@ class SSEStream:
                 if data:
                     event = json.loads("\n".join(data))
                     self.events.append(event)
+                    self.ids.append(event_id)
                     return event
                 continue
             if line.startswith(":"):  # an SSE comment (keep-alive)
@@ -475,7 +482,9 @@ class SSEStream:
             field, _, value = line.partition(":")
             if field == "data":
                 data.append(value[1:] if value.startswith(" ") else value)
-            # other fields (event:, id:, retry:) are not part of the contract
+            elif field == "id":
+                event_id = value[1:] if value.startswith(" ") else value
+            # other fields (event:, retry:) are not part of the contract
 
     def read_until(self, kind: str) -> dict:
         while (event := self.next_event()) is not None:

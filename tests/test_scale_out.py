@@ -1,0 +1,352 @@
+"""Two live daphne workers behind no balancer, as one service: one fresh
+PostgreSQL database and one Redis (a key prefix of this module's own), each
+worker with a data dir, ``CLAUDE_CONFIG_DIR`` and working directory of its
+own. Turns move between them, one turn per thread holds across them, streams
+and interrupts reach a turn from the other worker, a killed worker frees its
+threads within the lease.
+
+PostgreSQL: ``TEST_POSTGRES_URL`` (default ``postgres://postgres@127.0.0.1:5432/omni``,
+or the run's own ``DATABASE_URL`` when it is PostgreSQL); Redis: ``TEST_REDIS_URL``
+(default ``redis://127.0.0.1:6379/0``). Without them the module is skipped,
+except under ``CI=true``, where it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+
+from tests.conftest import ci
+from tests.e2e import PostgresDatabase, Server, WSClient, descendants, is_cli, new_id, reply
+
+pytestmark = [pytest.mark.e2e]
+
+LEASE_SECONDS = 3  # short, so a killed worker's thread frees quickly
+
+
+def postgres_url() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql"):
+        return url
+    return os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/omni")
+
+
+def redis_url() -> str:
+    return os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def require_services() -> None:
+    """PostgreSQL and Redis must answer: skip without them, fail under CI."""
+    problems = []
+    try:
+        import psycopg
+
+        admin = postgres_url().rsplit("/", 1)[0] + "/postgres"
+        psycopg.connect(admin, connect_timeout=3).close()
+    except Exception as exc:
+        problems.append(f"PostgreSQL at {postgres_url()}: {exc}")
+    try:
+        import redis
+
+        redis.Redis.from_url(redis_url(), socket_connect_timeout=3).ping()
+    except Exception as exc:
+        problems.append(f"Redis at {redis_url()}: {exc}")
+    if problems:
+        message = "scale-out tests need PostgreSQL and Redis: " + "; ".join(problems)
+        if ci():
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Worker(Server):
+    def __init__(self, data_dir: Path, database_url: str, extra_env: dict[str, str]):
+        super().__init__(data_dir, database_url)
+        self.extra_env = extra_env
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env.pop("OMNI_WORKSPACE_DIR", None)
+        env.update(self.extra_env)
+        return env
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started (a machine dying)."""
+        proc, self.proc = self.proc, None
+        self.seen_cli.update(p for p in descendants(proc.pid) if is_cli(p))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class Cluster:
+    def __init__(self, tmp: Path):
+        self.pg = PostgresDatabase(postgres_url())
+        self.prefix = f"omni-test-{uuid.uuid4().hex[:8]}"
+        self.env = {"REDIS_URL": redis_url(), "OMNI_REDIS_PREFIX": self.prefix,
+                    "OMNI_LEASE_SECONDS": str(LEASE_SECONDS), "OMNI_SHUTDOWN_GRACE_SECONDS": "8"}
+        self.tmp = tmp
+        self.a = Worker(tmp / "worker-a", self.pg.url, self.env)
+        self.b = Worker(tmp / "worker-b", self.pg.url, self.env)
+
+    def start(self) -> None:
+        self.a.start()
+        self.b.start()
+
+    def stop(self) -> None:
+        try:
+            try:
+                self.a.stop()
+            finally:
+                self.b.stop()
+        finally:
+            try:
+                self.pg.drop()
+            finally:
+                import redis
+
+                client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
+                keys = list(client.scan_iter(match=f"{self.prefix}*"))
+                if keys:
+                    client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_services()
+    cluster = Cluster(tmp_path_factory.mktemp("scale-out"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def messages(server: Server, thread: str, resource: str) -> list[tuple[str, str]]:
+    status, data = server.get_json("/api/sessions/messages", threadId=thread, resourceId=resource)
+    assert status == 200, data
+    return [(m["role"], m["text"]) for m in data["messages"]]
+
+
+def start_slow_turn(server: Server, resource: str, thread: str, message: str = "Count slowly [slow]"):
+    """An SSE turn on ``server`` read up to its first text (mid-turn)."""
+    stream = server.open_sse("/api/chat", {"message": message, "resourceId": resource,
+                                           "threadId": thread})
+    assert stream.status == 200 and stream.is_stream
+    stream.read_until("text")
+    return stream
+
+
+def stream_path(thread: str, resource: str) -> str:
+    return "/api/chat/stream?" + urlencode({"threadId": thread, "resourceId": resource})
+
+
+# --- tests ---------------------------------------------------------------------------
+
+def test_both_workers_are_healthy(cluster):
+    for worker in (cluster.a, cluster.b):
+        status, _, data = worker.request("GET", "/api/health")
+        assert status == 200, data
+        assert data["status"] == "ok"
+        assert data["checks"] == {"database": "ok", "channelLayer": "ok", "turns": "ok"}
+        assert data["processes"]["running"] == 0
+
+
+def test_a_conversation_moves_between_workers(cluster):
+    resource, thread = new_id("user"), new_id("thread")
+    one = cluster.a.chat("What is 2+2?", resource, thread).assert_ok()
+    two = cluster.b.chat("What was my last question?", resource, thread).assert_ok()
+    assert two.session["resumed"] is True and two.session_id == one.session_id
+    assert two.text == reply("What was my last question?", "What is 2+2?")
+    # back on A: A answers with B's turn in its context, not from what it saw itself
+    three = cluster.a.chat("And before that?", resource, thread).assert_ok()
+    assert three.text == reply("And before that?", "What is 2+2?", "What was my last question?")
+    assert messages(cluster.b, thread, resource) == [
+        ("user", "What is 2+2?"), ("assistant", one.text),
+        ("user", "What was my last question?"), ("assistant", two.text),
+        ("user", "And before that?"), ("assistant", three.text),
+    ]
+
+
+def test_a_fork_on_b_of_a_thread_started_on_a(cluster):
+    resource, parent, child = new_id("user"), new_id("thread"), new_id("fork")
+    cluster.a.chat("What is 2+2?", resource, parent).assert_ok()
+    fork = cluster.b.fork("Now multiply", resource, parent, child).assert_ok()
+    assert fork.session["forkedFromThreadId"] == parent
+    assert fork.text == reply("Now multiply", "What is 2+2?")
+    # the branches are independent: the parent goes on without the fork's turn
+    again = cluster.a.chat("And the parent?", resource, parent).assert_ok()
+    assert again.text == reply("And the parent?", "What is 2+2?")
+
+
+def test_two_simultaneous_turns_on_one_thread_one_done_one_busy(cluster):
+    resource, thread = new_id("user"), new_id("thread")
+    opening = cluster.a.chat("Opening message", resource, thread).assert_ok()
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def send(worker, name):
+        barrier.wait()
+        results[name] = worker.chat(f"from {name} [slow]", resource, thread)
+
+    threads = [threading.Thread(target=send, args=(w, n)) for w, n in ((cluster.a, "A"), (cluster.b, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    statuses = sorted((r.status, n) for n, r in results.items())
+    assert [s for s, _ in statuses] == [200, 409], {n: r.describe() for n, r in results.items()}
+    winner = next(n for n, r in results.items() if r.status == 200)
+    loser = next(n for n, r in results.items() if r.status == 409)
+    results[winner].assert_ok()
+    assert results[loser].body["error"]["code"] == "thread_busy"
+    won = results[winner]
+    assert won.text == reply(f"from {winner} [slow]", "Opening message")
+    # the transcript holds the opening and exactly the successful turn
+    assert messages(cluster.a, thread, resource) == [
+        ("user", "Opening message"), ("assistant", opening.text),
+        ("user", f"from {winner} [slow]"), ("assistant", won.text),
+    ]
+
+
+async def test_a_follower_on_the_other_worker_gets_the_whole_answer(cluster):
+    resource, thread = new_id("user"), new_id("thread")
+    stream = await asyncio.to_thread(start_slow_turn, cluster.a, resource, thread)
+    async with await WSClient.connect(cluster.b) as ws:
+        await ws.send({"type": "follow", "threadId": thread, "resourceId": resource})
+        followed = await ws.recv_until("done", "error")
+    own = (await asyncio.to_thread(stream.result)).assert_ok()
+    stream.close()
+    assert followed == own.events
+    assert [e["seq"] for e in followed] == list(range(len(followed)))
+
+
+def test_an_sse_client_reconnecting_with_last_event_id_misses_nothing(cluster):
+    resource, thread = new_id("user"), new_id("thread")
+    owner = start_slow_turn(cluster.a, resource, thread)
+    path = stream_path(thread, resource)
+    first = cluster.b.open_sse(path, None)
+    assert first.status == 200 and first.is_stream
+    for _ in range(8):
+        first.next_event()
+    first.close()  # the connection drops mid-turn
+    seen = list(first.events)
+    assert first.ids == [str(e["seq"]) for e in seen]
+    # reconnect, this time to the worker that runs the turn, and then to B again
+    second = cluster.a.open_sse(path, None, headers={"Last-Event-ID": first.ids[-1]})
+    for _ in range(5):
+        second.next_event()
+    second.close()
+    seen += second.events
+    third = cluster.b.open_sse(path, None, headers={"Last-Event-ID": second.ids[-1]})
+    rest = third.result()
+    third.close()
+    seen += rest.events
+    whole = owner.result().assert_ok()
+    owner.close()
+    assert seen == whole.events  # nothing missed, nothing twice
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    # no turn runs any more: 404 on both workers
+    for worker in (cluster.a, cluster.b):
+        status, _, data = worker.request("GET", path)
+        assert status == 404 and data["error"]["code"] == "not_found"
+
+
+async def test_an_interrupt_on_the_other_worker_stops_the_turn(cluster):
+    resource, thread = new_id("user"), new_id("thread")
+    stream = await asyncio.to_thread(start_slow_turn, cluster.a, resource, thread)
+    started = time.monotonic()
+    async with await WSClient.connect(cluster.b) as ws:
+        await ws.send({"type": "interrupt", "threadId": thread, "resourceId": resource})
+        result = await asyncio.to_thread(stream.result)
+    stream.close()
+    assert time.monotonic() - started < 2.5  # the slow reply alone takes 3 s
+    assert result.last["type"] == "done" and result.last["result"]["isError"] is True
+
+
+def test_health_is_503_when_redis_is_unreachable(cluster):
+    env = {**cluster.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    worker = Worker(cluster.tmp / "worker-c", cluster.pg.url, env)
+    worker.start()
+    try:
+        started = time.monotonic()
+        status, headers, data = worker.request("GET", "/api/health")
+        assert time.monotonic() - started < 3
+        assert status == 503, data
+        assert data["status"] == "error"
+        assert data["checks"] == {"database": "ok", "channelLayer": "error", "turns": "ok"}
+        assert "127.0.0.1" not in str(data)  # names the check, reveals nothing
+    finally:
+        worker.stop()
+
+
+def test_a_killed_worker_frees_the_thread_within_the_lease(cluster):
+    """Last: it kills A (the module's teardown copes with a dead worker)."""
+    resource, thread = new_id("user"), new_id("thread")
+    stream = start_slow_turn(cluster.a, resource, thread)
+    session_id = stream.events[0]["sessionId"]
+    cluster.a.kill()
+    killed = time.monotonic()
+    stream.close()
+    busy = cluster.b.chat("Anyone?", resource, thread)
+    assert busy.status == 409 and busy.body["error"]["code"] == "thread_busy", busy.describe()
+    while True:
+        freed = time.monotonic() - killed  # when the attempt that got in was sent
+        result = cluster.b.chat("Are you there?", resource, thread)
+        if result.status != 409:
+            break
+        assert freed < LEASE_SECONDS + 1, "the lease never expired"
+        time.sleep(0.2)
+    result.assert_ok()
+    assert freed < LEASE_SECONDS + 1
+    # the thread goes on: with its session, or (when the dead worker's CLI had
+    # not stored any of it yet) with a fresh one that says so, never another's
+    if result.session_id != session_id:
+        assert result.session["resumed"] is False and "could not be resumed" in result.session["notice"]
+    status, meta = cluster.b.metadata(thread, resource)
+    assert status == 200 and meta["session"]["sessionId"] == result.session_id
+    assert cluster.a.leftover_cli() == []
+
+
+def test_sigterm_lets_the_running_turn_finish_and_refuses_new_ones(cluster):
+    """After the kill: B is the last worker standing, and now it stops."""
+    resource, thread = new_id("user"), new_id("thread")
+    stream = start_slow_turn(cluster.b, resource, thread)
+    proc = cluster.b.proc
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # daphne drops the requests in flight at the signal itself
+    deadline, refused = time.monotonic() + 5, None
+    while True:  # until the worker has noticed the signal
+        try:
+            status, headers, refused = cluster.b.request(
+                "POST", "/api/chat", {"message": "Still there?", "resourceId": resource}, timeout=2)
+        except (ConnectionError, TimeoutError):
+            status = None
+        if status == 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == 503, refused
+    assert refused["error"]["code"] == "server_busy"
+    assert int(headers["retry-after"]) >= 1
+    health_status, _, health = cluster.b.request("GET", "/api/health", timeout=2)
+    assert health_status == 503 and health["checks"]["turns"] == "draining", health
+    finished = stream.result()
+    stream.close()
+    finished.assert_ok()  # not interrupted: it ended within the grace period
+    assert finished.last["result"]["isError"] is False
+    assert finished.text == reply("Count slowly [slow]")
+    proc.wait(timeout=15)
+    cluster.b.stop()  # already exited: checks that no CLI outlived it
