@@ -573,8 +573,10 @@ registry = TurnRegistry()
 
 
 def process_counts() -> dict:
-    """This process's live turns (each runs one CLI), for ``GET /api/health``."""
-    return {"running": len(registry.running()), "draining": registry.draining}
+    """This process's live Claude CLI processes, for ``GET /api/health``:
+    ``running`` (turns in progress), ``warm`` (idle warm clients), ``spare``
+    (started for new threads), ``budget`` (their limit), and ``draining``."""
+    return {**pool.counts(), "draining": registry.draining}
 
 
 async def start_turn(user, body, *, fork: bool = False) -> Turn:

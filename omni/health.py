@@ -78,7 +78,8 @@ async def health(request):
     """`status` is `ok` when every check is `ok` (or `off`: no channel layer to reach); otherwise
     the answer is 503 and the failing check says `error` (`turns` says `draining` while the
     process is shutting down and takes no new turns). `processes` counts this process's
-    live Claude CLI processes (`running`: turns in progress)."""
+    live Claude CLI processes: `running` (turns in progress), `warm` (idle warm clients),
+    `spare` (started for new threads) and `budget`, their limit."""
     database, layer = await asyncio.gather(
         run_check("database", check_database), run_check("channelLayer", check_channel_layer))
     counts = process_counts()
