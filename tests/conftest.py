@@ -43,11 +43,13 @@ async def empty_process_pool():
     """Each test starts with no warm Claude process and leaves none behind
     (closed on the test's own event loop, as daphne closes them at shutdown)."""
     from chat_app.pool import pool
+    from chat_app.turns import registry
 
     pool.reset()
     yield pool
     await pool.shutdown()
     pool.reset()
+    registry.draining = False  # a test that shut the registry down
 
 
 @pytest.fixture
