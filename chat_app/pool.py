@@ -69,11 +69,18 @@ class WarmClient:
 
 
 def client_pid(client: ClaudeSDKClient) -> int | None:
-    """The CLI process id of a connected client (None if not running)."""
+    """The CLI process id of a connected client (None if it is not running)."""
     process = getattr(getattr(client, "_transport", None), "_process", None)
     if process is None or getattr(process, "returncode", None) is not None:
         return None
-    return getattr(process, "pid", None)
+    pid = getattr(process, "pid", None)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return None  # dead, not yet reaped
+    except (OSError, IndexError):
+        return None
+    return pid
 
 
 def rss_mb(pid: int | None) -> float:
@@ -145,7 +152,9 @@ class ProcessPool:
         warm = self.idle.pop(key, None)
         if warm is not None:
             reason = None
-            if fork or session_id is None:
+            if warm.pid is None:
+                reason = "process gone"  # the CLI died (killed, crashed) while idle
+            elif fork or session_id is None:
                 reason = "new session"
             elif warm.agent != agent:
                 reason = "agent changed"

@@ -39,17 +39,29 @@ def close_async_orm_connections():
 
 
 @pytest.fixture(autouse=True)
-async def empty_process_pool():
-    """Each test starts with no warm Claude process and leaves none behind
-    (closed on the test's own event loop, as daphne closes them at shutdown)."""
+def empty_process_pool(request):
+    """Each test starts with no warm Claude process and leaves none behind:
+    an async test's are closed on its own event loop (as daphne closes them at
+    shutdown); anything left is killed."""
+    import inspect
+
     from chat_app.pool import pool
     from chat_app.turns import registry
 
     pool.reset()
+    if inspect.iscoroutinefunction(getattr(request, "function", None)):
+        request.getfixturevalue("close_process_pool")
     yield pool
-    await pool.shutdown()
     pool.reset()
     registry.draining = False  # a test that shut the registry down
+
+
+@pytest.fixture
+async def close_process_pool():
+    from chat_app.pool import pool
+
+    yield
+    await pool.shutdown()
 
 
 @pytest.fixture

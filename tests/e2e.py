@@ -303,6 +303,20 @@ class Server:
             time.sleep(0.05)
         return left
 
+    def unaccounted_cli(self, timeout: float = 10) -> list[int]:
+        """Wait until every CLI process below daphne is one its pool reports
+        (``GET /api/health``: running turns, warm clients, spares); the
+        processes beyond that count, if any."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, _, health = self.request("GET", "/api/health")
+            counts = health["processes"]
+            live = self.cli_children()
+            extra = live[counts["running"] + counts["warm"] + counts["spare"]:]
+            if not extra or time.monotonic() > deadline:
+                return extra
+            time.sleep(0.05)
+
     # --- log ---
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

@@ -209,12 +209,13 @@ def tabs(browser):
 
 @pytest.fixture(autouse=True)
 def no_cli_left(request):
-    """After every test, no CLI process runs below the servers it used."""
+    """After every test, every CLI process below the servers it used is one
+    their pool accounts for (a warm client or spare), none left over."""
     yield
     for name in ("server", "auth_server"):
         if name in request.fixturenames:
             live = request.getfixturevalue(name)
-            assert live.wait_no_cli(timeout=15) == [], "a CLI process outlived its turn"
+            assert live.unaccounted_cli(timeout=15) == [], "a CLI process the pool does not know of"
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def test_stop_ends_the_running_turn(server, tabs):
     expect(assistant(page).last.locator(".note")).to_have_text("stopped")
     wait_turn_end(page)
     assert len(assistant(page).last.locator(".text").inner_text()) < len(reply(slow))
-    assert server.wait_no_cli() == []
+    assert server.unaccounted_cli() == []
     # The thread takes the next message.
     send(page, "After the stop")
     expect(assistant(page).last.locator(".text")).to_contain_text('Offline model heard: "After the stop"')

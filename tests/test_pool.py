@@ -3,6 +3,8 @@ CLI against the offline model. Each test reads which CLI process answered
 a turn from the pool itself and from /proc."""
 
 import asyncio
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -126,6 +128,15 @@ async def test_a_turn_taken_elsewhere_makes_the_warm_client_stale(warm, chat_log
     assert pid2 != pid and await gone(pid)
     assert f"[CHAT] Resuming session: {events[0]['sessionId']}" in chat_log.text
     assert text(events).endswith('Earlier questions: "Remember the colour blue".')
+
+
+async def test_a_warm_client_whose_cli_died_is_replaced_by_a_cold_resume(warm):
+    _, pid = await turn("Remember the number 7")
+    os.kill(pid, signal.SIGKILL)
+    assert await gone(pid)
+    events, pid2 = await turn("Which number?")
+    assert pid2 != pid and events[-1]["type"] == "done" and events[0]["resumed"] is True
+    assert text(events).endswith('Earlier questions: "Remember the number 7".')
 
 
 async def test_deleting_a_thread_leaves_no_process_holding_it(warm):

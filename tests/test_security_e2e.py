@@ -29,7 +29,9 @@ SECRET_KEY = "e2e-django-secret-key-that-no-cli-may-see"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server, pg = make_server(tmp_path_factory, extra_env={"OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY})
+    # a short lease: a server killed mid-turn frees its thread quickly
+    server, pg = make_server(tmp_path_factory, extra_env={
+        "OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY, "OMNI_LEASE_SECONDS": "3"})
     try:
         yield server
     finally:
@@ -181,6 +183,12 @@ def test_the_server_killed_mid_turn_takes_its_cli_along(server, token):
     server.start()
     status, _, body = server.request("GET", "/api/sessions", headers=auth(token))
     assert thread in [s["threadId"] for s in body["sessions"]]
-    after = sse(server, token, {"message": "What did I ask?", "threadId": thread}).assert_ok()
+    # The killed server's lease on the thread expires (OMNI_LEASE_SECONDS): busy until then.
+    deadline = time.monotonic() + 10
+    while (after := sse(server, token, {"message": "What did I ask?", "threadId": thread})).status == 409:
+        assert after.body["error"]["code"] == "thread_busy"
+        assert time.monotonic() < deadline, "the dead server's lease never expired"
+        time.sleep(0.2)
+    after.assert_ok()
     assert after.session["resumed"] is True and after.session["sessionId"] == session["sessionId"]
     assert after.text == reply("What did I ask?", message)
