@@ -110,24 +110,14 @@ class Peak:
         self._thread.join()
 
     def _run(self):
+        from chat_app.pool import rss_mb
         from tests.e2e import descendants, is_cli
 
         while not self._stop.is_set():
             pids = [self.pid, *descendants(self.pid)]
-            self.peak_mb = max(self.peak_mb, sum(_rss_mb(p) for p in pids))
+            self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
             self.peak_cli = max(self.peak_cli, sum(1 for p in pids if is_cli(p)))
             self._stop.wait(0.05)
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 async def ws_turn(ws, thread: str, resource: str, message: str) -> tuple[str, float | None]:

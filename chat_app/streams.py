@@ -44,7 +44,6 @@ import time
 from typing import AsyncIterator
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
-from django.conf import settings
 
 from sessions_app.errors import NotFound
 

@@ -618,11 +618,10 @@ def make_server(tmp_path_factory, server_class: type[Server] = Server,
     return server, pg
 
 
-@pytest.fixture(scope="module")
-def daphne_server(tmp_path_factory, server_env):
-    """A daphne server for the module; stopped (and checked for leftover CLI
-    processes) at the end, its PostgreSQL database dropped."""
-    server, pg = make_server(tmp_path_factory, extra_env=server_env)
+def serving(tmp_path_factory, server_class: type[Server] = Server, **options):
+    """A module fixture's body: yields a started server; at the end stops it
+    (checked for leftover CLI processes) and drops its PostgreSQL database."""
+    server, pg = make_server(tmp_path_factory, server_class, **options)
     try:
         yield server
     finally:
@@ -631,6 +630,12 @@ def daphne_server(tmp_path_factory, server_env):
         finally:
             if pg:
                 pg.drop()
+
+
+@pytest.fixture(scope="module")
+def daphne_server(tmp_path_factory, server_env):
+    """A daphne server for the module (with ``server_env``)."""
+    yield from serving(tmp_path_factory, extra_env=server_env)
 
 
 def new_id(prefix: str) -> str:

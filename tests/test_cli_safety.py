@@ -15,7 +15,7 @@ from chat_app.schemas import ChatEvent
 from chat_app.turns import start_turn
 from tests.e2e import descendants, is_cli
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
 SECRETS = {
     "OMNI_SECRET_KEY": "s3cret-django-key-never-for-the-cli",

@@ -8,6 +8,8 @@ import pytest
 
 from tests.e2e import PROJECT_VARS, ROOT, python_bin
 
+pytestmark = pytest.mark.engine_agnostic
+
 
 def check_deploy(tmp_path, **env):
     import os

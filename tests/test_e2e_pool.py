@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.e2e import PostgresDatabase, Server, WSClient, make_server, new_id, reply, store_enabled
+from tests.e2e import PostgresDatabase, Server, WSClient, new_id, reply, serving, store_enabled
 
 pytestmark = [
     pytest.mark.e2e,
@@ -79,15 +79,7 @@ def test_a_new_thread_is_answered_by_a_spare(pair):
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
     """A server whose budget is one process."""
-    server, pg = make_server(tmp_path_factory, extra_env={"OMNI_MAX_PROCESSES": "1"})
-    try:
-        yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+    yield from serving(tmp_path_factory, extra_env={"OMNI_MAX_PROCESSES": "1"})
 
 
 async def test_a_full_budget_answers_server_busy_on_both_transports_and_recovers(tight):

@@ -11,6 +11,8 @@ import pytest
 
 from chat_app.offline_model import reply_text, start_offline_model, user_texts
 
+pytestmark = pytest.mark.engine_agnostic
+
 
 @pytest.fixture(scope="module")
 def model():

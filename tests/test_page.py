@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ci
-from tests.e2e import ROOT, Server, make_server, new_id, python_bin, reply
+from tests.e2e import ROOT, Server, new_id, python_bin, reply, serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]
 
 CHROMIUM = os.environ.get("OMNI_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -52,7 +52,9 @@ class PageServer(Server):
     """A daphne server in a given ``OMNI_AUTH`` mode."""
 
     def __init__(self, data_dir, database_url, auth: str = "off"):
-        super().__init__(data_dir, database_url, {"OMNI_AUTH": auth})
+        # no shutdown grace: a stopped server goes away mid-turn, as the
+        # reconnect test needs
+        super().__init__(data_dir, database_url, {"OMNI_AUTH": auth, "OMNI_SHUTDOWN_GRACE_SECONDS": "0"})
         self.auth = auth
 
     def url(self, path: str = "/") -> str:
@@ -123,15 +125,7 @@ class DroppingProxy:
 
 
 def serve(tmp_path_factory, auth: str):
-    server, pg = make_server(tmp_path_factory, PageServer, auth=auth)
-    try:
-        yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+    yield from serving(tmp_path_factory, PageServer, auth=auth)
 
 
 @pytest.fixture(scope="module")

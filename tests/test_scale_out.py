@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import ci
 from tests.e2e import PostgresDatabase, Server, WSClient, descendants, is_cli, new_id, reply
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
 
 LEASE_SECONDS = 3  # short, so a killed worker's thread frees quickly
 

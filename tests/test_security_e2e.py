@@ -15,7 +15,7 @@ from tests.e2e import (
     ROOT,
     WSClient,
     is_cli,
-    make_server,
+    serving,
     new_id,
     processes_with_env,
     python_bin,
@@ -30,16 +30,8 @@ SECRET_KEY = "e2e-django-secret-key-that-no-cli-may-see"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # a short lease: a server killed mid-turn frees its thread quickly
-    server, pg = make_server(tmp_path_factory, extra_env={
+    yield from serving(tmp_path_factory, extra_env={
         "OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY, "OMNI_LEASE_SECONDS": "3"})
-    try:
-        yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
 
 
 def issue_token(server, username: str) -> str:
