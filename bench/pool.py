@@ -65,7 +65,7 @@ async def raw_baselines(model_url: str) -> dict[str, list[float]]:
         cwd=str(work), tools=[], setting_sources=[], include_partial_messages=True,
         system_prompt="You are a benchmark.",
     )
-    spawn, warm = [], []
+    spawn, warm, fresh = [], [], []
     session = None
     for i in range(SAMPLES // 3 + 1):  # a process per message: slow, fewer samples
         started, first = time.perf_counter(), None
@@ -75,6 +75,19 @@ async def raw_baselines(model_url: str) -> dict[str, list[float]]:
             session = getattr(message, "session_id", None) or session
         if i:  # the first one creates the session: not a resume
             spawn.append(_ms(first))
+    for i in range(5):  # a connected client's first message: what a spare can do at best
+        client = ClaudeSDKClient(ClaudeAgentOptions(**options))
+        await client.connect()
+        try:
+            await asyncio.sleep(1)
+            started, first = time.perf_counter(), None
+            await client.query(f"fresh {i}")
+            async for message in client.receive_response():
+                if first is None and _first_text(message):
+                    first = time.perf_counter() - started
+            fresh.append(_ms(first))
+        finally:
+            await client.disconnect()
     client = ClaudeSDKClient(ClaudeAgentOptions(**options))
     await client.connect()
     try:
@@ -88,7 +101,7 @@ async def raw_baselines(model_url: str) -> dict[str, list[float]]:
                 warm.append(_ms(first))
     finally:
         await client.disconnect()
-    return {"spawn": spawn, "warm": warm}
+    return {"spawn": spawn, "warm": warm, "fresh": fresh}
 
 
 # --- the project through its websocket ----------------------------------------------
@@ -180,12 +193,20 @@ async def project_cold(server) -> dict[str, list[float]]:
 
 
 async def conversations(server, count: int, turns: int) -> dict:
+    """``count`` conversations at once: their first turns together, then,
+    once every conversation has its CLI, their follow-ups together (so the
+    follow-ups measure warm turns under concurrency, not the spawns of the
+    other conversations' first turns)."""
+    opened = asyncio.Barrier(count)
+
     async def one(i):
         http, ws = await connect(server)
         try:
             thread, out = f"conc-{i}-{uuid.uuid4().hex[:6]}", []
             for t in range(turns):
-                out.append(await ws_turn(ws, thread, f"user-{i % 4}", f"turn {t}"))
+                out.append(await ws_turn(ws, thread, f"user-{i}", f"turn {t}"))
+                if t == 0:
+                    await opened.wait()
             return out
         finally:
             await ws.close()
@@ -275,6 +296,7 @@ def rows_of(m: dict) -> list[tuple[str, float, str]]:
     return [
         ("raw SDK: new process per message (resume), to first text p50", raw_spawn, "ms"),
         ("raw SDK: warm ClaudeSDKClient, to first text p50", raw_warm, "ms"),
+        ("raw SDK: a connected client's first message, to first text p50", p50(m["raw"]["fresh"]), "ms"),
         ("project: new thread on a spare, to first text p50", p50(m["defaults"]["spare"]), "ms"),
         ("project: new thread without a spare, to first text p50", p50(m["cold"]["first"]), "ms"),
         ("project: follow-up (warm), to first text p50", follow, "ms"),
@@ -318,11 +340,12 @@ def write_results(m: dict, rows) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # the chart needs bench/requirements.txt
         return
-    labels = ["raw: process\nper message", "raw: warm\nclient", "new thread\n(spare)", "new thread\n(no spare)",
-              "follow-up\n(warm)", "follow-up\n(cold)", f"{CONCURRENT} at once:\nfollow-up p50"]
-    values = [row[1] for row in rows[:6]] + [rows[9][1]]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    bars = ax.bar(labels, values, color=["#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#37a"])
+    labels = ["raw: process\nper message", "raw: warm\nclient", "raw: a client's\nfirst message",
+              "new thread\n(spare)", "new thread\n(no spare)", "follow-up\n(warm)", "follow-up\n(cold)",
+              f"{CONCURRENT} at once:\nfollow-up p50"]
+    values = [row[1] for row in rows[:7]] + [rows[10][1]]
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    bars = ax.bar(labels, values, color=["#999", "#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#37a"])
     ax.bar_label(bars, fmt="%.0f ms", fontsize=8)
     ax.set_ylabel("time to first text (ms)")
     ax.set_title(f"Time to first text, p50 ({machine()})", fontsize=9)

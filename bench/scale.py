@@ -69,10 +69,11 @@ def _turn(server, resource: str, thread: str, message: str) -> float:
 def _drive(workers: list) -> tuple[float, list[float]]:
     """Every conversation's turns, conversations in parallel (``CLIENTS``
     at a time); (wall seconds, time to first text of every turn)."""
-    resource = f"bench-{uuid.uuid4().hex[:6]}"
+    run = uuid.uuid4().hex[:6]
 
     def conversation(index: int) -> list[float]:
-        thread = f"c{index}-{uuid.uuid4().hex[:6]}"
+        # a user per conversation (one user's concurrent turns are limited)
+        resource, thread = f"bench-{run}-{index}", f"c{index}-{run}"
         return [_turn(workers[(index + turn) % len(workers)], resource, thread,
                       f"Question {turn} of conversation {index}") for turn in range(TURNS)]
 

@@ -143,9 +143,9 @@ class Turn:
         try:
             if spec.resume_session_id and not spec.fork_from_thread_id:
                 log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
-            if self.lease is not None:
-                await self.lease.check()  # nothing moves the session without it
             if spec.resume_session_id and self.slot.kind != "warm":
+                if self.lease is not None:
+                    await self.lease.check()  # nothing moves the session without it
                 # The database is the truth: a session last written under
                 # another working directory (another machine, data dir or
                 # server) moves to this one's project key first, so the CLI
