@@ -30,18 +30,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 CONVERSATIONS = int(os.environ.get("BENCH_SCALE_CONVERSATIONS", "32"))
 TURNS = int(os.environ.get("BENCH_SCALE_TURNS", "2"))
 CLIENTS = int(os.environ.get("BENCH_SCALE_CLIENTS", "8"))
-
-
-def _postgres_url() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql"):
-        return url
-    return os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/omni")
 
 
 def _redis_url() -> str:
@@ -92,18 +84,13 @@ def _measure(tmp: Path) -> list[tuple[str, float, str]]:
     sys.path.insert(0, str(root))
     import redis
 
-    from tests.e2e import PostgresDatabase, Server
+    from tests.e2e import PostgresDatabase, Server, postgres_url
 
     prefix = f"omni-bench-{uuid.uuid4().hex[:8]}"
     env = {"REDIS_URL": _redis_url(), "OMNI_REDIS_PREFIX": prefix}
-
-    class Worker(Server):
-        def env(self):
-            return {**super().env(), **env}
-
     rows = []
-    pg = PostgresDatabase(_postgres_url())
-    workers = [Worker(tmp / "a", pg.url), Worker(tmp / "b", pg.url)]
+    pg = PostgresDatabase(postgres_url())
+    workers = [Server(tmp / "a", pg.url, env), Server(tmp / "b", pg.url, env)]
     try:
         for worker in workers:
             worker.start()

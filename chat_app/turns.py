@@ -224,14 +224,15 @@ class Turn:
         reply: list[str] = []
         result: ResultMessage | None = None
         api_error: str | None = None  # the CLI's stand-in reply for a failed model call
-        warm = self.slot.take()  # the thread's warm client or a spare, if the pool had one
-        if warm is None:
+        warm = self.slot.take()  # the thread's warm client or a spare: connected already
+        started = warm is None
+        if started:
             warm = WarmClient(ClaudeSDKClient(options), spec.agent)
         client = warm.client
         self._client = client
         keep = hung = False
         try:
-            if not client_connected(client):
+            if started:
                 async with silence():
                     await client.connect()
             await client.query(spec.message)
@@ -380,9 +381,6 @@ async def until_silent(messages):
             return
         yield message
 
-
-def client_connected(client: ClaudeSDKClient) -> bool:
-    return getattr(client, "_query", None) is not None
 
 
 async def fork_point(session_id: str, message_uuid: str | None) -> str | None:

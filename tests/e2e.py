@@ -138,6 +138,26 @@ def processes_with_env(name: str, value: str) -> list[int]:
 
 # --- the server ------------------------------------------------------------------
 
+def is_postgres(url: str | None) -> bool:
+    return urlsplit(url or "").scheme.lower() in ("postgres", "postgresql", "pgsql")
+
+
+def postgres_url() -> str:
+    """The PostgreSQL server of tests that always need one: the run's own
+    ``DATABASE_URL`` when it is PostgreSQL, else ``TEST_POSTGRES_URL``."""
+    url = os.environ.get("DATABASE_URL", "")
+    if is_postgres(url):
+        return url
+    return os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/omni")
+
+
+def run_database() -> "PostgresDatabase | None":
+    """A fresh PostgreSQL database when the test run itself is on PostgreSQL
+    (``DATABASE_URL=postgres://...``); None on the embedded libSQL file."""
+    url = os.environ.get("DATABASE_URL", "")
+    return PostgresDatabase(url) if is_postgres(url) else None
+
+
 class PostgresDatabase:
     """A database of its own on the test run's PostgreSQL server."""
 
@@ -601,8 +621,7 @@ class WSClient:
 def make_server(tmp_path_factory, server_class: type[Server] = Server,
                 **options) -> tuple[Server, PostgresDatabase | None]:
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")
-    url = os.environ.get("DATABASE_URL", "")
-    pg = PostgresDatabase(url) if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None
+    pg = run_database()
     server = server_class(data_dir, pg.url if pg else None, **options)
     try:
         server.start()

@@ -6,12 +6,10 @@ stopped server leaves no CLI behind (``Server.stop`` checks)."""
 
 from __future__ import annotations
 
-import os
-from urllib.parse import urlsplit
 
 import pytest
 
-from tests.e2e import PostgresDatabase, Server, WSClient, new_id, reply, serving, store_enabled
+from tests.e2e import Server, WSClient, new_id, reply, run_database, serving, store_enabled
 
 pytestmark = [
     pytest.mark.e2e,
@@ -23,8 +21,7 @@ pytestmark = [
 def pair(tmp_path_factory):
     """Servers A (with a spare) and B on one database, a working directory each."""
     tmp = tmp_path_factory.mktemp("pool-pair")
-    url = os.environ.get("DATABASE_URL", "")
-    pg = PostgresDatabase(url) if urlsplit(url).scheme.lower().startswith("postgres") else None
+    pg = run_database()
     database_url = pg.url if pg else f"file:{tmp / 'shared.db'}"
     a = Server(tmp / "a", database_url, {"OMNI_SPARE_CLIENTS": "1"})
     b = Server(tmp / "b", database_url)

@@ -21,23 +21,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import pytest
 
 from tests.conftest import ci
-from tests.e2e import PostgresDatabase, Server, WSClient, descendants, is_cli, new_id, reply
+from tests.e2e import PostgresDatabase, Server, WSClient, descendants, is_cli, new_id, postgres_url, reply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
 
 LEASE_SECONDS = 3  # short, so a killed worker's thread frees quickly
-
-
-def postgres_url() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql"):
-        return url
-    return os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/omni")
 
 
 def redis_url() -> str:

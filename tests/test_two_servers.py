@@ -12,20 +12,18 @@ The database is an embedded libSQL file both servers open
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.e2e import (
     ROOT,
-    PostgresDatabase,
     Server,
     new_id,
     python_bin,
     reply,
+    run_database,
     store_enabled,
 )
 
@@ -52,9 +50,7 @@ class Pair:
     """Servers A and B on one shared database."""
 
     def __init__(self, tmp: Path, *, shared_workspace: bool):
-        url = os.environ.get("DATABASE_URL", "")
-        self.pg = (PostgresDatabase(url)
-                   if urlsplit(url).scheme.lower() in ("postgres", "postgresql", "pgsql") else None)
+        self.pg = run_database()
         self.database_url = self.pg.url if self.pg else f"file:{tmp / 'shared.db'}"
         # Warm clients off: these tests check that each turn's CLI exits
         # (tests/test_e2e_pool.py moves conversations with them on).
