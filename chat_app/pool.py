@@ -101,8 +101,7 @@ class Slot:
     given, or the right to start one. Given back exactly once, with
     :meth:`ProcessPool.checkin` or :meth:`ProcessPool.discard`."""
 
-    def __init__(self, pool: ProcessPool, warm: WarmClient | None, kind: str):
-        self.pool = pool
+    def __init__(self, warm: WarmClient | None, kind: str):
         self.warm = warm
         self.kind = kind  # "warm", "spare" or "cold"
         self.returned = False
@@ -163,13 +162,13 @@ class ProcessPool:
             if reason is None:
                 self.busy += 1
                 log.info("[POOL] Reusing warm client thread=%s pid=%s", key[1], warm.pid)
-                return Slot(self, warm, "warm")
+                return Slot(warm, "warm")
             self._close(warm, key[1], reason)
         if session_id is None and not fork and (spares := self.spares.get(agent)):
             spare = spares.pop(0)
             self.busy += 1
             log.info("[POOL] Using spare client agent=%s thread=%s pid=%s", agent, key[1], spare.pid)
-            return Slot(self, spare, "spare")
+            return Slot(spare, "spare")
         if self.live >= settings.OMNI_MAX_PROCESSES and not self._evict_one(prefer_agent=agent):
             log.warning(
                 "[POOL] Refused turn thread=%s: all %d processes busy (server_busy)",
@@ -180,7 +179,7 @@ class ProcessPool:
                 retry_after=settings.OMNI_BUSY_RETRY_AFTER,
             )
         self.busy += 1
-        return Slot(self, None, "cold")
+        return Slot(None, "cold")
 
     def _evict_one(self, prefer_agent: str) -> bool:
         """Free one idle process for a turn: the least recently used warm
