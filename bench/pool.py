@@ -4,9 +4,11 @@ Starts live daphne servers with the offline model (exactly as an operator
 does: ``migrate``, then ``daphne omni.asgi:application``) and measures time
 to the first ``text`` event through the websocket:
 
-* baselines, straight on the SDK against an offline model of the bench's
-  own: a new CLI process per message (``query()`` with ``resume``, the
-  seed's way) and one ``ClaudeSDKClient`` kept across messages;
+* baselines, straight on the SDK: a new CLI process per message
+  (``query()`` with ``resume``, the seed's way), one ``ClaudeSDKClient``
+  kept across messages, a connected client's first message (the best a
+  spare can do), and 16 warm clients answering at once (the best 16
+  conversations can do on this machine's cores);
 * the project, defaults (spares on): a new thread's first turn on a spare,
   warm follow-ups;
 * the project with no spares and no warm clients: a first turn that starts
@@ -17,6 +19,12 @@ to the first ``text`` event through the websocket:
   were served, refused with ``server_busy``, failed otherwise; peak RSS; and
   whether the server still answers afterwards.
 
+The offline model runs in a process of its own (``python -m
+chat_app.offline_model``), shared by the baselines and the servers (started
+with ``OMNI_OFFLINE_MODEL=0`` and ``ANTHROPIC_BASE_URL`` pointing at it): a
+model is always another process, and inside daphne its threads would take
+the server's CPU and GIL and be counted as the server's time.
+
 Writes ``bench/results/pool.md`` and ``bench/results/pool.png``.
 """
 
@@ -26,7 +34,10 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -57,17 +68,30 @@ def _first_text(message) -> bool:
     return isinstance(event, dict) and event.get("type") == "content_block_delta"
 
 
-async def raw_baselines(model_url: str) -> dict[str, list[float]]:
+def raw_options(model_url: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="omni-bench-raw-"))
-    options = dict(
+    return dict(
         env={"ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": "offline",
              "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CONFIG_DIR": str(work / "claude")},
         cwd=str(work), tools=[], setting_sources=[], include_partial_messages=True,
         system_prompt="You are a benchmark.",
     )
-    spawn, warm, fresh = [], [], []
-    session = None
-    for i in range(SAMPLES // 3 + 1):  # a process per message: slow, fewer samples
+
+
+async def raw_turn(client: ClaudeSDKClient, message: str) -> float:
+    """One message to a connected client: ms to its first text."""
+    started, first = time.perf_counter(), None
+    await client.query(message)
+    async for reply in client.receive_response():
+        if first is None and _first_text(reply):
+            first = time.perf_counter() - started
+    return _ms(first)
+
+
+async def raw_spawn(options: dict) -> list[float]:
+    """A new CLI process per message, resuming the session (the seed's way)."""
+    spawn, session = [], None
+    for i in range(SAMPLES // 3 + 1):  # slow: fewer samples
         started, first = time.perf_counter(), None
         async for message in query(prompt=f"spawn {i}", options=ClaudeAgentOptions(resume=session, **options)):
             if first is None and _first_text(message):
@@ -75,33 +99,45 @@ async def raw_baselines(model_url: str) -> dict[str, list[float]]:
             session = getattr(message, "session_id", None) or session
         if i:  # the first one creates the session: not a resume
             spawn.append(_ms(first))
-    for i in range(5):  # a connected client's first message: what a spare can do at best
-        client = ClaudeSDKClient(ClaudeAgentOptions(**options))
-        await client.connect()
-        try:
-            await asyncio.sleep(1)
-            started, first = time.perf_counter(), None
-            await client.query(f"fresh {i}")
-            async for message in client.receive_response():
-                if first is None and _first_text(message):
-                    first = time.perf_counter() - started
-            fresh.append(_ms(first))
-        finally:
-            await client.disconnect()
+    return spawn
+
+
+async def raw_fresh(options: dict, i: int) -> float:
+    """A connected, idle client's first message: what a spare can do at best."""
     client = ClaudeSDKClient(ClaudeAgentOptions(**options))
     await client.connect()
     try:
-        for i in range(SAMPLES + 1):
-            started, first = time.perf_counter(), None
-            await client.query(f"warm {i}")
-            async for message in client.receive_response():
-                if first is None and _first_text(message):
-                    first = time.perf_counter() - started
-            if i:
-                warm.append(_ms(first))
+        await asyncio.sleep(1)
+        return await raw_turn(client, f"fresh {i}")
     finally:
         await client.disconnect()
-    return {"spawn": spawn, "warm": warm, "fresh": fresh}
+
+
+async def raw_concurrent(options: dict, count: int, turns: int) -> list[float]:
+    """``count`` warm clients, as :func:`conversations` drives the project:
+    first turns together, then each client's follow-ups, all at once."""
+    opened = asyncio.Barrier(count)
+
+    async def one(i):
+        client = ClaudeSDKClient(ClaudeAgentOptions(**options))
+        await client.connect()
+        try:
+            out = []
+            for t in range(turns):
+                started, first = time.perf_counter(), None
+                await client.query(f"conversation {i} turn {t}")
+                async for message in client.receive_response():
+                    if first is None and _first_text(message):
+                        first = time.perf_counter() - started
+                if t == 0:
+                    await opened.wait()
+                else:
+                    out.append(_ms(first))
+            return out
+        finally:
+            await client.disconnect()
+
+    return [ms for out in await asyncio.gather(*(one(i) for i in range(count))) for ms in out]
 
 
 # --- the project through its websocket ----------------------------------------------
@@ -162,18 +198,31 @@ async def wait_spare(server, count: int, timeout: float = 60) -> None:
         await asyncio.sleep(0.05)
 
 
-async def project_defaults(server) -> dict[str, list[float]]:
+async def paired(server, options: dict) -> dict[str, list[float]]:
+    """The project's spare and warm turns, each right after its raw
+    baseline (a raw client's first message; a raw warm client's next
+    message): on a shared machine whose speed drifts, each pair sees the
+    same minute, so their ratio holds."""
     http, ws = await connect(server)
+    raw = ClaudeSDKClient(ClaudeAgentOptions(**options))
+    await raw.connect()
     try:
-        spare, follow = [], []
+        fresh, spare, warm, follow = [], [], [], []
         for i in range(5):
+            fresh.append(await raw_fresh(options, i))
             await wait_spare(server, i + 1)
             thread = f"spare-{uuid.uuid4().hex[:8]}"
             spare.append((await ws_turn(ws, thread, "bench", "hello"))[1])
+        # Follow-ups in the steady state, not beside the used spare's
+        # replacement starting (a CLI's start takes a core for ~0.5 s).
+        await wait_spare(server, 6)
+        await raw_turn(raw, "hello")  # its first message is not a warm one
         for i in range(SAMPLES):
+            warm.append(await raw_turn(raw, f"warm {i}"))
             follow.append((await ws_turn(ws, thread, "bench", f"follow-up {i}"))[1])
-        return {"spare": spare, "follow": follow}
+        return {"fresh": fresh, "spare": spare, "warm": warm, "follow": follow}
     finally:
+        await raw.disconnect()
         await ws.close()
         await http.close()
 
@@ -250,9 +299,31 @@ async def burst(server, count: int) -> dict:
 
 # --- the run -----------------------------------------------------------------------
 
-def start_server(name: str, **env: str):
+class ModelProcess:
+    """The offline model in a process of its own."""
+
+    def __enter__(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chat_app.offline_model", "--port", str(port)],
+            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+        self.proc.stdout.readline()  # "Offline model listening on ..."
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def start_server(name: str, model_url: str | None = None, **env: str):
     from tests.e2e import Server
 
+    if model_url:
+        env = {"OMNI_OFFLINE_MODEL": "0", "ANTHROPIC_BASE_URL": model_url,
+               "ANTHROPIC_API_KEY": "offline-model", **env}
     server = Server(Path(tempfile.mkdtemp(prefix=f"omni-bench-{name}-")), os.environ.get("DATABASE_URL"),
                     {"OMNI_LOG_LEVEL": "INFO", **env})
     server.start()
@@ -260,26 +331,27 @@ def start_server(name: str, **env: str):
 
 
 async def measure() -> dict:
-    from chat_app.offline_model import start_offline_model
+    with ModelProcess() as model:
+        return await measure_with(model.base_url)
 
-    model = start_offline_model()
+
+async def measure_with(model_url: str) -> dict:
+    options = raw_options(model_url)
+    out = {"raw": {"spawn": await raw_spawn(options)}}
+    server = start_server("defaults", model_url, OMNI_SPARE_CLIENTS="1")
     try:
-        raw = await raw_baselines(model.base_url)
-    finally:
-        model.stop()
-    out = {"raw": raw}
-    server = start_server("defaults", OMNI_SPARE_CLIENTS="1")
-    try:
-        out["defaults"] = await project_defaults(server)
+        out["defaults"] = await paired(server, options)
+        out["raw"].update(warm=out["defaults"]["warm"], fresh=out["defaults"]["fresh"])
         out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
     finally:
         server.stop()
-    server = start_server("cold", OMNI_SPARE_CLIENTS="0", OMNI_WARM_CLIENTS="0")
+    out["raw"]["concurrent"] = await raw_concurrent(options, CONCURRENT, TURNS)
+    server = start_server("cold", model_url, OMNI_SPARE_CLIENTS="0", OMNI_WARM_CLIENTS="0")
     try:
         out["cold"] = await project_cold(server)
     finally:
         server.stop()
-    server = start_server("burst", OMNI_SPARE_CLIENTS="1")
+    server = start_server("burst", model_url, OMNI_SPARE_CLIENTS="1")
     try:
         out["budget"] = int(server.env().get("OMNI_MAX_PROCESSES") or 24)
         out["burst"] = await burst(server, BURST)
@@ -305,6 +377,8 @@ def rows_of(m: dict) -> list[tuple[str, float, str]]:
         ("raw spawn-per-message vs follow-up warm", raw_spawn / follow, "x faster"),
         (f"{CONCURRENT} conversations x {TURNS}: first turn p50", p50(conc["first"]), "ms"),
         (f"{CONCURRENT} conversations x {TURNS}: follow-up p50", p50(conc["follow"]), "ms"),
+        (f"raw SDK: {CONCURRENT} warm clients x {TURNS} at once, follow-up p50",
+         p50(m["raw"]["concurrent"]), "ms"),
         (f"{CONCURRENT} conversations x {TURNS}: follow-up p95", pct(conc["follow"], 0.95), "ms"),
         (f"{CONCURRENT} conversations x {TURNS}: wall time", conc["wall"], "s"),
         (f"{CONCURRENT} conversations x {TURNS}: peak RSS, daphne + CLIs", conc["peak_mb"], "MB"),
@@ -342,10 +416,10 @@ def write_results(m: dict, rows) -> None:
         return
     labels = ["raw: process\nper message", "raw: warm\nclient", "raw: a client's\nfirst message",
               "new thread\n(spare)", "new thread\n(no spare)", "follow-up\n(warm)", "follow-up\n(cold)",
-              f"{CONCURRENT} at once:\nfollow-up p50"]
-    values = [row[1] for row in rows[:7]] + [rows[10][1]]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    bars = ax.bar(labels, values, color=["#999", "#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#37a"])
+              f"raw: {CONCURRENT} warm\nclients at once", f"{CONCURRENT} at once:\nfollow-up p50"]
+    values = [row[1] for row in rows[:7]] + [rows[11][1], rows[10][1]]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    bars = ax.bar(labels, values, color=["#999", "#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#999", "#37a"])
     ax.bar_label(bars, fmt="%.0f ms", fontsize=8)
     ax.set_ylabel("time to first text (ms)")
     ax.set_title(f"Time to first text, p50 ({machine()})", fontsize=9)

@@ -9,16 +9,18 @@ Why the database and not a Redis lock: the database is the one thing every
 deployment shares (the embedded libSQL file, PostgreSQL, a libSQL server),
 so the lease works with or without ``REDIS_URL``, and it lives next to the
 data it protects (the mapping and the transcript) instead of in a second
-system with its own failure modes. A take is two atomic statements, no
-explicit transaction, so it is the same on every engine:
+system with its own failure modes. A take is one atomic statement, the
+same on SQLite/libSQL (3.35+) and PostgreSQL, one round trip on every turn::
 
-1. insert the row, ignoring a conflict (``INSERT ... ON CONFLICT DO NOTHING``);
-2. if the row's lease has expired, take it over: ``UPDATE ... SET owner=me,
-   token=token+1, expires_at=... WHERE key AND expires_at < now``.
+    INSERT INTO lease (key, owner=me, token=1, expires_at=now+ttl)
+    ON CONFLICT (key) DO UPDATE SET owner=me, token=token+1, expires_at=now+ttl
+        WHERE lease.expires_at <= now
+    RETURNING token
 
-Then the row is read back: ours if it carries our ``owner`` (a string unique
-to this attempt). Two takers racing on an expired row both run the UPDATE;
-the database serializes them and the second finds the row no longer expired.
+A row comes back if the lease is ours: a new thread's row, or an expired
+lease taken over. A live lease fails the ``WHERE`` and nothing comes back.
+Two takers racing on an expired row are serialized by the database: the
+second sees the row no longer expired.
 
 ``token`` is the fencing token: it grows on every take. Renewal and release
 are conditional on ``owner`` (which names one take), so a holder that lost
@@ -42,7 +44,7 @@ from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models import F
+from django.db import connections, router
 from django.utils import timezone
 
 from sessions_app.errors import Conflict
@@ -112,18 +114,24 @@ def acquire_sync(resource_id: str, thread_id: str) -> Lease | None:
     owner = f"{PROCESS}:{uuid.uuid4().hex}"
     now = timezone.now()
     expires = now + timedelta(seconds=lease_seconds())
-    ThreadLease.objects.bulk_create(
-        [ThreadLease(resource_id=resource_id, thread_id=thread_id, owner=owner, token=1,
-                     expires_at=expires)],
-        ignore_conflicts=True,
-    )
-    ThreadLease.objects.filter(
-        resource_id=resource_id, thread_id=thread_id, expires_at__lte=now,
-    ).update(owner=owner, token=F("token") + 1, expires_at=expires)
-    row = ThreadLease.objects.filter(resource_id=resource_id, thread_id=thread_id).first()
-    if row is None or row.owner != owner:
-        return None
-    return Lease(resource_id, thread_id, owner, row.token)
+    connection = connections[router.db_for_write(ThreadLease)]
+    quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
+    table = quote(ThreadLease._meta.db_table)
+    column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({column['resource_id']}, {column['thread_id']}, {column['owner']}, "
+            f"{column['token']}, {column['expires_at']}) VALUES (%s, %s, %s, 1, %s) "
+            f"ON CONFLICT ({column['resource_id']}, {column['thread_id']}) DO UPDATE SET "
+            f"{column['owner']} = excluded.{column['owner']}, "
+            f"{column['token']} = {table}.{column['token']} + 1, "
+            f"{column['expires_at']} = excluded.{column['expires_at']} "
+            f"WHERE {table}.{column['expires_at']} <= %s "
+            f"RETURNING {column['token']}",
+            [resource_id, thread_id, owner, adapt(expires), adapt(now)],
+        )
+        row = cursor.fetchone()
+    return None if row is None else Lease(resource_id, thread_id, owner, row[0])
 
 
 async def acquire(resource_id: str, thread_id: str) -> Lease:

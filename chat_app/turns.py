@@ -212,13 +212,6 @@ class Turn:
     async def _converse(self, resume: str | None, notice: str | None = None) -> None:
         spec = self.spec
         fork = bool(spec.fork_from_thread_id) and resume is not None
-        options = build_options(
-            spec.preset,
-            resume=resume,
-            fork=fork,
-            resume_at=spec.at_message_uuid if fork else None,
-            session_store=session_store(),
-        )
         pending = []  # messages before the session id is known
         streamed: set[str] = set()
         reply: list[str] = []
@@ -227,6 +220,13 @@ class Turn:
         warm = self.slot.take()  # the thread's warm client or a spare: connected already
         started = warm is None
         if started:
+            options = build_options(
+                spec.preset,
+                resume=resume,
+                fork=fork,
+                resume_at=spec.at_message_uuid if fork else None,
+                session_store=session_store(),
+            )
             warm = WarmClient(ClaudeSDKClient(options), spec.agent)
         client = warm.client
         self._client = client

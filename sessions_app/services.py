@@ -112,11 +112,25 @@ async def save_session(
 
     The title comes from the thread's first user message; ``last_message``
     previews the latest message; ``message_count`` counts user and assistant
-    messages.
+    messages; ``version`` grows on every update (warm clients' staleness).
+    One trip to the database thread (a turn saves twice).
     """
+    mapping = await sync_to_async(_save_session)(
+        thread_id, resource_id, session_id, agent, user_message, assistant_message,
+        forked_from_thread_id,
+    )
+    log.info(
+        "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
+        thread_id, resource_id, session_id,
+    )
+    return mapping
+
+
+def _save_session(thread_id, resource_id, session_id, agent, user_message, assistant_message,
+                  forked_from_thread_id) -> SessionMapping:
     added = (user_message is not None) + bool(assistant_message)
     preview = assistant_message or user_message
-    mapping = await get_mapping(thread_id, resource_id)
+    mapping = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).first()
     if mapping is None:
         mapping = SessionMapping(
             thread_id=thread_id,
@@ -129,25 +143,21 @@ async def save_session(
             forked_from_thread_id=forked_from_thread_id,
         )
         try:
-            await mapping.asave(force_insert=True)
+            mapping.save(force_insert=True)
         except IntegrityError as exc:
             raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists") from exc
-    else:
-        changes = {"session_id": session_id, "updated_at": timezone.now()}
-        if agent:
-            changes["agent"] = agent
-        if preview:
-            changes["last_message"] = _clip(preview, PREVIEW_CHARS)
-        if not mapping.title and user_message:
-            changes["title"] = _clip(user_message, TITLE_CHARS)
-        await SessionMapping.objects.filter(pk=mapping.pk).aupdate(
-            message_count=F("message_count") + added, version=F("version") + 1, **changes
-        )
-        await mapping.arefresh_from_db()
-    log.info(
-        "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
-        thread_id, resource_id, session_id,
+        return mapping
+    changes = {"session_id": session_id, "updated_at": timezone.now()}
+    if agent:
+        changes["agent"] = agent
+    if preview:
+        changes["last_message"] = _clip(preview, PREVIEW_CHARS)
+    if not mapping.title and user_message:
+        changes["title"] = _clip(user_message, TITLE_CHARS)
+    SessionMapping.objects.filter(pk=mapping.pk).update(
+        message_count=F("message_count") + added, version=F("version") + 1, **changes
     )
+    mapping.refresh_from_db()
     return mapping
 
 

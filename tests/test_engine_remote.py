@@ -193,6 +193,16 @@ except OperationalError as exc:
     assert "no such function: django_datetime_extract" in str(exc), exc
 else:
     raise AssertionError("__month worked remotely: update the engine's documented limits")
+
+# The thread lease's one-statement take (INSERT ... ON CONFLICT DO UPDATE
+# ... WHERE ... RETURNING): new, held, released and taken again.
+from chat_app import leases
+first = leases.acquire_sync("r", "leased")
+assert first is not None and first.token == 1, first
+assert leases.acquire_sync("r", "leased") is None
+first.release_sync()
+again = leases.acquire_sync("r", "leased")
+assert again is not None and again.token == 2 and again.held_sync() and not first.held_sync()
 print("REMOTE ORM OK")
 """
 
