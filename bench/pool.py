@@ -10,7 +10,9 @@ to the first ``text`` event through the websocket:
   spare can do), and 16 warm clients answering at once (the best 16
   conversations can do on this machine's cores);
 * the project, defaults (spares on): a new thread's first turn on a spare,
-  warm follow-ups;
+  warm follow-ups; each sample right after its raw baseline's (a raw
+  client's first message, a raw warm client's next one), so that on a
+  shared machine whose speed drifts each pair sees the same minute;
 * the project with no spares and no warm clients: a first turn that starts
   its CLI, and a follow-up after eviction (a cold resume from the store);
 * 16 conversations at once, 4 turns each: p50/p95 to first text of first

@@ -178,6 +178,15 @@ class PostgresDatabase:
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()
         return {name for (name,) in rows}
 
+    def connections(self) -> int:
+        """How many connections other than this one are open to the database."""
+        with self.psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (self.name,),
+            ).fetchone()
+        return count
+
     def drop(self) -> None:
         with self.psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(

@@ -254,3 +254,67 @@ def test_another_process_writes_the_same_file_concurrently(tmp_path):
     close_old_connections()
     assert SessionMapping.objects.filter(resource_id="writers").count() == 4 * ROWS
     assert SessionMapping.objects.filter(thread_id__startswith="proc-").count() == 2 * ROWS
+
+
+# --- connections on a live server
+
+
+def open_database_files(pid: int, database: Path) -> int:
+    """How many file descriptors of process ``pid`` have ``database`` open
+    (one per connection; the WAL and shared-memory files not counted)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd) == str(database)
+        except OSError:  # closed meanwhile
+            pass
+    return count
+
+
+def settled(count, settle: float = 3) -> int:
+    """``count()`` once it stops falling: a request finishes (and closes its
+    connection) just after the client has read its response."""
+    import time
+
+    deadline = time.monotonic() + settle
+    now = count()
+    while now > 1 and time.monotonic() < deadline:  # 1: the turns' thread's own
+        time.sleep(0.05)
+        now = count()
+    return now
+
+
+def test_requests_close_their_connections_and_turns_keep_theirs(tmp_path_factory):
+    from tests.e2e import make_server
+
+    server, pg = make_server(tmp_path_factory)
+    if pg:
+        def connections():
+            return pg.connections()
+        most = 1
+    else:
+        def connections():
+            return open_database_files(server.proc.pid, server.data_dir / "sessions.db")
+        # SQLite keeps a closed connection's descriptor for reuse while
+        # another connection of the process holds locks on the file: the
+        # turns' connection and at most one closed one show.
+        most = 2
+    try:
+        server.chat("hello", "conn-user", "conn-thread").assert_ok()
+        # The turns' database thread keeps its connection (CONN_MAX_AGE=None):
+        # the next turn opens none.
+        assert 1 <= settled(connections) <= most
+        for _ in range(60):
+            status, _ = server.get_json("/api/sessions", resourceId="conn-user")
+            assert status == 200
+        # Each request ran on a thread of its own and closed its connection
+        # when it finished, not at garbage collection.
+        assert 1 <= settled(connections) <= most
+        server.chat("again", "conn-user", "conn-thread").assert_ok()
+        assert 1 <= settled(connections) <= most
+    finally:
+        try:
+            server.stop()
+        finally:
+            if pg:
+                pg.drop()

@@ -23,8 +23,8 @@ def libsql_file(path: Path) -> dict:
         # Connections persist (per thread): the turns' thread keeps one, so a
         # turn's first query skips opening the file, and the WAL is not
         # checkpointed and deleted each time a last connection closes (both
-        # together were ~6 ms of every turn). A request's own thread ends
-        # with the request and its connection with it.
+        # together were ~6 ms of every turn). A request's own connections
+        # close when it finishes (omni.db.connections).
         "CONN_MAX_AGE": None,
         # Tests run on a file of their own beside it, never in memory:
         # the engine under test is the one that serves.
@@ -37,7 +37,11 @@ def database_from_url(url: str | None, data_dir: Path) -> dict:
         return libsql_file(data_dir / "sessions.db")
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("postgres", "postgresql", "pgsql"):
-        config = dj_database_url.parse(url, conn_max_age=0)
+        # Persistent and health-checked, like the libSQL file's: the turns'
+        # thread keeps its connection (no connect and login per turn) and
+        # a broken one is replaced before its next use; requests close
+        # theirs when they finish (omni.db.connections).
+        config = dj_database_url.parse(url, conn_max_age=None, conn_health_checks=True)
         config["ENGINE"] = "django.db.backends.postgresql"
         return config
     if scheme in ("libsql", "ws", "wss"):
