@@ -344,10 +344,12 @@ async def measure_with(model_url: str) -> dict:
     try:
         out["defaults"] = await paired(server, options)
         out["raw"].update(warm=out["defaults"]["warm"], fresh=out["defaults"]["fresh"])
+        # The raw floor of 16 at once right before the project's (the server
+        # idle meanwhile), so both see the machine in the same state.
+        out["raw"]["concurrent"] = await raw_concurrent(options, CONCURRENT, TURNS)
         out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
     finally:
         server.stop()
-    out["raw"]["concurrent"] = await raw_concurrent(options, CONCURRENT, TURNS)
     server = start_server("cold", model_url, OMNI_SPARE_CLIENTS="0", OMNI_WARM_CLIENTS="0")
     try:
         out["cold"] = await project_cold(server)

@@ -150,8 +150,8 @@ class ProcessPool:
         self._bind_loop()
         warm = self.idle.pop(key, None)
         if warm is not None:
-            reason = None
-            if warm.pid is None:
+            reason, pid = None, warm.pid
+            if pid is None:
                 reason = "process gone"  # the CLI died (killed, crashed) while idle
             elif fork or session_id is None:
                 reason = "new session"
@@ -161,7 +161,7 @@ class ProcessPool:
                 reason = "stale"  # a turn ran elsewhere since this client's last one
             if reason is None:
                 self.busy += 1
-                log.info("[POOL] Reusing warm client thread=%s pid=%s", key[1], warm.pid)
+                log.info("[POOL] Reusing warm client thread=%s pid=%s", key[1], pid)
                 return Slot(warm, "warm")
             self._close(warm, key[1], reason)
         if session_id is None and not fork and (spares := self.spares.get(agent)):
@@ -205,15 +205,15 @@ class ProcessPool:
         warm.agent, warm.session_id, warm.version = agent, session_id, version
         warm.turns += 1
         warm.last_used = time.monotonic()
-        reason = None
+        reason, pid = None, warm.pid
         if self.stopping or settings.OMNI_WARM_CLIENTS <= 0:
             reason = "not kept"
         elif warm.turns >= settings.OMNI_WARM_MAX_TURNS:
             reason = f"recycled after {warm.turns} turns"
-        elif settings.OMNI_WARM_MAX_RSS_MB and (mb := rss_mb(warm.pid)) > settings.OMNI_WARM_MAX_RSS_MB:
-            reason = f"recycled at {mb:.0f} MB RSS"
-        elif warm.pid is None:
+        elif pid is None:
             reason = "process gone"
+        elif settings.OMNI_WARM_MAX_RSS_MB and (mb := rss_mb(pid)) > settings.OMNI_WARM_MAX_RSS_MB:
+            reason = f"recycled at {mb:.0f} MB RSS"
         if reason:
             self._close(warm, key[1], reason)
             return
