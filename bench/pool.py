@@ -50,6 +50,7 @@ from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, query
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = 15
+FIRSTS = 9  # first messages (raw) and new threads on a spare
 CONCURRENT, TURNS = 16, 4
 BURST = 60
 
@@ -145,7 +146,9 @@ async def raw_concurrent(options: dict, count: int, turns: int) -> list[float]:
 # --- the project through its websocket ----------------------------------------------
 
 class Peak:
-    """Peak RSS of a process and all its descendants, sampled every 50 ms."""
+    """Peak RSS of a process and all its descendants, and peak count of the
+    CLI processes it started (its children; not the CLIs' own helper
+    processes), sampled every 50 ms."""
 
     def __init__(self, pid: int):
         self.pid, self.peak_mb, self.peak_cli = pid, 0.0, 0
@@ -162,12 +165,12 @@ class Peak:
 
     def _run(self):
         from chat_app.pool import rss_mb
-        from tests.e2e import descendants, is_cli
+        from tests.e2e import _ppid, descendants, is_cli
 
         while not self._stop.is_set():
             pids = [self.pid, *descendants(self.pid)]
             self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
-            self.peak_cli = max(self.peak_cli, sum(1 for p in pids if is_cli(p)))
+            self.peak_cli = max(self.peak_cli, sum(1 for p in pids if _ppid(p) == self.pid and is_cli(p)))
             self._stop.wait(0.05)
 
 
@@ -210,14 +213,14 @@ async def paired(server, options: dict) -> dict[str, list[float]]:
     await raw.connect()
     try:
         fresh, spare, warm, follow = [], [], [], []
-        for i in range(5):
+        for i in range(FIRSTS):
             fresh.append(await raw_fresh(options, i))
             await wait_spare(server, i + 1)
             thread = f"spare-{uuid.uuid4().hex[:8]}"
             spare.append((await ws_turn(ws, thread, "bench", "hello"))[1])
         # Follow-ups in the steady state, not beside the used spare's
         # replacement starting (a CLI's start takes a core for ~0.5 s).
-        await wait_spare(server, 6)
+        await wait_spare(server, FIRSTS + 1)
         await raw_turn(raw, "hello")  # its first message is not a warm one
         for i in range(SAMPLES):
             warm.append(await raw_turn(raw, f"warm {i}"))

@@ -118,7 +118,8 @@ class ProcessPool:
         self.spares: dict[str, list[WarmClient]] = {}
         self.busy = 0  # processes held by running turns (or being started for them)
         self.starting = 0  # spares being started
-        self._closing: set[asyncio.Task] = set()
+        self._closing: set[asyncio.Task] = set()  # closed, their CLI not yet exited
+        self._exited = asyncio.Event()  # set (and replaced) whenever one has
         self._filling: asyncio.Task | None = None
         self._janitor: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,14 +131,23 @@ class ProcessPool:
         return sum(len(s) for s in self.spares.values())
 
     @property
-    def live(self) -> int:
+    def committed(self) -> int:
+        """Processes given out or kept: running turns (and the ones about to
+        start their CLI), warm clients, spares and spares starting."""
         return self.busy + len(self.idle) + self.spare_count + self.starting
+
+    @property
+    def live(self) -> int:
+        """Every CLI process this pool is answerable for: the committed ones
+        and the closed ones that have not exited yet (the budget's count)."""
+        return self.committed + len(self._closing)
 
     def counts(self) -> dict:
         return {
             "running": self.busy,
             "warm": len(self.idle),
             "spare": self.spare_count + self.starting,
+            "exiting": len(self._closing),
             "budget": settings.OMNI_MAX_PROCESSES,
         }
 
@@ -169,7 +179,9 @@ class ProcessPool:
             self.busy += 1
             log.info("[POOL] Using spare client agent=%s thread=%s pid=%s", agent, key[1], spare.pid)
             return Slot(spare, "spare")
-        if self.live >= settings.OMNI_MAX_PROCESSES and not self._evict_one(prefer_agent=agent):
+        # Refused only when every process is committed: a closed one still
+        # exiting frees its place in moments (``room`` waits for it).
+        if self.committed >= settings.OMNI_MAX_PROCESSES and not self._evict_one(prefer_agent=agent):
             log.warning(
                 "[POOL] Refused turn thread=%s: all %d processes busy (server_busy)",
                 key[1], settings.OMNI_MAX_PROCESSES,
@@ -180,6 +192,16 @@ class ProcessPool:
             )
         self.busy += 1
         return Slot(None, "cold")
+
+    async def room(self) -> None:
+        """Before a turn starts its own CLI: wait until the processes still
+        exiting (evicted for it, or closed just before) leave room for it in
+        the budget, so live CLI processes never outnumber it. They exit
+        within the SDK's disconnect timeout."""
+        if self.live > settings.OMNI_MAX_PROCESSES:
+            log.info("[POOL] Waiting for %d exiting client(s) to make room", len(self._closing))
+        while self.live > settings.OMNI_MAX_PROCESSES:
+            await self._exited.wait()
 
     def _evict_one(self, prefer_agent: str) -> bool:
         """Free one idle process for a turn: the least recently used warm
@@ -326,7 +348,12 @@ class ProcessPool:
         log.info("[POOL] Closing client thread=%s pid=%s: %s", thread_id or "-", warm.pid, reason)
         task = asyncio.get_running_loop().create_task(_disconnect(warm.client))
         self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(self._on_exit)
+
+    def _on_exit(self, task: asyncio.Task) -> None:
+        self._closing.discard(task)
+        self._exited.set()  # wake the turns waiting for room ...
+        self._exited = asyncio.Event()  # ... and the next exit wakes the next
 
     def _bind_loop(self) -> None:
         """The pool lives on one event loop (daphne's). A new loop (a test's)

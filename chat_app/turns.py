@@ -234,6 +234,7 @@ class Turn:
         try:
             if started:
                 async with silence():
+                    await pool.room()  # never more CLIs than the budget, exiting ones included
                     await client.connect()
             await client.query(spec.message)
             if self._interrupted:  # asked for before the CLI was up

@@ -334,14 +334,14 @@ class Server:
 
     def unaccounted_cli(self, timeout: float = 10) -> list[int]:
         """Wait until every CLI process below daphne is one its pool reports
-        (``GET /api/health``: running turns, warm clients, spares); the
-        processes beyond that count, if any."""
+        (``GET /api/health``: running turns, warm clients, spares, closed
+        ones still exiting); the processes beyond that count, if any."""
         deadline = time.monotonic() + timeout
         while True:
             _, _, health = self.request("GET", "/api/health")
             counts = health["processes"]
             live = self.cli_children()
-            extra = live[counts["running"] + counts["warm"] + counts["spare"]:]
+            extra = live[counts["running"] + counts["warm"] + counts["spare"] + counts["exiting"]:]
             if not extra or time.monotonic() > deadline:
                 return extra
             time.sleep(0.05)

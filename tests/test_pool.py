@@ -78,7 +78,7 @@ async def test_a_follow_up_is_answered_by_the_same_cli_process(warm):
     assert second[0]["resumed"] is True and second[-1]["type"] == "done"
     assert text(second) == ('Offline model heard: "What was my last question?". '
                             'Earlier questions: "What is 2+2?".')
-    assert pool.counts() == {"running": 0, "warm": 1, "spare": 0, "budget": 4}
+    assert pool.counts() == {"running": 0, "warm": 1, "spare": 0, "exiting": 0, "budget": 4}
     mapping = await services.get_metadata("warm-1", "wes")
     assert mapping.message_count == 4 and mapping.session_id == second[0]["sessionId"]
 
@@ -256,6 +256,40 @@ async def test_a_full_budget_refuses_with_server_busy_and_recovers(warm):
     # budget-a's warm client is idle now: it is evicted for budget-b
     events, _ = await turn("me too", thread="budget-b")
     assert events[-1]["type"] == "done" and list(pool.idle) == [("wes", "budget-b")]
+
+
+def cli_processes():
+    """The CLI processes this (test) process started and that still run."""
+    from tests.e2e import _ppid, is_cli
+
+    return [int(p) for p in os.listdir("/proc")
+            if p.isdigit() and _ppid(int(p)) == os.getpid() and is_cli(int(p))]
+
+
+async def test_an_evicted_client_still_exiting_counts_against_the_budget(warm):
+    warm.OMNI_MAX_PROCESSES = 2
+    await turn("first", thread="strict-a")
+    await turn("first", thread="strict-b")
+    assert len(pool.idle) == 2 and len(cli_processes()) == 2
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            peak = max(peak, len(cli_processes()))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        # A new thread on a full budget: strict-a's client is evicted, and
+        # the new CLI starts only once it has exited.
+        events, pid = await turn("first", thread="strict-c")
+    finally:
+        watcher.cancel()
+    assert events[-1]["type"] == "done"
+    assert peak == 2, f"{peak} CLI processes ran at once on a budget of 2"
+    assert list(pool.idle) == [("wes", "strict-b"), ("wes", "strict-c")]
+    assert pool.counts()["exiting"] == 0
 
 
 async def test_a_resource_over_its_concurrent_turns_is_rate_limited(warm):

@@ -166,7 +166,8 @@ async def test_health_without_a_channel_layer(offline_chat):
     response = await AsyncClient().get("/api/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "checks": {"database": "ok", "channelLayer": "off", "turns": "ok"},
-                               "processes": {"running": 0, "warm": 0, "spare": 0, "budget": 24, "draining": False}}
+                               "processes": {"running": 0, "warm": 0, "spare": 0, "exiting": 0, "budget": 24,
+                                             "draining": False}}
 
 
 async def test_health_needs_no_credentials(offline_chat):
