@@ -210,6 +210,7 @@ class Server:
         self.starts = 0
         self.log_path: Path | None = None
         self.seen_cli: set[int] = set()  # CLI pids seen below daphne
+        self.postgres: PostgresDatabase | None = None  # its own database, when make_server made one
 
     # --- lifecycle ---
     @property
@@ -632,6 +633,7 @@ def make_server(tmp_path_factory, server_class: type[Server] = Server,
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")
     pg = run_database()
     server = server_class(data_dir, pg.url if pg else None, **options)
+    server.postgres = pg
     try:
         server.start()
         if pg:  # the server migrated (and serves) the database of its own

@@ -284,10 +284,15 @@ def settled(count, settle: float = 3) -> int:
     return now
 
 
-def test_requests_close_their_connections_and_turns_keep_theirs(tmp_path_factory):
-    from tests.e2e import make_server
+@pytest.fixture
+def daphne(tmp_path_factory):
+    from tests.e2e import serving
 
-    server, pg = make_server(tmp_path_factory)
+    yield from serving(tmp_path_factory)
+
+
+def test_requests_close_their_connections_and_turns_keep_theirs(daphne):
+    server, pg = daphne, daphne.postgres
     if pg:
         def connections():
             return pg.connections()
@@ -299,22 +304,15 @@ def test_requests_close_their_connections_and_turns_keep_theirs(tmp_path_factory
         # another connection of the process holds locks on the file: the
         # turns' connection and at most one closed one show.
         most = 2
-    try:
-        server.chat("hello", "conn-user", "conn-thread").assert_ok()
-        # The turns' database thread keeps its connection (CONN_MAX_AGE=None):
-        # the next turn opens none.
-        assert 1 <= settled(connections) <= most
-        for _ in range(60):
-            status, _ = server.get_json("/api/sessions", resourceId="conn-user")
-            assert status == 200
-        # Each request ran on a thread of its own and closed its connection
-        # when it finished, not at garbage collection.
-        assert 1 <= settled(connections) <= most
-        server.chat("again", "conn-user", "conn-thread").assert_ok()
-        assert 1 <= settled(connections) <= most
-    finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+    server.chat("hello", "conn-user", "conn-thread").assert_ok()
+    # The turns' database thread keeps its connection (CONN_MAX_AGE=None):
+    # the next turn opens none.
+    assert 1 <= settled(connections) <= most
+    for _ in range(60):
+        status, _ = server.get_json("/api/sessions", resourceId="conn-user")
+        assert status == 200
+    # Each request ran on a thread of its own and closed its connection
+    # when it finished, not at garbage collection.
+    assert 1 <= settled(connections) <= most
+    server.chat("again", "conn-user", "conn-thread").assert_ok()
+    assert 1 <= settled(connections) <= most
