@@ -17,6 +17,8 @@ to the first ``text`` event through the websocket:
   its CLI, and a follow-up after eviction (a cold resume from the store);
 * 16 conversations at once, 4 turns each: p50/p95 to first text of first
   turns and follow-ups, wall time, peak RSS of daphne with its CLI children;
+  once with every follow-up at the same moment (the worst case), once with
+  a person's pause (1-3 s) before each, the raw clients the same way;
 * a burst of 60 new conversations at once with the default budget: how many
   were served, refused with ``server_busy``, failed otherwise; peak RSS; and
   whether the server still answers afterwards.
@@ -36,6 +38,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -52,11 +55,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = 15
 FIRSTS = 9  # first messages (raw) and new threads on a spare
 CONCURRENT, TURNS = 16, 4
+PAUSE = (1.0, 3.0)  # seconds a person takes to read a reply and send the next message
 BURST = 60
 
 
 def _ms(seconds: float) -> float:
     return seconds * 1000
+
+
+def pause(conversation: int, turn: int, paused: bool) -> float:
+    """Seconds conversation ``conversation`` waits before follow-up ``turn``:
+    none (every follow-up at the same moment, the worst case) or a person's
+    pause, the same for the raw clients and the project."""
+    return random.Random(conversation * 100 + turn).uniform(*PAUSE) if paused else 0.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -116,9 +127,10 @@ async def raw_fresh(options: dict, i: int) -> float:
         await client.disconnect()
 
 
-async def raw_concurrent(options: dict, count: int, turns: int) -> list[float]:
+async def raw_concurrent(options: dict, count: int, turns: int, paused: bool = False) -> list[float]:
     """``count`` warm clients, as :func:`conversations` drives the project:
-    first turns together, then each client's follow-ups, all at once."""
+    first turns together, then each client's follow-ups, all at once (or
+    each after a person's pause)."""
     opened = asyncio.Barrier(count)
 
     async def one(i):
@@ -127,6 +139,7 @@ async def raw_concurrent(options: dict, count: int, turns: int) -> list[float]:
         try:
             out = []
             for t in range(turns):
+                await asyncio.sleep(pause(i, t, paused and t > 0))
                 started, first = time.perf_counter(), None
                 await client.query(f"conversation {i} turn {t}")
                 async for message in client.receive_response():
@@ -246,11 +259,12 @@ async def project_cold(server) -> dict[str, list[float]]:
         await http.close()
 
 
-async def conversations(server, count: int, turns: int) -> dict:
+async def conversations(server, count: int, turns: int, paused: bool = False) -> dict:
     """``count`` conversations at once: their first turns together, then,
     once every conversation has its CLI, their follow-ups together (so the
     follow-ups measure warm turns under concurrency, not the spawns of the
-    other conversations' first turns)."""
+    other conversations' first turns), or with ``paused`` each follow-up
+    after a person's pause of its own."""
     opened = asyncio.Barrier(count)
 
     async def one(i):
@@ -258,6 +272,7 @@ async def conversations(server, count: int, turns: int) -> dict:
         try:
             thread, out = f"conc-{i}-{uuid.uuid4().hex[:6]}", []
             for t in range(turns):
+                await asyncio.sleep(pause(i, t, paused and t > 0))
                 out.append(await ws_turn(ws, thread, f"user-{i}", f"turn {t}"))
                 if t == 0:
                     await opened.wait()
@@ -351,6 +366,8 @@ async def measure_with(model_url: str) -> dict:
         # idle meanwhile), so both see the machine in the same state.
         out["raw"]["concurrent"] = await raw_concurrent(options, CONCURRENT, TURNS)
         out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
+        out["raw"]["paused"] = await raw_concurrent(options, CONCURRENT, TURNS, paused=True)
+        out["paused"] = await conversations(server, CONCURRENT, TURNS, paused=True)
     finally:
         server.stop()
     server = start_server("cold", model_url, OMNI_SPARE_CLIENTS="0", OMNI_WARM_CLIENTS="0")
@@ -387,10 +404,17 @@ def rows_of(m: dict) -> list[tuple[str, float, str]]:
         (f"raw SDK: {CONCURRENT} warm clients x {TURNS} at once, follow-up p50",
          p50(m["raw"]["concurrent"]), "ms"),
         (f"{CONCURRENT} conversations x {TURNS}: follow-up p95", pct(conc["follow"], 0.95), "ms"),
+        (f"raw SDK: {CONCURRENT} warm clients x {TURNS}, {PAUSE[0]:g}-{PAUSE[1]:g} s pause before each "
+         "follow-up, follow-up p50", p50(m["raw"]["paused"]), "ms"),
+        (f"{CONCURRENT} conversations x {TURNS}, {PAUSE[0]:g}-{PAUSE[1]:g} s pause before each follow-up: "
+         "follow-up p50", p50(m["paused"]["follow"]), "ms"),
+        (f"{CONCURRENT} conversations x {TURNS}, {PAUSE[0]:g}-{PAUSE[1]:g} s pause before each follow-up: "
+         "follow-up p95", pct(m["paused"]["follow"], 0.95), "ms"),
         (f"{CONCURRENT} conversations x {TURNS}: wall time", conc["wall"], "s"),
         (f"{CONCURRENT} conversations x {TURNS}: peak RSS, daphne + CLIs", conc["peak_mb"], "MB"),
         (f"{CONCURRENT} conversations x {TURNS}: peak CLI processes", conc["peak_cli"], "processes"),
-        (f"{CONCURRENT} conversations x {TURNS}: failed turns", conc["failed"], "turns"),
+        (f"{CONCURRENT} conversations x {TURNS}: failed turns (both runs)",
+         conc["failed"] + m["paused"]["failed"], "turns"),
         (f"burst of {BURST} new conversations: served", b["served"], "conversations"),
         (f"burst of {BURST} new conversations: server_busy", b["busy"], "conversations"),
         (f"burst of {BURST} new conversations: other errors", b["other"], "conversations"),
@@ -423,10 +447,12 @@ def write_results(m: dict, rows) -> None:
         return
     labels = ["raw: process\nper message", "raw: warm\nclient", "raw: a client's\nfirst message",
               "new thread\n(spare)", "new thread\n(no spare)", "follow-up\n(warm)", "follow-up\n(cold)",
-              f"raw: {CONCURRENT} warm\nclients at once", f"{CONCURRENT} at once:\nfollow-up p50"]
-    values = [row[1] for row in rows[:7]] + [rows[11][1], rows[10][1]]
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    bars = ax.bar(labels, values, color=["#999", "#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#999", "#37a"])
+              f"raw: {CONCURRENT} warm\nclients at once", f"{CONCURRENT} at once:\nfollow-up p50",
+              f"raw: {CONCURRENT} with\npauses", f"{CONCURRENT} with pauses:\nfollow-up p50"]
+    values = [row[1] for row in rows[:7]] + [rows[11][1], rows[10][1], rows[13][1], rows[14][1]]
+    fig, ax = plt.subplots(figsize=(12.5, 4.2))
+    bars = ax.bar(labels, values, color=["#999", "#999", "#999", "#3a7", "#c84", "#3a7", "#c84", "#999", "#37a",
+                                         "#999", "#37a"])
     ax.bar_label(bars, fmt="%.0f ms", fontsize=8)
     ax.set_ylabel("time to first text (ms)")
     ax.set_title(f"Time to first text, p50 ({machine()})", fontsize=9)
