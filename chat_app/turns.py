@@ -383,7 +383,6 @@ async def until_silent(messages):
         yield message
 
 
-
 async def fork_point(session_id: str, message_uuid: str | None) -> str | None:
     """Where to cut a fork at ``atMessageUuid``: the last transcript entry of
     that message (a reply can span several entries, named by the first)."""
@@ -574,7 +573,8 @@ registry = TurnRegistry()
 def process_counts() -> dict:
     """This process's live Claude CLI processes, for ``GET /api/health``:
     ``running`` (turns in progress), ``warm`` (idle warm clients), ``spare``
-    (started for new threads), ``budget`` (their limit), and ``draining``."""
+    (started for new threads), ``exiting`` (closed, not yet exited),
+    ``budget`` (their limit), and ``draining``."""
     return {**pool.counts(), "draining": registry.draining}
 
 

@@ -628,6 +628,40 @@ class WSClient:
 
 # --- fixtures ----------------------------------------------------------------------
 
+class ServerPair:
+    """Servers ``a`` and ``b`` on one database: ``pg``, a PostgreSQL
+    database of their own dropped at the end, or None. Subclasses set the
+    three in ``__init__``; :meth:`cleanup` is for anything else they share."""
+
+    a: Server
+    b: Server
+    pg: PostgresDatabase | None = None
+
+    def __iter__(self):
+        return iter((self.a, self.b))
+
+    def start(self) -> None:
+        self.a.start()
+        self.b.start()
+
+    def stop(self) -> None:
+        """Stop both (each checked for leftover CLI processes), drop the database, clean up."""
+        try:
+            try:
+                self.a.stop()
+            finally:
+                self.b.stop()
+        finally:
+            try:
+                if self.pg:
+                    self.pg.drop()
+            finally:
+                self.cleanup()
+
+    def cleanup(self) -> None:
+        pass
+
+
 def make_server(tmp_path_factory, server_class: type[Server] = Server,
                 **options) -> tuple[Server, PostgresDatabase | None]:
     data_dir = tmp_path_factory.mktemp("omni-e2e-server")

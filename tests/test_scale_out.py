@@ -26,7 +26,9 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.conftest import ci
-from tests.e2e import PostgresDatabase, Server, WSClient, descendants, is_cli, new_id, postgres_url, reply
+from tests.e2e import (
+    PostgresDatabase, Server, ServerPair, WSClient, descendants, is_cli, new_id, postgres_url, reply,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
 
@@ -85,7 +87,7 @@ class Worker(Server):
         proc.wait(timeout=10)
 
 
-class Cluster:
+class Cluster(ServerPair):
     def __init__(self, tmp: Path):
         self.pg = PostgresDatabase(postgres_url())
         self.prefix = f"omni-test-{uuid.uuid4().hex[:8]}"
@@ -95,26 +97,14 @@ class Cluster:
         self.a = Worker(tmp / "worker-a", self.pg.url, self.env)
         self.b = Worker(tmp / "worker-b", self.pg.url, self.env)
 
-    def start(self) -> None:
-        self.a.start()
-        self.b.start()
+    def cleanup(self) -> None:
+        """The workers' keys in Redis."""
+        import redis
 
-    def stop(self) -> None:
-        try:
-            try:
-                self.a.stop()
-            finally:
-                self.b.stop()
-        finally:
-            try:
-                self.pg.drop()
-            finally:
-                import redis
-
-                client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
-                keys = list(client.scan_iter(match=f"{self.prefix}*"))
-                if keys:
-                    client.delete(*keys)
+        client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
+        keys = list(client.scan_iter(match=f"{self.prefix}*"))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(scope="module")

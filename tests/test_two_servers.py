@@ -20,6 +20,7 @@ import pytest
 from tests.e2e import (
     ROOT,
     Server,
+    ServerPair,
     new_id,
     python_bin,
     reply,
@@ -46,7 +47,7 @@ class PairServer(Server):
         return env
 
 
-class Pair:
+class Pair(ServerPair):
     """Servers A and B on one shared database."""
 
     def __init__(self, tmp: Path, *, shared_workspace: bool):
@@ -60,23 +61,6 @@ class Pair:
         self.a = PairServer(tmp / "server-a", self.database_url, extra)
         self.b = PairServer(tmp / "server-b", self.database_url, extra)
 
-    def __iter__(self):
-        return iter((self.a, self.b))
-
-    def start(self) -> None:
-        self.a.start()
-        self.b.start()
-
-    def stop(self) -> None:
-        """Stop both (each checked for leftover CLI processes), drop the database."""
-        try:
-            try:
-                self.a.stop()
-            finally:
-                self.b.stop()
-        finally:
-            if self.pg:
-                self.pg.drop()
 
     def db_state(self, session_id: str) -> dict[str, int]:
         """Rows of ``session_id`` in the shared database, counted by the

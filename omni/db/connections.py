@@ -5,10 +5,11 @@ The embedded libSQL file's and PostgreSQL's connections persist
 health-checked before reuse) for the one long-lived thread that needs it:
 the thread the turns and websocket consumers run their ORM work on
 (asgiref's shared executor), where reopening the file on every turn cost
-~6 ms and a PostgreSQL connect and login a round trip or more. An HTTP request runs its ORM work on an executor thread of its own
-that ends with the request; this receiver closes that thread's connections
-when the request finishes, as Django does with ``CONN_MAX_AGE=0``, instead of
-leaving them open until garbage collection.
+~6 ms and a PostgreSQL connect and login a round trip or more. An HTTP
+request runs its ORM work on an executor thread of its own that ends with
+the request; this receiver closes that thread's connections when the
+request finishes, as Django does with ``CONN_MAX_AGE=0``, instead of leaving
+them open until garbage collection.
 """
 
 from django.db import connections
