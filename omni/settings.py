@@ -2,7 +2,11 @@
 
 import os
 import secrets
+import tempfile
+import time
 from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
 
 from omni.db.urls import database_from_url
 
@@ -22,17 +26,70 @@ CLAUDE_CONFIG_DIR = Path(os.environ.get("CLAUDE_CONFIG_DIR") or DATA_DIR / "clau
 OMNI_WORKSPACE_DIR = Path(os.environ.get("OMNI_WORKSPACE_DIR") or DATA_DIR / "workspace").expanduser()
 
 
-def _secret_key() -> str:
+def _read_secret_key(path: Path, wait: float = 5.0) -> str | None:
+    """The key in ``path``; None when there is no such file. A file still
+    empty (made by a writer without hard links, see below) is waited for."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            key = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if key:
+            return key
+        if time.monotonic() > deadline:
+            raise ImproperlyConfigured(
+                f"{path} is empty: delete it (a new key is generated) or set OMNI_SECRET_KEY")
+        time.sleep(0.05)
+
+
+def _create_secret_key(path: Path) -> None:
+    """Write a new key to ``path`` unless another process got there first.
+
+    Workers sharing a data dir may start at the same moment: exactly one key
+    wins, and no one ever reads a partial file or one readable by others.
+    The key goes to a temporary file of mode 0600 (``mkstemp``) beside
+    ``path``, then is hard-linked to ``path``, which fails if it exists.
+    A filesystem without hard links gets ``O_CREAT | O_EXCL`` (mode 0600),
+    whose readers wait for its content."""
+    key = secrets.token_urlsafe(50)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            return  # another process's key won: use it
+        except OSError:
+            pass  # no hard links here
+    finally:
+        os.unlink(tmp)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+
+
+def _secret_key() -> tuple[str, Path | None]:
+    """``OMNI_SECRET_KEY``, else the key in ``<OMNI_DATA_DIR>/secret_key``
+    (generated on first use); and that file, if the key came from it."""
     if key := os.environ.get("OMNI_SECRET_KEY"):
-        return key
+        return key, None
     path = DATA_DIR / "secret_key"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    if (key := _read_secret_key(path)) is None:
+        _create_secret_key(path)
+        key = _read_secret_key(path)
+    return key, path
 
 
-SECRET_KEY = _secret_key()
+# A secret_key file readable by others is reported by `manage.py check` (omni.W002).
+SECRET_KEY, SECRET_KEY_FILE = _secret_key()
 DEBUG = env_flag("OMNI_DEBUG")
 ALLOWED_HOSTS = os.environ.get("OMNI_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
 CSRF_TRUSTED_ORIGINS = [

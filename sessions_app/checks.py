@@ -1,4 +1,6 @@
-"""Deployment checks of our own (``manage.py check --deploy``)."""
+"""Checks of our own (``manage.py check``; ``--deploy`` for production-only ones)."""
+
+import stat
 
 from django.conf import settings
 from django.core.checks import Tags, Warning, register
@@ -14,3 +16,21 @@ def omni_deploy_checks(app_configs, **kwargs):
             id="omni.W001",
         ))
     return problems
+
+
+@register(Tags.security)
+def omni_secret_key_file(app_configs, **kwargs):
+    """The generated ``<OMNI_DATA_DIR>/secret_key`` is for the server's user only."""
+    path = getattr(settings, "SECRET_KEY_FILE", None)
+    try:
+        mode = path.stat().st_mode if path else 0
+    except OSError:
+        return []
+    if stat.S_IMODE(mode) & 0o077:
+        return [Warning(
+            f"{path} (Django's SECRET_KEY) has mode {stat.S_IMODE(mode):o}: "
+            "other users of this machine may read or change it.",
+            hint=f"chmod 600 {path}, or set OMNI_SECRET_KEY instead.",
+            id="omni.W002",
+        )]
+    return []
