@@ -25,6 +25,7 @@ from sessions_app.errors import (
     NotFound,
     Unavailable,
     describe_validation,
+    unavailable_retry_after,
 )
 
 log = logging.getLogger("omni.api")
@@ -107,8 +108,11 @@ api = OmniAPI(
 
 def error_response(request, exc: ApiError):
     response = api.create_response(request, exc.as_dict(), status=exc.status)
-    if exc.retry_after is not None:
-        response["Retry-After"] = str(exc.retry_after)
+    retry_after = exc.retry_after
+    if retry_after is None and exc.status == 503:  # e.g. a status set after the error was made
+        retry_after = unavailable_retry_after()
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
     return response
 
 

@@ -10,13 +10,15 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    retry_after: int | None = None  # seconds: a ``Retry-After`` header (429, 503)
+    retry_after: int | None = None  # seconds: a ``Retry-After`` header (409, 429, 503)
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
+        if retry_after is None and self.status == 503:
+            retry_after = unavailable_retry_after()  # every 503 says when to try again
         if retry_after is not None:
             self.retry_after = max(1, int(retry_after))
 
@@ -56,6 +58,8 @@ class RateLimited(ApiError):
 
 
 class Unavailable(ApiError):
+    """The database or the model cannot be reached: 503 with ``Retry-After``."""
+
     status, code = 503, "unavailable"
 
 
@@ -63,6 +67,14 @@ class ServerBusy(Unavailable):
     """Every live Claude process of this server is busy (or it is stopping)."""
 
     code = "server_busy"
+
+
+def unavailable_retry_after() -> int:
+    """The ``Retry-After`` seconds of a 503 that names none of its own
+    (``OMNI_BUSY_RETRY_AFTER``, as ``server_busy``)."""
+    from django.conf import settings
+
+    return getattr(settings, "OMNI_BUSY_RETRY_AFTER", 2)
 
 
 def describe_validation(errors) -> str:

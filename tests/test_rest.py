@@ -12,7 +12,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
 from django.contrib.staticfiles import finders
-from django.db import OperationalError, connection
+from django.db import IntegrityError, OperationalError, connection
 from django.utils import timezone
 
 from sessions_app import services
@@ -411,8 +411,18 @@ def test_database_errors_are_503(client, target, request_):
     with mock.patch.object(
         services, target, side_effect=OperationalError("could not connect to server")
     ):
-        error = assert_error(request_(client), 503)
+        response = request_(client)
+    error = assert_error(response, 503)
     assert "could not connect" not in error["message"]  # no driver details to clients
+    assert int(response["Retry-After"]) >= 1  # when to try again
+
+
+def test_every_database_503_says_when_to_try_again(client, settings):
+    settings.OMNI_BUSY_RETRY_AFTER = 7
+    with mock.patch.object(services, "list_sessions", side_effect=IntegrityError("duplicate key")):
+        response = listing(client, resourceId="alice")
+    assert assert_error(response, 503)["code"] == "database_error"
+    assert response["Retry-After"] == "7"
 
 
 def test_a_lost_database_connection_is_503(client):
@@ -422,9 +432,11 @@ def test_a_lost_database_connection_is_503(client):
         raise OperationalError("connection refused")
 
     with mock.patch.object(connection, "ensure_connection", side_effect=unreachable):
-        assert_error(listing(client, resourceId="alice"), 503)
-        assert_error(metadata(client, {"threadId": "t1", "resourceId": "alice"}), 503)
-        assert_error(delete(client, {"threadId": "t1", "resourceId": "alice"}), 503)
+        for response in (listing(client, resourceId="alice"),
+                         metadata(client, {"threadId": "t1", "resourceId": "alice"}),
+                         delete(client, {"threadId": "t1", "resourceId": "alice"})):
+            assert assert_error(response, 503)["code"] == "unavailable"
+            assert int(response["Retry-After"]) >= 1
     assert SessionMapping.objects.filter(thread_id="t1").exists()
 
 
