@@ -1,7 +1,11 @@
-"""SSE: ``POST /api/chat`` and ``POST /api/chat/fork`` (contract §5)."""
+"""SSE: ``POST /api/chat``, ``POST /api/chat/fork`` and ``GET /api/chat/stream``
+(contract §5)."""
 
+import asyncio
 import json
+import re
 
+from django.conf import settings
 from django.http import StreamingHttpResponse
 from ninja import Query, Router, Schema
 
@@ -14,6 +18,8 @@ from .schemas import ChatIn, ForkIn
 from .turns import start_turn
 
 router = Router(tags=["chat"])
+# An SSE id: the turn and the event's seq in it (ASCII only, bounded).
+LAST_EVENT_ID = re.compile(r"^(?P<turn>[A-Za-z0-9]{1,64}):(?P<seq>[0-9]{1,9})$", re.ASCII)
 ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 429, 503)}
 SSE_DOC = {
     "responses": {
@@ -32,7 +38,8 @@ SSE_DOC = {
                                 "contentMediaType": "application/json",
                                 "contentSchema": {"$ref": "#/components/schemas/ChatEvent"},
                             },
-                            "id": {"type": "string", "description": "the event's `seq`"},
+                            "id": {"type": "string", "description": "`<turnId>:<seq>`: the event's turn "
+                                   "and position, for `Last-Event-ID`"},
                             "event": {"type": "string"},
                         },
                     },
@@ -43,12 +50,41 @@ SSE_DOC = {
 }
 
 
-def sse_response(events) -> StreamingHttpResponse:
-    """A turn's events (an async iterator) as ``id: <seq>`` + ``data: <json>``."""
+HEARTBEAT = ": keep-alive\n\n"
 
-    async def stream():
-        async for event in events:
-            yield f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n"
+
+async def with_heartbeat(events, interval: float):
+    """``events`` as SSE text, with a comment line after every ``interval``
+    seconds of quiet (a proxy's idle timeout must not cut a quiet turn)."""
+    iterator = aiter(events)
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(iterator))
+            try:
+                while True:
+                    # wait without cancelling the step: the stream goes on
+                    done, _ = await asyncio.wait({step}, timeout=interval)
+                    if done:
+                        break
+                    yield HEARTBEAT
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if not step.done():
+                    step.cancel()
+            yield f"id: {event['turnId']}:{event['seq']}\ndata: {json.dumps(event)}\n\n"
+    finally:
+        if (close := getattr(iterator, "aclose", None)) is not None:
+            await close()
+
+
+def sse_response(events) -> StreamingHttpResponse:
+    """A turn's events (an async iterator) as ``id: <turnId>:<seq>`` +
+    ``data: <json>``, with heartbeats (``OMNI_SSE_HEARTBEAT_SECONDS``)."""
+
+    def stream():
+        return with_heartbeat(events, float(settings.OMNI_SSE_HEARTBEAT_SECONDS))
 
     response = StreamingHttpResponse(stream(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
@@ -77,18 +113,22 @@ class StreamQuery(Schema):
     **SSE_DOC,
     "parameters": [{
         "in": "header", "name": "Last-Event-ID", "required": False,
-        "schema": {"type": "integer", "minimum": 0},
-        "description": "the `seq` of the last event the client has: only later events are sent",
+        "schema": {"type": "string", "pattern": LAST_EVENT_ID.pattern},
+        "description": "the SSE `id` (`<turnId>:<seq>`) of the last event the client has: only "
+                       "later events of that turn are sent (its tail if it ended moments ago); "
+                       "404 when that turn is gone",
     }],
 }, summary="Follow a thread's running turn (SSE)")
 async def follow(request, query: Query[StreamQuery]):
     """Every event of the thread's running turn (on any server process sharing the
-    channel layer), or only those after `Last-Event-ID`, then the rest live. 404 when
-    no turn runs (with `Last-Event-ID`: nor ended in the last moments)."""
-    after = None
+    channel layer), then the rest live; with `Last-Event-ID`, only the later events of the
+    turn it names. 404 when no turn runs (with `Last-Event-ID`: when that turn neither
+    runs nor ended in the last moments)."""
+    turn_id = after = None
     if (last := request.headers.get("Last-Event-ID")) is not None:
-        if not last.strip().isdigit():
-            raise BadRequest("Last-Event-ID must be the seq (a non-negative integer) of an event")
-        after = int(last)
+        match = LAST_EVENT_ID.fullmatch(last.strip())
+        if match is None:
+            raise BadRequest("Last-Event-ID must be an event's SSE id: <turnId>:<seq>")
+        turn_id, after = match["turn"], int(match["seq"])
     resource = resolve_resource(await request_user(request), query.resourceId)
-    return sse_response(await streams.follow(resource, query.threadId, after))
+    return sse_response(await streams.follow(resource, query.threadId, turn_id=turn_id, after=after))

@@ -6,12 +6,11 @@ class ChatAppConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self):
-        from sessions_app.signals import thread_deleted
+        from sessions_app.signals import sessions_pruned, thread_deleted
 
-        from .pool import pool
+        from . import receivers
 
-        def drop_warm_client(sender, thread_id, resource_id, **kwargs):
-            # A deleted thread leaves no process holding its conversation.
-            pool.forget((resource_id, thread_id))
-
-        thread_deleted.connect(drop_warm_client, weak=False, dispatch_uid="chat_app.pool.forget")
+        thread_deleted.connect(receivers.thread_deleted, weak=False,
+                               dispatch_uid="chat_app.receivers.thread_deleted")
+        sessions_pruned.connect(receivers.sessions_pruned, weak=False,
+                                dispatch_uid="chat_app.receivers.sessions_pruned")

@@ -12,8 +12,8 @@ data it protects (the mapping and the transcript) instead of in a second
 system with its own failure modes. A take is one atomic statement, the
 same on SQLite/libSQL (3.35+) and PostgreSQL, one round trip on every turn::
 
-    INSERT INTO lease (key, owner=me, token=1, expires_at=now+ttl)
-    ON CONFLICT (key) DO UPDATE SET owner=me, token=token+1, expires_at=now+ttl
+    INSERT INTO lease (key, turn_id=mine, token=1, expires_at=now+ttl, holder=me)
+    ON CONFLICT (key) DO UPDATE SET turn_id=mine, token=token+1, expires_at=now+ttl, holder=me
         WHERE lease.expires_at <= now
     RETURNING token
 
@@ -22,11 +22,23 @@ lease taken over. A live lease fails the ``WHERE`` and nothing comes back.
 Two takers racing on an expired row are serialized by the database: the
 second sees the row no longer expired.
 
+**A dead holder on this host.** The row names its holder: the host
+(:data:`HOST_ID`: the kernel's boot id, the pid namespace and the host name,
+hashed) and the process (pid and its start time, so a reused pid is not
+mistaken for it). When the take fails, the live lease is read; if its holder
+is a process of this host that no longer runs (a worker killed and
+restarted), it is taken at once, conditional on the same ``turn_id``, instead
+of waiting out the TTL. A lease held on another host is waited out: this
+process cannot know whether that one lives. Either way ``thread_busy``
+carries ``Retry-After``: the lease's remaining time.
+
 ``token`` is the fencing token: it grows on every take. Renewal and release
-are conditional on ``owner`` (which names one take), so a holder that lost
+are conditional on ``turn_id`` (which names one take), so a holder that lost
 its lease (it stalled past the expiry and another worker took over) cannot
 extend or release the new holder's lease; it learns it lost at its next
-renewal, and :meth:`Lease.check` tells a writer before it writes.
+renewal, and :meth:`Lease.check` tells a writer before it writes. A thread's
+row is deleted with the thread (:func:`forget_sync`), which a running turn
+learns the same way.
 
 Times are the workers' clocks (``timezone.now()``): keep them in sync (NTP);
 a skew eats into the TTL.
@@ -35,12 +47,13 @@ a skew eats into the TTL.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import math
 import os
 import socket
-import uuid
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -53,13 +66,75 @@ from .models import ThreadLease
 
 log = logging.getLogger("omni.chat")
 
-# Names this process in the owner column (for people reading the table).
-PROCESS = f"{socket.gethostname()}:{os.getpid()}"
-
 
 def lease_seconds() -> float:
     return float(settings.OMNI_LEASE_SECONDS)
 
+
+# --- who holds a lease ---------------------------------------------------------------
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot, ``/proc/<pid>/stat``
+    field 22), or None if it does not run (a zombie does not run)."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces or ")"
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _host_id() -> str:
+    """This host, as far as pids mean the same thing: one kernel boot and one
+    pid namespace (and the host name, for hosts without ``/proc``, which
+    never match: see :func:`holder_is_dead`)."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    if not boot or not namespace:
+        return ""
+    return hashlib.sha256(f"{boot}|{namespace}|{socket.gethostname()}".encode()).hexdigest()[:32]
+
+
+HOST = socket.gethostname()[:255]
+HOST_ID = _host_id()
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The server process taking a lease."""
+
+    host_id: str
+    pid: int
+    started: int | None
+
+    @classmethod
+    def me(cls) -> Holder:
+        # Read each time: a forked worker (gunicorn-style) has its own pid.
+        return cls(HOST_ID, os.getpid(), process_start(os.getpid()))
+
+
+def holder_is_dead(row: ThreadLease) -> bool:
+    """True only when the row's holder certainly no longer runs: a process
+    of this host (same boot, same pid namespace) whose pid is gone or now
+    names another process. Anything unknown counts as alive."""
+    if not HOST_ID or row.host_id != HOST_ID or not row.pid or row.pid_started is None:
+        return False
+    return process_start(row.pid) != row.pid_started
+
+
+# --- the lease -------------------------------------------------------------------------
 
 class LeaseLost(Exception):
     """This process no longer holds the thread's lease."""
@@ -69,28 +144,38 @@ class LeaseLost(Exception):
 class Lease:
     resource_id: str
     thread_id: str
-    owner: str
+    turn_id: str
     token: int
+    expires_at: datetime = field(default_factory=timezone.now)
     released: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.resource_id, self.thread_id)
 
+    def remaining(self) -> float:
+        """Seconds until this lease runs out unless renewed."""
+        return max(0.0, (self.expires_at - timezone.now()).total_seconds())
+
     def _row(self):
         return ThreadLease.objects.filter(
-            resource_id=self.resource_id, thread_id=self.thread_id, owner=self.owner)
+            resource_id=self.resource_id, thread_id=self.thread_id, turn_id=self.turn_id)
 
     # --- sync (ORM) ---
     def renew_sync(self) -> bool:
         """Push the expiry out by a TTL; False if the lease was lost."""
-        expires = timezone.now() + timedelta(seconds=lease_seconds())
-        return self._row().filter(expires_at__gt=timezone.now()).update(expires_at=expires) == 1
+        now = timezone.now()
+        expires = now + timedelta(seconds=lease_seconds())
+        if self._row().filter(expires_at__gt=now).update(expires_at=expires) == 1:
+            self.expires_at = expires
+            return True
+        return False
 
     def release_sync(self) -> None:
-        """Let the lease lapse now (the row and its token stay for the next take)."""
+        """Let the lease lapse now (the row, its token and ``turn_id`` stay:
+        they name the thread's last turn for a client reconnecting to it)."""
         self.released = True  # first: a renewal racing the release is not a loss
-        self._row().update(expires_at=timezone.now() - timedelta(seconds=1), owner="")
+        self._row().update(expires_at=timezone.now() - timedelta(seconds=1))
 
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()
@@ -109,37 +194,95 @@ class Lease:
             raise LeaseLost(f"the lease of thread {self.thread_id!r} (token {self.token}) was lost")
 
 
-def acquire_sync(resource_id: str, thread_id: str) -> Lease | None:
-    """Take the thread's lease, or None if another turn holds it."""
-    owner = f"{PROCESS}:{uuid.uuid4().hex}"
-    now = timezone.now()
-    expires = now + timedelta(seconds=lease_seconds())
+def _take(resource_id: str, thread_id: str, turn_id: str, holder: Holder, now, expires) -> int | None:
+    """The atomic take (see the module doc): the new token, or None."""
+    connection = connections[router.db_for_write(ThreadLease)]
+    quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
+    table = quote(ThreadLease._meta.db_table)
+    column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
+    written = ["turn_id", "expires_at", "host", "host_id", "pid", "pid_started"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({column['resource_id']}, {column['thread_id']}, {column['token']}, "
+            + ", ".join(column[name] for name in written)
+            + f") VALUES (%s, %s, 1, {', '.join(['%s'] * len(written))}) "
+            f"ON CONFLICT ({column['resource_id']}, {column['thread_id']}) DO UPDATE SET "
+            f"{column['token']} = {table}.{column['token']} + 1, "
+            + ", ".join(f"{column[name]} = excluded.{column[name]}" for name in written)
+            + f" WHERE {table}.{column['expires_at']} <= %s "
+            f"RETURNING {column['token']}",
+            [resource_id, thread_id, turn_id, adapt(expires), HOST, holder.host_id, holder.pid,
+             holder.started, adapt(now)],
+        )
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def _take_from_dead(row: ThreadLease, turn_id: str, holder: Holder, expires) -> int | None:
+    """Take a live lease whose holder died, if it is still that holder's."""
     connection = connections[router.db_for_write(ThreadLease)]
     quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
     table = quote(ThreadLease._meta.db_table)
     column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {table} ({column['resource_id']}, {column['thread_id']}, {column['owner']}, "
-            f"{column['token']}, {column['expires_at']}) VALUES (%s, %s, %s, 1, %s) "
-            f"ON CONFLICT ({column['resource_id']}, {column['thread_id']}) DO UPDATE SET "
-            f"{column['owner']} = excluded.{column['owner']}, "
-            f"{column['token']} = {table}.{column['token']} + 1, "
-            f"{column['expires_at']} = excluded.{column['expires_at']} "
-            f"WHERE {table}.{column['expires_at']} <= %s "
+            f"UPDATE {table} SET {column['token']} = {column['token']} + 1, {column['turn_id']} = %s, "
+            f"{column['expires_at']} = %s, {column['host']} = %s, {column['host_id']} = %s, "
+            f"{column['pid']} = %s, {column['pid_started']} = %s "
+            f"WHERE {column['id']} = %s AND {column['turn_id']} = %s AND {column['token']} = %s "
             f"RETURNING {column['token']}",
-            [resource_id, thread_id, owner, adapt(expires), adapt(now)],
+            [turn_id, adapt(expires), HOST, holder.host_id, holder.pid, holder.started,
+             row.pk, row.turn_id, row.token],
         )
-        row = cursor.fetchone()
-    return None if row is None else Lease(resource_id, thread_id, owner, row[0])
+        taken = cursor.fetchone()
+    return None if taken is None else taken[0]
 
 
-async def acquire(resource_id: str, thread_id: str) -> Lease:
-    """Take the thread's lease or raise 409 ``thread_busy``."""
-    lease = await sync_to_async(acquire_sync)(resource_id, thread_id)
-    if lease is None:
-        raise Conflict(f"thread {thread_id!r} is busy with another turn", code="thread_busy")
-    return lease
+@dataclass
+class Busy:
+    """The thread's lease is held by a live turn: for ``Retry-After``."""
+
+    turn_id: str
+    retry_after: int
+
+
+def acquire_sync(resource_id: str, thread_id: str, turn_id: str) -> Lease | Busy:
+    """Take the thread's lease for turn ``turn_id``, or say how long it is busy."""
+    holder = Holder.me()
+    now = timezone.now()
+    expires = now + timedelta(seconds=lease_seconds())
+    token = _take(resource_id, thread_id, turn_id, holder, now, expires)
+    if token is not None:
+        return Lease(resource_id, thread_id, turn_id, token, expires)
+    row = latest_sync(resource_id, thread_id)
+    if row is not None and row.expires_at > now and holder_is_dead(row):
+        token = _take_from_dead(row, turn_id, holder, expires)
+        if token is not None:
+            log.warning(
+                "[CHAT] Took over the lease of thread %s from process %s, which died (turn %s)",
+                thread_id, row.pid, row.turn_id)
+            return Lease(resource_id, thread_id, turn_id, token, expires)
+        row = latest_sync(resource_id, thread_id)  # someone else was quicker: how long now?
+    if row is None or row.expires_at <= now:  # released meanwhile: try once more
+        token = _take(resource_id, thread_id, turn_id, holder, now, expires)
+        if token is not None:
+            return Lease(resource_id, thread_id, turn_id, token, expires)
+        row = latest_sync(resource_id, thread_id)
+    left = (row.expires_at - now).total_seconds() if row is not None else 1
+    return Busy(row.turn_id if row is not None else "", max(1, math.ceil(left)))
+
+
+def busy_error(thread_id: str, retry_after: int | float) -> Conflict:
+    return Conflict(f"thread {thread_id!r} is busy with another turn", code="thread_busy",
+                    retry_after=max(1, math.ceil(retry_after)))
+
+
+async def acquire(resource_id: str, thread_id: str, turn_id: str) -> Lease:
+    """Take the thread's lease or raise 409 ``thread_busy`` (with ``Retry-After``)."""
+    taken = await sync_to_async(acquire_sync)(resource_id, thread_id, turn_id)
+    if isinstance(taken, Busy):
+        raise busy_error(thread_id, taken.retry_after)
+    return taken
 
 
 def active_sync(resource_id: str, thread_id: str) -> ThreadLease | None:
@@ -153,12 +296,27 @@ async def active(resource_id: str, thread_id: str) -> ThreadLease | None:
 
 
 def latest_sync(resource_id: str, thread_id: str) -> ThreadLease | None:
-    """The thread's lease row, live or not: its token names the last turn."""
+    """The thread's lease row, live or not: its ``turn_id`` names the last turn."""
     return ThreadLease.objects.filter(resource_id=resource_id, thread_id=thread_id).first()
 
 
 async def latest(resource_id: str, thread_id: str) -> ThreadLease | None:
     return await sync_to_async(latest_sync)(resource_id, thread_id)
+
+
+def expire_dead_sync(row: ThreadLease) -> bool:
+    """Let the live lease of a holder that died lapse now (an interrupt found
+    nobody to answer it); True if it did."""
+    if not holder_is_dead(row):
+        return False
+    return ThreadLease.objects.filter(pk=row.pk, turn_id=row.turn_id, token=row.token).update(
+        expires_at=timezone.now() - timedelta(seconds=1)) == 1
+
+
+def forget_sync(resource_id: str, thread_id: str) -> int:
+    """Delete a thread's lease row (the thread was deleted). A turn still
+    running on it loses its lease at its next renewal or check."""
+    return ThreadLease.objects.filter(resource_id=resource_id, thread_id=thread_id).delete()[0]
 
 
 async def keep_renewed(lease: Lease, on_lost) -> None:

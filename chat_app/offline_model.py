@@ -24,6 +24,8 @@ Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
 word-split ``text_delta`` events.  Markers in the last user text:
 
 * ``[slow]`` -> 30 deltas, ``slow_delay`` (0.1 s) apart (interrupt / "busy" tests);
+* ``[pause N]`` -> N seconds (at most 60) of silence before the reply streams
+  (a quiet turn: heartbeats, a person thinking);
 * ``[fail]`` -> HTTP 400 ``{"type":"error","error":{"type":
   "invalid_request_error","message":"offline model: requested failure"}}``.
   (The CLI retries a 400 with fewer betas/tools: one failed turn = 6 requests.)
@@ -188,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
             msg["stop_reason"] = "end_turn"
             msg["usage"]["output_tokens"] = _tokens(text)
             return self._json(200, msg)
+        if (pause := PAUSE.search(last)) and fmt.get("type") != "json_schema":
+            time.sleep(min(float(pause[1]), 60.0))
         slow = "[slow]" in last
         pieces = _chunks(text, 30, by_words=False) if slow else _chunks(text, 6)
         self._stream(msg, pieces, model.slow_delay if slow else 0.0)
@@ -224,6 +228,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:  # BrokenPipe / ConnectionReset
             self.close_connection = True  # client went away (e.g. interrupted turn)
+
+
+PAUSE = re.compile(r"\[pause (\d{1,2}(?:\.\d{1,3})?)\]")
 
 
 class _Server(ThreadingHTTPServer):

@@ -5,7 +5,10 @@ from typing import Annotated, Literal
 
 from django.conf import settings
 from ninja import Schema
-from pydantic import AfterValidator, Field, StrictInt, StrictStr, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator, Field, StrictInt, StrictStr, StringConstraints, ValidationError, WithJsonSchema,
+    model_validator,
+)
 
 from sessions_app.errors import BadRequest, describe_validation
 from sessions_app.schemas import Id
@@ -69,12 +72,24 @@ class InterruptFrame(Schema):
     resourceId: Id | None = None
 
 
+TurnId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,64}$")]
+
+
 class FollowFrame(Schema):
     type: Literal["follow"]
     threadId: Id
     resourceId: Id | None = None
-    # Only the events after this seq (a client that saw up to it); default: all.
-    afterSeq: Annotated[StrictInt, Field(ge=0)] | None = None
+    # That turn only (a client reconnecting to the turn it was reading), even
+    # if it ended moments ago; default: the thread's running turn.
+    turnId: TurnId | None = None
+    # Only the events after this seq of turnId (a client that saw up to it); default: all.
+    afterSeq: Annotated[StrictInt, Field(ge=0, le=2**31)] | None = None
+
+    @model_validator(mode="after")
+    def _cursor_names_its_turn(self):
+        if self.afterSeq is not None and self.turnId is None:
+            raise ValueError("afterSeq counts in a turn: send the turnId it belongs to")
+        return self
 
 
 FRAMES = {
@@ -102,7 +117,9 @@ def parse_frame(data) -> Schema:
 
 
 class _Event(Schema):
-    seq: int | None = Field(None, description="the event's 0-based position in its turn")
+    seq: int = Field(description="the event's 0-based position in its turn")
+    turnId: str = Field(description="the turn the event belongs to")
+    threadId: str = Field(description="the thread of that turn")
 
 
 class SessionEvent(_Event):

@@ -1,18 +1,20 @@
-"""Streams that resume on any worker, and interrupts that reach any worker.
+"""Streams that resume on any worker, and interrupts and deletes that reach
+every worker.
 
-A turn's events live in the process that runs it (``Turn.events``, numbered
-by ``seq``). A listener in the same process reads them straight from the
+A turn's events live in the process that runs it (its
+:class:`~chat_app.turns.buffer.EventLog`, numbered by ``seq`` and named by
+``turnId``). A listener in the same process reads them straight from the
 turn. A listener on another worker (a websocket ``follow`` or
 ``GET /api/chat/stream``) reaches the owner over the channel layer (Redis);
 there is no second copy of the events anywhere:
 
 * every worker has one *hub*: a channel of its own and a task reading it.
   While a turn runs (and ``OMNI_STREAM_LINGER_SECONDS`` after it ends) the
-  owner's hub is in the thread's control group ``omni.ctl.<thread hash>``;
-* a follower finds the turn in the thread's lease row (its fencing token
-  names the turn), makes a channel of its own, joins the thread's event
-  group ``omni.evt.<thread hash>`` and *then* sends ``subscribe`` (token,
-  ``afterSeq``, its channel) to the control group;
+  owner's hub is in the turn's control group ``omni.ctl.<turnId>``;
+* a follower finds the turn in the thread's lease row (its ``turn_id``
+  names the thread's latest turn), makes a channel of its own, joins the
+  turn's event group ``omni.evt.<turnId>`` and *then* sends ``subscribe``
+  (``afterSeq`` and its channel) to the control group;
 * the owner answers the follower directly with every event after
   ``afterSeq`` (the replay), and from then on sends each new event of the
   turn to the event group. A turn nobody follows from afar sends nothing;
@@ -22,39 +24,48 @@ there is no second copy of the events anywhere:
   It ends after ``done`` or ``error``; a turn whose owner stops answering
   (a worker that died) ends the stream with an ``error`` (``turn_lost``).
 
-The replay is answered by the owner rather than read from a store because
-the owner has the events anyway, in order, for exactly as long as they are
-useful; nothing has to be written per event or expired, and a follower
-can only get a turn's events from the process that holds its lease.
+A cursor names its turn (``turnId`` and ``seq``): a client reconnecting
+after its turn ended never gets the next turn's events as the old one's
+tail. Everything is keyed by turn, never by thread.
 
 ``interrupt`` works the same way: a worker that does not run the turn sends
-it to the thread's control group and the owner interrupts its turn.
+it to the turn's control group and the owner acknowledges it; an interrupt
+nobody acknowledges is answered with ``turn_lost``. A delete is broadcast to
+every worker's hub (group ``omni.workers``): the thread's running turn stops
+and its warm client closes wherever they are.
 
-Without ``REDIS_URL`` (the in-memory layer) every turn is local: follows
-and interrupts only ever find turns of this process.
+Without ``REDIS_URL`` (the in-memory layer) every turn is local: follows,
+interrupts and deletes only ever find turns of this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import AsyncIterator
 
+from asgiref.sync import sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.conf import settings
+from django.utils import timezone
 
-from sessions_app.errors import NotFound
+from sessions_app.errors import NotFound, Unavailable
 
 from . import events, leases
+from .pool import pool
+from .turns import registry
+from .turns.buffer import TERMINAL
 
 log = logging.getLogger("omni.chat")
 
-HANDSHAKE_SECONDS = 2.0  # how long a follower waits for the owner's first answer
+HANDSHAKE_SECONDS = 2.0  # how long a follower (or an interrupt) waits for the owner's answer
 GAP_SECONDS = 0.5  # a missing seq is asked for again after this
 REPLAY_BATCH = 100  # events per replay message
-TERMINAL = ("done", "error")
+WORKERS_GROUP = "omni.workers"  # every worker's hub: thread deletions
 
 
 def layer():
@@ -67,16 +78,12 @@ def distributed() -> bool:
     return current is not None and not isinstance(current, InMemoryChannelLayer)
 
 
-def _hash(key: tuple[str, str]) -> str:
-    return hashlib.sha1("\0".join(key).encode()).hexdigest()
+def control_group(turn_id: str) -> str:
+    return f"omni.ctl.{turn_id}"
 
 
-def control_group(key: tuple[str, str]) -> str:
-    return f"omni.ctl.{_hash(key)}"
-
-
-def event_group(key: tuple[str, str]) -> str:
-    return f"omni.evt.{_hash(key)}"
+def event_group(turn_id: str) -> str:
+    return f"omni.evt.{turn_id}"
 
 
 def idle_seconds() -> float:
@@ -84,12 +91,29 @@ def idle_seconds() -> float:
     return max(min(leases.lease_seconds() / 2, 5.0), 0.2)
 
 
+class TurnLost(Unavailable):
+    """The worker running the turn does not answer (it died, or cannot be reached)."""
+
+    code = "turn_lost"
+
+
+@dataclass
+class Stream:
+    """A turn's events for one listener: ``turn_id`` and an async iterator."""
+
+    turn_id: str
+    events: AsyncIterator[dict]
+
+    def __aiter__(self):
+        return self.events
+
+
 # --- the owner's side ------------------------------------------------------------
 
 class Hub:
     """This process's end of the channel layer: answers ``subscribe`` and
-    ``interrupt`` for the turns it runs, and sends their events to remote
-    followers."""
+    ``interrupt`` for the turns it runs, sends their events to remote
+    followers, and hears thread deletions made on other workers."""
 
     def __init__(self):
         self.channel: str | None = None
@@ -97,6 +121,7 @@ class Hub:
         self._sender: asyncio.Task | None = None
         self._outbox: asyncio.Queue | None = None
         self._loop = None
+        self._published: set[str] = set()  # turns whose events go to their event group
 
     async def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,34 +136,37 @@ class Hub:
             return
         self.channel = channel
         self._outbox = asyncio.Queue()
+        self._published = set()
         self._reader = loop.create_task(self._read())
         self._sender = loop.create_task(self._send())
+        await layer().group_add(WORKERS_GROUP, channel)
 
     async def attach(self, turn) -> None:
-        """A turn started here: answer for its thread."""
+        """A turn started here: answer for it (registry ``started`` hook)."""
         if not distributed():
             return
         try:
             await self._ensure_started()
-            await layer().group_add(control_group(turn.spec.key), self.channel)
+            await layer().group_add(control_group(turn.turn_id), self.channel)
         except Exception:  # the turn runs; only followers from afar miss it
-            log.warning("channel layer unavailable: thread %s is not followable from other workers",
-                        turn.spec.thread_id, exc_info=True)
+            log.warning("channel layer unavailable: turn %s is not followable from other workers",
+                        turn.turn_id, exc_info=True)
 
-    async def detach(self, key: tuple[str, str]) -> None:
-        """No turn of this thread is kept here any more: stop answering."""
-        from .turns import registry
+    def forgotten(self, turn) -> None:
+        """A turn's linger ended (registry ``forgotten`` hook): stop answering."""
+        self._published.discard(turn.turn_id)
+        if distributed() and self.channel is not None:
+            asyncio.ensure_future(self._discard(control_group(turn.turn_id)))
 
-        if not distributed() or self.channel is None or registry.find(*key, finished=True):
-            return
+    async def _discard(self, group: str) -> None:
         with contextlib.suppress(Exception):
-            await layer().group_discard(control_group(key), self.channel)
+            await layer().group_discard(group, self.channel)
 
-    def publish(self, turn, event: dict) -> None:
+    def publish(self, turn_id: str, event: dict) -> None:
         """Send a turn's new event to its remote followers (in order)."""
         if self._outbox is not None:
-            self._outbox.put_nowait((event_group(turn.spec.key), {
-                "type": "omni.event", "token": turn.token, "event": event}))
+            self._outbox.put_nowait((event_group(turn_id), {
+                "type": "omni.event", "turn": turn_id, "event": event}))
 
     async def _send(self) -> None:
         while True:
@@ -149,8 +177,6 @@ class Hub:
                 log.warning("could not publish an event to %s", group, exc_info=True)
 
     async def _read(self) -> None:
-        from .turns import registry
-
         while True:
             try:
                 message = await layer().receive(self.channel)
@@ -161,26 +187,48 @@ class Hub:
                 await asyncio.sleep(1)
                 continue
             try:
-                key = tuple(message["key"])
-                turn = registry.find(*key, finished=True)
-                if turn is None or turn.token != message.get("token"):
-                    continue  # another worker's turn (or one this worker forgot)
-                if message["type"] == "omni.subscribe":
-                    await self._replay(turn, message["reply"], int(message.get("after", -1)))
-                elif message["type"] == "omni.interrupt" and not turn.finished:
-                    log.info("[CHAT] Interrupt from another worker: thread %s", turn.spec.thread_id)
-                    await turn.interrupt()
+                await self._handle(message)
             except Exception:
                 log.warning("hub: bad message %r", message, exc_info=True)
+
+    async def _handle(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "omni.deleted":
+            if message.get("origin") != self.channel:
+                await stop_thread(tuple(message["key"]), remote=True)
+            return
+        turn = registry.by_id(message.get("turn", ""))
+        if turn is None:
+            return  # another worker's turn (or one this worker forgot)
+        if kind == "omni.subscribe":
+            await self._replay(turn, message["reply"], int(message.get("after", -1)))
+        elif kind == "omni.interrupt":
+            if not turn.finished:
+                log.info("[CHAT] Interrupt from another worker: thread %s turn %s",
+                         turn.spec.thread_id, turn.turn_id)
+                await turn.interrupt()
+            await layer().send(message["reply"], {"type": "omni.interrupted", "turn": turn.turn_id})
 
     async def _replay(self, turn, reply: str, after: int) -> None:
         # From here on every new event goes to the event group; the ones so
         # far go to the follower directly (it drops what it gets twice).
-        turn.on_event = lambda event: self.publish(turn, event)
+        if turn.turn_id not in self._published:
+            self._published.add(turn.turn_id)
+            turn.log.on_event.append(lambda event: self.publish(turn.turn_id, event))
         snapshot = turn.events[after + 1:]
         batches = [snapshot[i:i + REPLAY_BATCH] for i in range(0, len(snapshot), REPLAY_BATCH)] or [[]]
         for batch in batches:
-            await layer().send(reply, {"type": "omni.events", "token": turn.token, "events": batch})
+            await layer().send(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch})
+
+    async def broadcast_deleted(self, key: tuple[str, str]) -> None:
+        """Tell every other worker that the thread ``key`` was deleted."""
+        if not distributed():
+            return
+        try:
+            await layer().group_send(WORKERS_GROUP, {
+                "type": "omni.deleted", "key": list(key), "origin": self.channel})
+        except Exception:  # their leases go with the row; warm clients with the janitor
+            log.warning("could not tell other workers that thread %s was deleted", key[1], exc_info=True)
 
     async def stop(self) -> None:
         for task in (self._reader, self._sender):
@@ -190,62 +238,109 @@ class Hub:
 
 
 hub = Hub()
+registry.started.append(hub.attach)
+registry.forgotten.append(hub.forgotten)
+
+
+# --- deletes ---------------------------------------------------------------------
+
+DELETED = "the thread was deleted; its turn was stopped"
+
+
+async def stop_thread(key: tuple[str, str], *, remote: bool = False) -> None:
+    """A thread was deleted: its running turn here stops for good (saving
+    nothing), its warm client here closes; unless ``remote`` (the news came
+    from another worker), every other worker is told the same."""
+    await registry.abort(key, "thread_deleted", DELETED)
+    pool.forget(key, "deleted")
+    if not remote:
+        await hub.broadcast_deleted(key)
 
 
 # --- the follower's side ---------------------------------------------------------
 
-async def follow(resource_id: str, thread_id: str, after: int | None = None) -> AsyncIterator[dict]:
-    """The events of the thread's running turn after ``seq`` ``after`` (all
-    of them when None), wherever the turn runs; then the rest live, through
-    ``done`` or ``error``. With a cursor, a turn that ended moments ago
-    (``OMNI_STREAM_LINGER_SECONDS``) still counts: a client reconnecting
-    gets its tail. Raises 404 when there is no such turn."""
-    from .turns import registry
+async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None,
+                 after: int | None = None, exclude=()) -> Stream | None:
+    """A turn's events, wherever it runs, then the rest live through ``done``
+    or ``error``.
 
+    Without ``turn_id``: the thread's running turn, from its start (or after
+    ``after``). With ``turn_id``: that turn only, after ``after`` — also if it
+    ended moments ago (``OMNI_STREAM_LINGER_SECONDS``), so a reconnecting
+    client gets its tail, and never another turn's events. Raises 404 when
+    there is no such turn. None if the turn is one of ``exclude`` (turn ids
+    the caller streams already)."""
     start = -1 if after is None else after
-    turn = registry.get(resource_id, thread_id)
-    if turn is not None:
-        return turn.listen(start + 1)
-    row = await (leases.active if after is None else leases.latest)(resource_id, thread_id)
-    if row is not None:
-        recent = registry.find(resource_id, thread_id, finished=True)
-        if recent is not None and recent.token == row.token:
-            return recent.listen(start + 1)
-        if distributed():
-            return await RemoteFollow.open((resource_id, thread_id), row.token, start)
-    raise NotFound(f"no running turn on thread {thread_id!r}")
+    key = (resource_id, thread_id)
+    missing = NotFound(f"no running turn on thread {thread_id!r}" if turn_id is None
+                       else f"turn {turn_id!r} of thread {thread_id!r} is not running any more")
+    turn = registry.by_id(turn_id) if turn_id else registry.get(*key)
+    if turn is not None and turn.spec.key == key:
+        return None if turn.turn_id in exclude else Stream(turn.turn_id, turn.listen(start + 1))
+    if turn_id is None:
+        row = await leases.active(resource_id, thread_id)
+    else:
+        row = await leases.latest(resource_id, thread_id)
+        linger = timedelta(seconds=float(settings.OMNI_STREAM_LINGER_SECONDS))
+        if row is not None and (row.turn_id != turn_id or row.expires_at <= timezone.now() - linger):
+            row = None
+    if row is None or not row.turn_id or not distributed():
+        raise missing
+    if row.turn_id in exclude:
+        return None
+    if (local := registry.by_id(row.turn_id)) is not None:  # ended here meanwhile
+        if local.spec.key == key:
+            return Stream(local.turn_id, local.listen(start + 1))
+        raise missing
+    return Stream(row.turn_id, await RemoteFollow.open(row.turn_id, thread_id, start, missing))
 
 
 async def interrupt(resource_id: str, thread_id: str) -> None:
-    """Stop the thread's running turn, on this worker or another; 404 if none runs."""
-    from .turns import registry
-
+    """Stop the thread's running turn, on this worker or another. 404 if
+    none runs; 503 ``turn_lost`` when the worker holding it does not answer
+    (its thread is free again once its lease runs out: ``Retry-After``)."""
     turn = registry.get(resource_id, thread_id)
     if turn is not None:
         await turn.interrupt()
         return
     row = await leases.active(resource_id, thread_id)
-    if row is None or not distributed():
+    if row is None:
         raise NotFound(f"no running turn on thread {thread_id!r}")
-    key = (resource_id, thread_id)
-    await layer().group_send(control_group(key), {
-        "type": "omni.interrupt", "key": list(key), "token": row.token})
+    if await sync_to_async(leases.expire_dead_sync)(row):
+        raise TurnLost(f"the server process running thread {thread_id!r} died; "
+                       "the thread is free again")
+    left = max(1, int((row.expires_at - timezone.now()).total_seconds()) + 1)
+    lost = TurnLost(
+        f"the server process running thread {thread_id!r} does not answer; "
+        f"the thread is free again within {left} s", retry_after=left)
+    if not distributed():
+        raise lost
+    channel = await layer().new_channel()
+    await layer().group_send(control_group(row.turn_id), {
+        "type": "omni.interrupt", "turn": row.turn_id, "reply": channel})
+    try:
+        async with asyncio.timeout(HANDSHAKE_SECONDS):
+            while (await layer().receive(channel)).get("type") != "omni.interrupted":
+                pass
+    except TimeoutError:
+        raise lost from None
 
 
 class RemoteFollow:
     """A turn of another worker, read over the channel layer (see the module doc)."""
 
-    def __init__(self, key: tuple[str, str], token: int, after: int, channel: str):
-        self.key, self.token, self.channel = key, token, channel
+    def __init__(self, turn_id: str, thread_id: str, after: int, channel: str):
+        self.turn_id, self.thread_id, self.channel = turn_id, thread_id, channel
         self.next = after + 1
         self.pending: dict[int, dict] = {}
         self.heard = time.monotonic()
 
     @classmethod
-    async def open(cls, key: tuple[str, str], token: int, after: int) -> AsyncIterator[dict]:
+    async def open(cls, turn_id: str, thread_id: str, after: int,
+                   missing: Exception) -> AsyncIterator[dict]:
         channel = await layer().new_channel()
-        follow = cls(key, token, after, channel)
-        await layer().group_add(event_group(key), channel)
+        follow = cls(turn_id, thread_id, after, channel)
+        await layer().group_add(event_group(turn_id), channel)
         try:
             await follow._subscribe()
             try:
@@ -254,20 +349,20 @@ class RemoteFollow:
                     while follow._take(await layer().receive(channel)) != "omni.events":
                         pass
             except TimeoutError:
-                raise NotFound(f"no running turn on thread {key[1]!r}") from None
+                raise missing from None
         except BaseException:
             await follow._close()
             raise
         return follow._events()
 
     async def _subscribe(self) -> None:
-        await layer().group_send(control_group(self.key), {
-            "type": "omni.subscribe", "key": list(self.key), "token": self.token,
-            "reply": self.channel, "after": self.next - 1})
+        await layer().group_send(control_group(self.turn_id), {
+            "type": "omni.subscribe", "turn": self.turn_id, "reply": self.channel,
+            "after": self.next - 1})
 
     def _take(self, message: dict) -> str | None:
         """Keep a message's events; its type if it is of this turn."""
-        if message.get("token") != self.token:
+        if message.get("turn") != self.turn_id:
             return None
         if message["type"] == "omni.events":
             batch = message["events"]
@@ -298,8 +393,9 @@ class RemoteFollow:
                 except TimeoutError:
                     pass
                 if not self.pending and time.monotonic() - self.heard > 3 * idle_seconds():
-                    yield {**events.error_event(
-                        "turn_lost", "the worker running this turn stopped answering"), "seq": self.next}
+                    lost = events.error_event(
+                        "turn_lost", "the worker running this turn stopped answering")
+                    yield {**lost, "seq": self.next, "turnId": self.turn_id, "threadId": self.thread_id}
                     return
                 await self._subscribe()  # a gap, or a quiet turn: ask the owner again
         finally:
@@ -307,4 +403,4 @@ class RemoteFollow:
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
-            await layer().group_discard(event_group(self.key), self.channel)
+            await layer().group_discard(event_group(self.turn_id), self.channel)

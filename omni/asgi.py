@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from chat_app import lifecycle  # noqa: E402
 from chat_app.routing import websocket_urlpatterns  # noqa: E402
 from omni.auth import TokenAuthMiddleware  # noqa: E402
 from omni.origins import BrowserOriginValidator  # noqa: E402
@@ -23,3 +24,6 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+# Under daphne: stop turns, warm clients and spares in order on SIGTERM.
+lifecycle.install()

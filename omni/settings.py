@@ -289,6 +289,9 @@ OMNI_SESSION_STORE = env_flag("OMNI_SESSION_STORE", "1")
 OMNI_LEASE_SECONDS = float(os.environ.get("OMNI_LEASE_SECONDS", "30"))
 # How long a finished turn's events stay available to a reconnecting stream.
 OMNI_STREAM_LINGER_SECONDS = float(os.environ.get("OMNI_STREAM_LINGER_SECONDS", "30"))
+# An SSE stream sends a comment line after this many quiet seconds, so a
+# proxy's idle timeout (often 60 s) does not cut a quiet turn.
+OMNI_SSE_HEARTBEAT_SECONDS = float(os.environ.get("OMNI_SSE_HEARTBEAT_SECONDS", "15"))
 # On SIGTERM: refuse new turns (503 server_busy) and let running ones finish
 # for up to this long, then interrupt them.
 OMNI_SHUTDOWN_GRACE_SECONDS = float(os.environ.get("OMNI_SHUTDOWN_GRACE_SECONDS", "8"))

@@ -42,6 +42,12 @@ class EraseFailed(ApiError):
     status, code = 503, "erase_failed"
 
 
+class ThreadDeleted(ApiError):
+    """A turn's save found its thread deleted meanwhile: nothing is written."""
+
+    status, code = 409, "thread_deleted"
+
+
 @dataclass
 class Page:
     sessions: list[SessionMapping]
@@ -107,8 +113,13 @@ async def save_session(
     user_message: str | None = None,
     assistant_message: str | None = None,
     forked_from_thread_id: str | None = None,
+    create: bool = True,
 ) -> SessionMapping:
     """Save or update a mapping after a turn.
+
+    ``create=False``: update only. A turn passes it for every save but the
+    first one of a new thread, so a thread deleted while its turn ran stays
+    deleted: the save raises :class:`ThreadDeleted` instead of inserting.
 
     The title comes from the thread's first user message; ``last_message``
     previews the latest message; ``message_count`` counts user and assistant
@@ -117,7 +128,7 @@ async def save_session(
     """
     mapping = await sync_to_async(_save_session)(
         thread_id, resource_id, session_id, agent, user_message, assistant_message,
-        forked_from_thread_id,
+        forked_from_thread_id, create,
     )
     log.info(
         "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
@@ -127,10 +138,12 @@ async def save_session(
 
 
 def _save_session(thread_id, resource_id, session_id, agent, user_message, assistant_message,
-                  forked_from_thread_id) -> SessionMapping:
+                  forked_from_thread_id, create) -> SessionMapping:
     added = (user_message is not None) + bool(assistant_message)
     preview = assistant_message or user_message
     mapping = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).first()
+    if mapping is None and not create:
+        raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
     if mapping is None:
         mapping = SessionMapping(
             thread_id=thread_id,
@@ -154,9 +167,11 @@ def _save_session(thread_id, resource_id, session_id, agent, user_message, assis
         changes["last_message"] = _clip(preview, PREVIEW_CHARS)
     if not mapping.title and user_message:
         changes["title"] = _clip(user_message, TITLE_CHARS)
-    SessionMapping.objects.filter(pk=mapping.pk).update(
+    updated = SessionMapping.objects.filter(pk=mapping.pk).update(
         message_count=F("message_count") + added, version=F("version") + 1, **changes
     )
+    if not updated:  # deleted between the read and the write
+        raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
     mapping.refresh_from_db()
     return mapping
 
@@ -173,7 +188,9 @@ async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
     mapping = await get_metadata(thread_id, resource_id)
     erase = await sync_to_async(_delete_rows)(mapping)
     log.info("[CHAT] Deleted session mapping thread=%s resource=%s", thread_id, resource_id)
-    thread_deleted.send(
+    # Whoever holds the conversation elsewhere lets go: a turn running on it
+    # stops (on any worker), warm processes close, the thread's lease goes.
+    await thread_deleted.asend(
         sender=SessionMapping, thread_id=thread_id, resource_id=resource_id, session_id=mapping.session_id
     )
     if erase:
@@ -197,6 +214,26 @@ def _delete_rows(mapping: SessionMapping) -> bool:
         if not shared:
             erase_session_rows(mapping.session_id)
     return not shared
+
+
+async def erase_orphaned_session(session_id: str) -> bool:
+    """Erase a session's transcript (rows and local files) if no mapping
+    points at it: what a turn left behind on a thread deleted while it ran
+    (its CLI may write after the delete). True if it was erased."""
+    erased = await sync_to_async(_erase_if_unmapped)(session_id)
+    if erased:
+        await sync_to_async(erase_local_transcript)(session_id)
+    return erased
+
+
+def _erase_if_unmapped(session_id: str) -> bool:
+    from .transcripts import erase_session_rows
+
+    with transaction.atomic():
+        if SessionMapping.objects.filter(session_id=session_id).exists():
+            return False
+        erase_session_rows(session_id)
+    return True
 
 
 def local_transcript_files(session_id: str) -> list[Path]:

@@ -200,13 +200,33 @@ def _insert_rows(connection, rows: list[tuple]) -> None:
 class DjangoSessionStore(SessionStore):
     """:class:`~claude_agent_sdk.SessionStore` on the Django ORM (see the module
     docstring for the schema and the contract). ``using`` picks the database
-    alias; the default is ``"default"``."""
+    alias; the default is ``"default"``.
 
-    def __init__(self, using: str = DEFAULT_DB_ALIAS) -> None:
+    ``shared_sessions``: session ids that :meth:`load` and :meth:`list_subkeys`
+    read from whichever project key holds them when the asked one holds
+    none. A fork passes its parent: the CLI loads the parent's transcript
+    under its own project key (its working directory), and the parent, which
+    may be stored under another worker's key (and be running a turn there),
+    is read where it is, never moved. Writes are never redirected."""
+
+    def __init__(self, using: str = DEFAULT_DB_ALIAS, *, shared_sessions=()) -> None:
         self.using = using
+        self.shared_sessions = frozenset(shared_sessions)
 
     def __repr__(self) -> str:
-        return f"DjangoSessionStore(using={self.using!r})"
+        shared = f", shared_sessions={sorted(self.shared_sessions)!r}" if self.shared_sessions else ""
+        return f"DjangoSessionStore(using={self.using!r}{shared})"
+
+    def _project_of(self, key) -> str:
+        """The project key to read ``key`` from (see ``shared_sessions``)."""
+        project_key, session_id = key["project_key"], key["session_id"]
+        if session_id not in self.shared_sessions:
+            return project_key
+        entries = TranscriptEntry.objects.using(self.using).filter(session_id=session_id)
+        if entries.filter(project_key=project_key).exists():
+            return project_key
+        # the key holding the session's latest line (a session moves as a whole)
+        return entries.order_by("-id").values_list("project_key", flat=True).first() or project_key
 
     # --- writes ---------------------------------------------------------------
 
@@ -290,7 +310,7 @@ class DjangoSessionStore(SessionStore):
 
     def _load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         lines = TranscriptEntry.objects.using(self.using).filter(
-            session_id=key["session_id"], project_key=key["project_key"], subpath=_subpath(key)
+            session_id=key["session_id"], project_key=self._project_of(key), subpath=_subpath(key)
         )
         texts = _texts_in_order(lines)
         return [json.loads(text) for text in texts] if texts else None
@@ -311,9 +331,12 @@ class DjangoSessionStore(SessionStore):
         ]
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        project_key = key["project_key"]
+        if key["session_id"] in self.shared_sessions:
+            project_key = await sync_to_async(self._project_of, thread_sensitive=True)(key)
         rows = (
             TranscriptEntry.objects.using(self.using)
-            .filter(session_id=key["session_id"], project_key=key["project_key"])
+            .filter(session_id=key["session_id"], project_key=project_key)
             .exclude(subpath=MAIN)
             .order_by("subpath")
             .values_list("subpath", flat=True)

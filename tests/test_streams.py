@@ -1,5 +1,5 @@
-"""Scale-out pieces in one process (real SDK and CLI, offline model): ``seq``
-and SSE ids, the turn's lease, ``GET /api/chat/stream``, the follow and
+"""Scale-out pieces in one process (real SDK and CLI, offline model): ``seq``,
+``turnId`` and SSE ids, cursors that name their turn, heartbeats, the turn's lease, ``GET /api/chat/stream``, the follow and
 interrupt protocol over a channel layer, health and graceful shutdown.
 
 The channel-layer protocol runs here over the in-memory layer with the
@@ -32,41 +32,45 @@ async def collect(stream):
 def assert_whole_turn(events):
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert events[0]["type"] == "session" and events[-1]["type"] in ("done", "error")
+    assert len({(e["turnId"], e["threadId"]) for e in events}) == 1
 
 
 async def test_every_event_has_its_seq_and_the_lease_lives_exactly_as_long_as_the_turn(offline_chat):
     turn = await start_turn(None, body("Hello [slow]", "seq-1"))
     lease = await leases.active("sam", "seq-1")
-    assert lease is not None and lease.token == turn.token
+    assert lease is not None and lease.turn_id == turn.turn_id and lease.token == turn.lease.token
     # another process (no local turn) cannot take the thread meanwhile
     with pytest.raises(Conflict) as busy:
-        await leases.acquire("sam", "seq-1")
-    assert busy.value.code == "thread_busy"
+        await leases.acquire("sam", "seq-1", "another")
+    assert busy.value.code == "thread_busy" and busy.value.retry_after >= 1
     events = await collect(turn.listen())
     assert_whole_turn(events)
     assert events[-1]["type"] == "done"
+    assert {(e["turnId"], e["threadId"]) for e in events} == {(turn.turn_id, "seq-1")}
     # released before "done" was readable: the next turn may start anywhere at once
     assert await leases.active("sam", "seq-1") is None
 
 
 async def test_a_thread_leased_by_another_process_is_busy_here(offline_chat):
-    other = await leases.acquire("sam", "elsewhere")  # as another worker would
+    other = await leases.acquire("sam", "elsewhere", "theirs")  # as another worker would
     with pytest.raises(Conflict) as busy:
         await start_turn(None, body("me too", "elsewhere"))
     assert busy.value.code == "thread_busy"
+    assert 28 <= busy.value.retry_after <= 30  # the lease's remaining time
     await other.release()
     events = await collect((await start_turn(None, body("now", "elsewhere"))).listen())
     assert events[-1]["type"] == "done"
 
 
-def sse_events(raw: bytes) -> list[tuple[int, dict]]:
-    """``(id, event)`` of each SSE event."""
+def sse_events(raw: bytes) -> list[tuple[str, dict]]:
+    """``(id, event)`` of each SSE event (comment lines left out)."""
     out = []
     for block in raw.decode().split("\n\n"):
-        if not block.strip():
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
             continue
-        fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((int(fields["id"]), json.loads(fields["data"])))
+        fields = dict(line.split(": ", 1) for line in lines)
+        out.append((fields["id"], json.loads(fields["data"])))
     return out
 
 
@@ -82,11 +86,13 @@ async def test_sse_ids_and_following_with_last_event_id(offline_chat):
     posted = await client.post("/api/chat", {"message": "Hi [slow]", "threadId": "sse-1",
                                              "resourceId": "sam"}, content_type="application/json")
     assert posted.status_code == 200
+    turn_id = registry.get("sam", "sse-1").turn_id
     followed = await client.get("/api/chat/stream", {"threadId": "sse-1", "resourceId": "sam"},
-                                headers={"Last-Event-ID": "2"})
+                                headers={"Last-Event-ID": f"{turn_id}:2"})
     assert followed.status_code == 200 and followed["Content-Type"] == "text/event-stream"
     whole = sse_events(await read_stream(posted))
-    assert [i for i, _ in whole] == [e["seq"] for _, e in whole] == list(range(len(whole)))
+    assert [i for i, _ in whole] == [f"{turn_id}:{e['seq']}" for _, e in whole]
+    assert [e["seq"] for _, e in whole] == list(range(len(whole)))
     assert whole[-1][1]["type"] == "done"
     assert sse_events(await read_stream(followed)) == whole[3:]
 
@@ -94,12 +100,63 @@ async def test_sse_ids_and_following_with_last_event_id(offline_chat):
     idle = await client.get("/api/chat/stream", {"threadId": "sse-1", "resourceId": "sam"})
     assert idle.status_code == 404
     tail = await client.get("/api/chat/stream", {"threadId": "sse-1", "resourceId": "sam"},
-                            headers={"Last-Event-ID": str(len(whole) - 2)})
+                            headers={"Last-Event-ID": whole[-2][0]})
     assert tail.status_code == 200 and sse_events(await read_stream(tail)) == whole[-1:]
 
-    bad = await client.get("/api/chat/stream", {"threadId": "sse-1", "resourceId": "sam"},
-                           headers={"Last-Event-ID": "soon"})
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+    for bad_id in ("soon", "2", f"{turn_id}:", f"{turn_id}:-1", f"{turn_id}:\u00b2", "\u00b9\u00b2",
+                   "9" * 5000, f"{turn_id}:{'9' * 5000}", f"x{turn_id}:1 2"):
+        bad = await client.get("/api/chat/stream", {"threadId": "sse-1", "resourceId": "sam"},
+                               headers={"Last-Event-ID": bad_id})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request", bad_id
+
+
+async def test_a_stale_cursor_never_yields_another_turns_events(offline_chat):
+    """A client reconnecting with the cursor of a turn that ended, after the
+    thread's next turn began: the old turn's tail (while it lingers) or 404,
+    never the new turn's events as if they were the old one's."""
+    client = AsyncClient()
+    first = await start_turn(None, body("One", "stale-1"))
+    old = await collect(first.listen())
+    second = await start_turn(None, body("Two [slow]", "stale-1"))
+    async for event in second.listen():
+        if event["seq"] >= 4:
+            break  # the new turn is well past the old cursor
+    last = f"{first.turn_id}:{len(old) - 1}"  # had everything of the first turn
+    rest = await client.get("/api/chat/stream", {"threadId": "stale-1", "resourceId": "sam"},
+                            headers={"Last-Event-ID": last})
+    assert rest.status_code == 200 and sse_events(await read_stream(rest)) == []
+    middle = await client.get("/api/chat/stream", {"threadId": "stale-1", "resourceId": "sam"},
+                              headers={"Last-Event-ID": f"{first.turn_id}:1"})
+    got = [e for _, e in sse_events(await read_stream(middle))]
+    assert got == old[2:] and {e["turnId"] for e in got} == {first.turn_id}
+    # one past the turn's end: nothing more of it, and nothing of the next one
+    stream = await streams.follow("sam", "stale-1", turn_id=first.turn_id, after=len(old) + 5)
+    assert await collect(stream) == []
+    # the same over the websocket's follow: afterSeq counts in its turnId
+    stream = await streams.follow("sam", "stale-1", turn_id=first.turn_id, after=2)
+    assert await collect(stream) == old[3:]
+    await collect(second.listen())
+    # once the first turn's linger is over: 404, not the second turn
+    registry._forget(first)
+    gone = await client.get("/api/chat/stream", {"threadId": "stale-1", "resourceId": "sam"},
+                            headers={"Last-Event-ID": last})
+    assert gone.status_code == 404
+    with pytest.raises(NotFound):
+        await streams.follow("sam", "stale-1", turn_id=first.turn_id, after=0)
+
+
+async def test_sse_sends_a_heartbeat_while_a_turn_is_quiet(offline_chat):
+    """A comment line every OMNI_SSE_HEARTBEAT_SECONDS of quiet (a proxy's
+    idle timeout must not cut the stream); the events are unchanged."""
+    offline_chat.OMNI_SSE_HEARTBEAT_SECONDS = 0.2
+    response = await AsyncClient().post(
+        "/api/chat", {"message": "Wait [pause 1.5]", "threadId": "beat-1", "resourceId": "sam"},
+        content_type="application/json")
+    raw = await read_stream(response)
+    beats = raw.decode().count(": keep-alive\n\n")
+    assert beats >= 3, raw
+    events = [e for _, e in sse_events(raw)]
+    assert_whole_turn(events) or events[-1]["type"] == "done"
 
 
 @pytest.fixture
@@ -117,8 +174,9 @@ async def test_a_remote_follower_gets_every_event_once_in_order(offline_chat, re
         if event["type"] == "text":
             break  # mid-turn
     everything = await streams.follow("sam", "remote-1")
-    after_five = await streams.follow("sam", "remote-1", after=5)
-    after_zero = await streams.follow("sam", "remote-1", after=0)
+    assert everything.turn_id == turn.turn_id
+    after_five = await streams.follow("sam", "remote-1", turn_id=turn.turn_id, after=5)
+    after_zero = await streams.follow("sam", "remote-1", turn_id=turn.turn_id, after=0)
     whole, tail, filled = await asyncio.gather(
         collect(everything), collect(after_five), collect(after_zero))
     assert_whole_turn(whole)
@@ -132,19 +190,29 @@ async def test_a_follower_asks_again_for_a_missing_event(offline_chat, remote_on
     async for event in turn.listen():
         if event["seq"] >= 3:
             break
-    follow = streams.RemoteFollow(turn.spec.key, turn.token, -1, "unused")
+    follow = streams.RemoteFollow(turn.turn_id, "remote-gap", -1, "unused")
     follow.pending = {e["seq"]: e for e in turn.events[2:4]}  # 0 and 1 never came
     follow.channel = await streams.layer().new_channel()
-    await streams.layer().group_add(streams.event_group(turn.spec.key), follow.channel)
+    await streams.layer().group_add(streams.event_group(turn.turn_id), follow.channel)
     assert await asyncio.wait_for(collect(follow._events()), 20) == turn.events
 
 
 async def test_a_remote_follow_of_a_dead_owner_is_404(offline_chat, remote_only):
-    await leases.acquire("sam", "orphan")  # a lease whose worker answers nothing
+    await leases.acquire("sam", "orphan", "nobody")  # a lease whose worker answers nothing
     with pytest.raises(NotFound):
         await streams.follow("sam", "orphan")
     with pytest.raises(NotFound):
-        await streams.follow("sam", "never-ran", after=3)
+        await streams.follow("sam", "never-ran", turn_id="nobody", after=3)
+
+
+async def test_an_interrupt_nobody_answers_is_answered(offline_chat, remote_only):
+    """A live lease whose worker does not answer (stuck, or of another host):
+    the interrupt says so, with Retry-After (the lease's remaining time),
+    instead of being dropped."""
+    await leases.acquire("sam", "mute", "nobody")
+    with pytest.raises(streams.TurnLost) as lost:
+        await streams.interrupt("sam", "mute")
+    assert lost.value.code == "turn_lost" and 25 <= lost.value.retry_after <= 31
 
 
 async def test_an_interrupt_reaches_the_turn_over_the_layer(offline_chat, remote_only):
@@ -237,9 +305,9 @@ async def test_a_turn_that_loses_its_lease_stops_and_leaves_the_new_holder_alone
 
     # as if this worker had stalled past the expiry and another took over
     await ThreadLease.objects.filter(thread_id="stolen").aupdate(expires_at=timezone.now())
-    thief = await sync_to_async(leases.acquire_sync)("sam", "stolen")
-    assert thief is not None and thief.token == turn.token + 1
+    thief = await sync_to_async(leases.acquire_sync)("sam", "stolen", "thief")
+    assert isinstance(thief, leases.Lease) and thief.token == turn.lease.token + 1
     events = await asyncio.wait_for(collect(turn.listen()), 10)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "lease_lost"
     assert events[-1]["seq"] == len(events) - 1
-    assert (await leases.active("sam", "stolen")).owner == thief.owner  # not released by the loser
+    assert (await leases.active("sam", "stolen")).turn_id == "thief"  # not released by the loser

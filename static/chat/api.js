@@ -108,10 +108,11 @@ export function newThreadId(prefix = "thread") {
  *   "gone"       detail {threadId}: a turn the page was following is no longer
  *                running on the server (it ended while the socket was down)
  *
- * Turn events other than "session" name only the sessionId, and an error
- * event neither; the socket tracks which thread each belongs to. With "seq"
- * on events (the turn's 0-based position), a reconnect follows with
- * afterSeq; without it, the events already seen are skipped from the replay.
+ * Every event of a turn names its thread and turn ("threadId", "turnId") and
+ * its position in the turn ("seq"); an error answering a frame (a turn that
+ * could not start, a follow of a turn that is gone) names the frame's thread
+ * and no turn. A reconnect follows each streaming turn with its turnId and
+ * afterSeq: only what was missed, of that turn only.
  */
 export class ChatSocket extends EventTarget {
   constructor(url, { minDelay = 500, maxDelay = 5000 } = {}) {
@@ -124,8 +125,7 @@ export class ChatSocket extends EventTarget {
     this.attempt = 0;
     this.timer = null;
     this.closed = false;
-    this.threads = new Map(); // threadId -> {sessionId, running, seen, lastSeq, skip, resourceId}
-    this.bySession = new Map(); // sessionId -> threadId
+    this.threads = new Map(); // threadId -> {sessionId, running, turnId, lastSeq, resourceId}
     this.pending = []; // frames sent and not answered yet: {kind, threadId}
   }
 
@@ -199,7 +199,7 @@ export class ChatSocket extends EventTarget {
   thread(threadId) {
     let state = this.threads.get(threadId);
     if (!state) {
-      state = { sessionId: null, running: false, seen: 0, lastSeq: null, skip: 0, resourceId: null };
+      state = { sessionId: null, running: false, turnId: null, lastSeq: null, resourceId: null };
       this.threads.set(threadId, state);
     }
     return state;
@@ -214,7 +214,7 @@ export class ChatSocket extends EventTarget {
   startTurn(frame) {
     if (!this.send(frame)) return false;
     const state = this.thread(frame.threadId);
-    Object.assign(state, { running: true, seen: 0, lastSeq: null, skip: 0,
+    Object.assign(state, { running: true, turnId: null, lastSeq: null,
       resourceId: frame.resourceId || null });
     this.pending.push({ kind: "start", threadId: frame.threadId });
     return true;
@@ -226,13 +226,13 @@ export class ChatSocket extends EventTarget {
     const state = this.thread(threadId);
     const frame = { type: "follow", threadId };
     if (resourceId) frame.resourceId = resourceId;
-    if (state.running && state.lastSeq !== null) {
-      frame.afterSeq = state.lastSeq;
-      state.skip = 0;
+    if (state.running && state.turnId !== null) {
+      // the turn we were reading, from where we were: its tail even if it
+      // just ended, never the events of a turn that started since
+      frame.turnId = state.turnId;
+      if (state.lastSeq !== null) frame.afterSeq = state.lastSeq;
     } else {
-      // A server without afterSeq replays the turn from its start: skip what we saw.
-      state.skip = state.running ? state.seen : 0;
-      if (!state.running) state.seen = 0;
+      Object.assign(state, { turnId: null, lastSeq: null });
     }
     state.resourceId = resourceId;
     if (!this.send(frame)) return false;
@@ -254,69 +254,50 @@ export class ChatSocket extends EventTarget {
 
   /** Forget a thread (deleted) so its events are no longer placed. */
   forget(threadId) {
-    const state = this.threads.get(threadId);
-    if (state && state.sessionId) this.bySession.delete(state.sessionId);
     this.threads.delete(threadId);
+    this.pending = this.pending.filter((p) => p.threadId !== threadId);
   }
 
-  dropPending(threadId) {
-    const index = this.pending.findIndex((p) => p.threadId === threadId);
-    if (index >= 0) this.pending.splice(index, 1);
-  }
-
-  placeError(event) {
-    // Errors name no thread. A frame the server refused is answered at once,
-    // in order: the oldest unanswered frame. Otherwise the one running turn.
-    if (this.pending.length) {
-      const follow = this.pending.findIndex((p) => p.kind === "follow");
-      if (event.code === "not_found" && follow >= 0) return this.pending.splice(follow, 1)[0];
-      const start = this.pending.findIndex((p) => p.kind === "start");
-      if (start >= 0) return this.pending.splice(start, 1)[0];
-    }
-    const running = [...this.threads].filter(([, s]) => s.running && s.sessionId);
-    if (running.length === 1) return { kind: "turn", threadId: running[0][0] };
-    return { kind: "unknown", threadId: null };
+  dropPending(threadId, kind = null) {
+    const index = this.pending.findIndex((p) => p.threadId === threadId && (!kind || p.kind === kind));
+    if (index >= 0) return this.pending.splice(index, 1)[0];
+    return null;
   }
 
   onEvent(event) {
-    let threadId = null;
-    if (event.type === "session") {
-      threadId = event.threadId;
-      this.bySession.set(event.sessionId, threadId);
-      const state = this.thread(threadId);
-      state.sessionId = event.sessionId;
-      state.running = true;
-    } else if (event.type === "error") {
-      const placed = this.placeError(event);
-      threadId = placed.threadId;
-      if (placed.kind === "follow") {
+    const threadId = typeof event.threadId === "string" ? event.threadId : null;
+    if (threadId === null) { // an error the server could not place (a frame that was not JSON)
+      if (event.type === "error") this.emitTurn(null, event);
+      return;
+    }
+    if (!event.turnId) { // an error answering a frame of ours: no turn ran
+      if (event.type !== "error") return;
+      const follow = event.code === "not_found" && this.dropPending(threadId, "follow");
+      const state = this.threads.get(threadId);
+      if (follow) {
         // Nothing runs on that thread (any more).
-        const state = this.threads.get(threadId);
         const wasRunning = Boolean(state && state.running);
-        if (state) Object.assign(state, { running: false, skip: 0 });
+        if (state) Object.assign(state, { running: false, turnId: null, lastSeq: null });
         if (wasRunning) this.dispatchEvent(new CustomEvent("gone", { detail: { threadId } }));
         return;
       }
-    } else if (event.sessionId) {
-      threadId = this.bySession.get(event.sessionId) || null;
-    }
-    if (threadId === null) {
-      if (event.type === "error") this.emitTurn(null, event);
-      return; // a turn of a thread the page no longer shows
-    }
-    const state = this.thread(threadId);
-    this.dropPending(threadId);
-    if (state.skip > 0) { // replayed from the start after a reconnect
-      state.skip -= 1;
+      if (this.dropPending(threadId, "start") && state) {
+        Object.assign(state, { running: false, turnId: null, lastSeq: null });
+      }
+      this.emitTurn(threadId, event);
       return;
     }
-    if (typeof event.seq === "number") {
-      if (state.lastSeq !== null && event.type !== "session" && event.seq <= state.lastSeq) return;
-      state.lastSeq = event.seq;
+    const state = this.threads.get(threadId);
+    if (!state) return; // a turn of a thread the page no longer shows
+    this.dropPending(threadId);
+    if (state.turnId !== event.turnId) { // a turn we had not seen yet
+      Object.assign(state, { turnId: event.turnId, lastSeq: null, running: true });
     }
-    state.seen += 1;
+    if (state.lastSeq !== null && event.seq <= state.lastSeq) return; // replayed twice
+    state.lastSeq = event.seq;
+    if (event.type === "session") state.sessionId = event.sessionId;
     if (event.type === "done" || event.type === "error") {
-      Object.assign(state, { running: false, seen: 0, lastSeq: null });
+      Object.assign(state, { running: false, lastSeq: null });
     }
     this.emitTurn(threadId, event);
   }

@@ -19,6 +19,7 @@ from django.utils import timezone
 from sessions_app import services, transcripts
 from sessions_app.errors import NotFound
 from sessions_app.models import SessionMapping, TranscriptSummary
+from sessions_app.signals import sessions_pruned
 
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -89,9 +90,13 @@ class Command(BaseCommand):
                 services.erase_local_transcript(session_id)
             except OSError as exc:
                 failed.append(f"the local transcript of {session_id} could not be removed: {exc}")
+        # what other apps keep per thread (the chat app's lapsed thread leases)
+        others = sum(n for _, n in sessions_pruned.send(sender=SessionMapping, cutoff=cutoff)
+                     if isinstance(n, int))
         self.stdout.write(
             f"Deleted {threads} threads and {erased} orphaned transcripts "
-            f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z."
+            f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z"
+            + (f" (and {others} other rows kept per thread)." if others else ".")
         )
         if failed:
             for message in failed:

@@ -1,0 +1,57 @@
+"""The server's shutdown order.
+
+On SIGTERM daphne's reactor stops; before it stops listening, this worker:
+
+1. takes no new turns (``503 server_busy``; ``/api/health`` says ``draining``);
+2. lets running turns finish for ``OMNI_SHUTDOWN_GRACE_SECONDS``, then
+   interrupts the rest and waits for them (their mappings are saved and
+   their leases released, so their threads resume on any worker);
+3. closes every warm client and spare and waits for their CLIs to exit;
+4. stops the streams hub.
+
+Without this a turn's task never finishes, its CLI outlives the loop and the
+SDK's anyio worker thread (non-daemon) keeps the process from exiting. The
+hook is installed when the ASGI application loads (``omni/asgi.py``), so a
+worker that served pages and started spares but never ran a turn stops its
+spares too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from .pool import pool
+from .streams import hub
+from .turns import registry
+
+log = logging.getLogger("omni.chat")
+
+_installed = False
+
+
+async def shutdown(grace: float | None = None) -> None:
+    try:
+        await registry.shutdown(grace)
+    finally:
+        try:
+            await pool.shutdown()  # every warm client and spare: no CLI outlives the worker
+        finally:
+            await hub.stop()
+
+
+def install() -> bool:
+    """Under daphne (a Twisted reactor), run :func:`shutdown` when the
+    reactor is asked to stop. Never installs a reactor itself: outside
+    daphne (tests, management commands) it does nothing. True if installed."""
+    global _installed
+    if _installed or "twisted.internet.reactor" not in sys.modules:
+        return _installed
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown())))
+    _installed = True
+    return True

@@ -1,0 +1,426 @@
+"""Driving the SDK: one conversation turn on one Claude process.
+
+A :class:`Turn` runs in an asyncio task of its own (the registry starts it),
+not in the request that started it: a client that goes away does not cut it
+short; it runs to its end, its transcript and mapping are saved and its
+process goes back to the pool (kept warm) or exits.
+
+It runs on a process from :mod:`chat_app.pool`: its thread's warm client, a
+spare, or a CLI started for it within the server's process budget. Its
+events go to its :class:`~chat_app.turns.buffer.EventLog`; the last one
+(``done`` or ``error``) is held back until the thread is free again (process
+given back, lease released), because a client may send its next message, to
+any worker, the moment it reads it.
+
+A turn can be stopped three ways: :meth:`Turn.interrupt` (a person's Stop:
+the model stops and the turn ends with ``done``), :meth:`Turn.abort` (its
+thread was deleted: nothing more is saved, its process is closed, its
+transcript erased, and it ends with an ``error``), and a lost lease
+(another worker took the thread: it saves nothing more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from claude_agent_sdk import AssistantMessage, ClaudeSDKClient, ClaudeSDKError, ResultMessage
+from django.conf import settings
+from django.db import close_old_connections
+
+from sessions_app.errors import ApiError
+from sessions_app.services import ThreadDeleted
+
+from .. import events, leases
+from ..pool import Slot, WarmClient, pool
+from ..sdk import build_options
+from . import store
+from .buffer import EventLog
+
+log = logging.getLogger("omni.chat")
+
+MISSING_SESSION = "No conversation found with session ID"
+# AssistantMessage.error values that mean the model endpoint failed us, not the request.
+MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
+
+
+def new_turn_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class TurnSpec:
+    """A validated turn: who, which thread, what to say, how."""
+
+    resource_id: str
+    thread_id: str
+    message: str
+    agent: str
+    preset: dict
+    turn_id: str = ""
+    resume_session_id: str | None = None  # the thread's (or fork parent's) session
+    fork_from_thread_id: str | None = None
+    at_message_uuid: str | None = None
+    forked_from_thread_id: str | None = None  # the mapping's value, kept on later turns
+    version: int | None = None  # the mapping's version at turn start (warm-client staleness)
+    new_thread: bool = True  # no mapping at turn start: its first save creates it
+
+    def __post_init__(self):
+        self.turn_id = self.turn_id or new_turn_id()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.resource_id, self.thread_id)
+
+
+class Aborted(Exception):
+    """The turn was stopped from outside and must save nothing more."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Turn:
+    def __init__(self, spec: TurnSpec, slot: Slot, lease: leases.Lease | None = None):
+        self.spec = spec
+        self.slot = slot  # the live process this turn runs on (pool)
+        self.lease = lease  # the thread's lease across processes
+        self.log = EventLog(spec.turn_id, spec.thread_id)
+        self.session_id: str | None = None
+        self.task: asyncio.Task | None = None
+        self._kept: WarmClient | None = None  # the client to keep warm after the turn
+        self._version: int | None = None  # the mapping's version after this turn's writes
+        self._first_save: asyncio.Future | None = None  # a follow-up's save at its session event
+        self._client: ClaudeSDKClient | None = None
+        self._interrupted = False
+        self._aborted: Aborted | None = None
+        self._streaming_id: str | None = None
+        self._final: dict | None = None  # the done/error event, published last
+        self._lease_lost = False
+
+    # --- what the rest of the server reads ----------------------------------
+    @property
+    def turn_id(self) -> str:
+        return self.spec.turn_id
+
+    @property
+    def events(self) -> list[dict]:
+        return self.log.events
+
+    @property
+    def finished(self) -> bool:
+        return self.log.finished
+
+    def listen(self, start: int = 0):
+        """Every event from ``start`` on, as they come, until the turn ends."""
+        return self.log.listen(start)
+
+    def retry_after(self) -> float:
+        """How long the thread stays busy at most (its lease's remaining time)."""
+        return self.lease.remaining() if self.lease is not None else leases.lease_seconds()
+
+    # --- stopping ---------------------------------------------------------------
+    async def interrupt(self) -> None:
+        self._interrupted = True
+        if self._client is not None:
+            try:
+                await self._client.interrupt()
+            except Exception:  # the CLI may be gone already
+                log.debug("interrupt failed", exc_info=True)
+
+    async def abort(self, code: str, message: str) -> None:
+        """Stop the turn for good: it saves nothing more and ends with an
+        ``error`` event of ``code`` (its thread was deleted)."""
+        if self.finished or self._aborted is not None:
+            return
+        log.info("[CHAT] Stopping turn %s on thread %s: %s", self.turn_id, self.spec.thread_id, code)
+        self._aborted = Aborted(code, message)
+        await self.interrupt()
+
+    async def lease_was_lost(self) -> None:
+        self._lease_lost = True
+        await self.interrupt()
+
+    # --- events -------------------------------------------------------------------
+    def _publish(self, event: dict) -> None:
+        if event.get("type") in ("done", "error"):
+            # The last event waits until the thread is free (lease and
+            # registry, in ``run``): a client may send its next message, to
+            # any worker, the moment it reads it.
+            if self._final is None:
+                self._final = event
+            return
+        self.log.append(event)
+
+    def publish_final(self) -> None:
+        if self.finished:
+            return
+        final = self._final
+        if self._aborted is not None:
+            final = events.error_event(self._aborted.code, self._aborted.message)
+        elif self._lease_lost:
+            final = events.error_event(
+                "lease_lost", "this worker lost the thread's lease; the turn was stopped")
+        elif final is None:
+            final = events.error_event("turn_failed", "the turn ended without a result")
+        self.log.append(final, last=True)
+
+    # --- the turn ------------------------------------------------------------------
+    async def run(self, on_free) -> None:
+        """The turn, start to end. ``on_free(turn)`` is called once the
+        process is given back and the lease released, before the last event."""
+        spec = self.spec
+        try:
+            if spec.resume_session_id and not spec.fork_from_thread_id:
+                log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
+            if spec.resume_session_id and not spec.fork_from_thread_id and self.slot.kind != "warm":
+                if self.lease is not None:
+                    await self.lease.check()  # nothing moves the session without it
+                # The database is the truth: a session last written under
+                # another working directory (another machine, data dir or
+                # server) moves to this one's project key first, so the CLI
+                # resumes it from the store and not from a stale local file.
+                # (A warm client needs none of this: it is current. A fork
+                # reads its parent where it is: see store.session_store.)
+                await store.adopt_session(spec.resume_session_id)
+            try:
+                await self._converse(spec.resume_session_id)
+            except ResumeMissing:
+                notice = (
+                    f"The stored session {spec.resume_session_id} could not be resumed; "
+                    "a new session was started without the earlier context."
+                )
+                log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
+                await self._converse(None, notice=notice)
+        except (Aborted, ThreadDeleted) as exc:
+            if self._aborted is None:
+                self._aborted = Aborted("thread_deleted", str(exc)) if isinstance(exc, ThreadDeleted) else exc
+        except ApiError as exc:
+            self._publish(events.error_event(exc.code, exc.message, exc.retry_after))
+        except leases.LeaseLost as exc:
+            self._lease_lost = True
+            log.error("[CHAT] %s", exc)
+        except Exception:  # never leave a listener hanging
+            log.exception("[CHAT] Turn %s failed thread=%s", self.turn_id, spec.thread_id)
+            self._publish(events.error_event(
+                "turn_failed", f"the turn failed on the server (turn {self.turn_id}); see its log"))
+        finally:
+            await self._end(on_free)
+
+    async def _end(self, on_free) -> None:
+        spec = self.spec
+        if self._kept is not None and (self._aborted is not None or self._lease_lost):
+            # Its context is deleted, or another worker's now: never reuse it.
+            await asyncio.shield(pool.close(self._kept.client))
+            self._kept = None
+        # Give the process back and free the thread before the last event
+        # is read: a client may send its next message, to any worker, the
+        # moment it sees "done" (and find its warm client here).
+        if self._kept is not None:
+            pool.checkin(self.slot, spec.key, self._kept, agent=spec.agent,
+                         session_id=self.session_id, version=self._version)
+        else:
+            pool.discard(self.slot, "turn did not end cleanly")
+        try:
+            if self._aborted is not None and self.session_id is not None:
+                # Its CLI may have written after the delete: leave nothing behind.
+                await asyncio.shield(store.erase_if_orphaned(self.session_id))
+            if self.lease is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.lease.release())
+        finally:
+            on_free(self)
+            # Like a request's end: a turn runs outside any request, so close
+            # its database connection if it is past CONN_MAX_AGE or broken.
+            try:
+                with contextlib.suppress(Exception):
+                    await sync_to_async(close_old_connections)()
+            finally:
+                self.publish_final()
+
+    def _stopped(self) -> None:
+        """Raise if the turn was stopped from outside: it writes nothing more."""
+        if self._aborted is not None:
+            raise self._aborted
+
+    async def _converse(self, resume: str | None, notice: str | None = None) -> None:
+        spec = self.spec
+        fork = bool(spec.fork_from_thread_id) and resume is not None
+        pending = []  # messages before the session id is known
+        streamed: set[str] = set()
+        reply: list[str] = []
+        result: ResultMessage | None = None
+        api_error: str | None = None  # the CLI's stand-in reply for a failed model call
+        warm = self.slot.take()  # the thread's warm client or a spare: connected already
+        started = warm is None
+        if started:
+            options = build_options(
+                spec.preset,
+                resume=resume,
+                fork=fork,
+                resume_at=spec.at_message_uuid if fork else None,
+                session_store=store.session_store(fork_of=resume if fork else None),
+            )
+            warm = WarmClient(ClaudeSDKClient(options), spec.agent)
+        client = warm.client
+        self._client = client
+        keep = hung = False
+        try:
+            if started:
+                async with silence():
+                    await pool.room()  # never more CLIs than the budget, exiting ones included
+                    await client.connect()
+            self._stopped()
+            await client.query(spec.message)
+            if self._interrupted:  # asked for before the CLI was up
+                await client.interrupt()
+            async for message in until_silent(client.receive_response()):
+                if self.session_id is None:
+                    sid = events.init_session_id(message)
+                    if sid is None:
+                        pending.append(message)
+                        continue
+                    await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
+                    for earlier in pending:
+                        self._publish(events.chunk_event(sid, earlier))
+                elif (sid := events.init_session_id(message)) and sid != self.session_id:
+                    self.session_id = sid
+                self._emit_text(message, streamed, reply)
+                self._publish(events.chunk_event(self.session_id, message))
+                if isinstance(message, ResultMessage):
+                    result = message
+                elif isinstance(message, AssistantMessage) and message.error:
+                    api_error = message.error
+        except Silent:
+            hung = True
+            raise
+        except ClaudeSDKError as exc:
+            if self.session_id is None and MISSING_SESSION in str(exc) and resume:
+                raise ResumeMissing() from exc
+            if result is None:  # after a result the CLI's non-zero exit adds nothing
+                raise
+        else:
+            # A client whose turn ended with its result (an interrupt included)
+            # can take the thread's next turn; after an error it cannot.
+            keep = result is not None and not result.is_error and self._aborted is None
+        finally:
+            self._client = None
+            if keep:
+                self._kept = warm
+            else:
+                await asyncio.shield(pool.close(client, kill=hung))
+        self._stopped()
+        if self.session_id is None:
+            raise ApiError("the CLI ended without starting a session", code="turn_failed")
+        # A failed model call's "API Error" text is not a message of the thread.
+        answered = result is not None and not result.is_error
+        if self._first_save is not None:
+            await self._first_save
+        if self.lease is not None:
+            await self.lease.check()  # a worker that lost the thread saves nothing more
+        self._stopped()
+        mapping = await store.save(
+            spec, self.session_id, create=False,
+            assistant_message="".join(reply) if answered else None,
+        )
+        self._version = mapping.version
+        await store.drop_local_copy(self.session_id)
+        if result is not None and result.is_error and api_error in MODEL_UNAVAILABLE:
+            # The model could not be reached (after the CLI's retries): the
+            # stream's 503. The session and the user's message are kept.
+            self._publish(events.error_event("model_unavailable", result.result or api_error))
+        elif result is not None:
+            self._publish(events.done_event(self.session_id, result))
+        else:
+            self._publish(events.error_event("turn_failed", "the turn ended without a result"))
+
+    async def _on_session(self, session_id: str, resumed: bool, notice: str | None) -> None:
+        spec = self.spec
+        self.session_id = session_id
+        self._stopped()
+        # Saved as soon as it is known, so a turn cut short still resumes.
+        # Only a turn that found no mapping may create one.
+        save = store.save(
+            spec, session_id, create=spec.new_thread,
+            agent=spec.agent,
+            user_message=spec.message,
+            forked_from_thread_id=spec.fork_from_thread_id,
+        )
+        if session_id == spec.resume_session_id and not spec.fork_from_thread_id:
+            # A follow-up: the mapping exists and names this session already,
+            # so the text need not wait for the write (the turn's last save
+            # waits for it).
+            self._first_save = asyncio.ensure_future(save)
+            self._first_save.add_done_callback(_log_failed_save)
+        else:
+            await save  # a new mapping: its insert may find the thread taken
+        self._publish(
+            events.session_event(
+                spec.thread_id, spec.resource_id, session_id, resumed,
+                spec.forked_from_thread_id or spec.fork_from_thread_id, notice,
+            )
+        )
+
+    def _emit_text(self, message, streamed: set[str], reply: list[str]) -> None:
+        """Text events from the stream's deltas, or from a whole assistant
+        message when none were streamed for it (e.g. a synthetic API error)."""
+        if message_id := events.stream_message_id(message):
+            self._streaming_id = message_id
+        if (delta := events.text_delta(message)) is not None:
+            streamed.add(self._streaming_id)
+            reply.append(delta)
+            self._publish(events.text_event(self.session_id, delta))
+        elif (text := events.assistant_text(message)) and message.message_id not in streamed:
+            reply.append(text)
+            self._publish(events.text_event(self.session_id, text))
+
+
+def _log_failed_save(future: asyncio.Future) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if isinstance(exc, ThreadDeleted):
+        return  # the turn learns it at its last save
+    if exc is not None:
+        log.error("[CHAT] Could not save the session mapping: %s", exc)
+
+
+class ResumeMissing(Exception):
+    """The stored session is gone (no local file, nothing in the store)."""
+
+
+class Silent(ApiError):
+    """The CLI sent nothing for ``OMNI_TURN_SILENCE_SECONDS``."""
+
+    status, code = 504, "turn_timeout"
+
+
+@contextlib.asynccontextmanager
+async def silence():
+    """A CLI that sends nothing for ``OMNI_TURN_SILENCE_SECONDS`` ends the
+    turn with :class:`Silent` instead of holding it (and its thread) forever."""
+    try:
+        async with asyncio.timeout(settings.OMNI_TURN_SILENCE_SECONDS):
+            yield
+    except TimeoutError:
+        raise Silent(
+            f"the Claude process sent nothing for {settings.OMNI_TURN_SILENCE_SECONDS:g} s; "
+            "the turn was stopped"
+        ) from None
+
+
+async def until_silent(messages):
+    """``messages``, each within the silence timeout."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            async with silence():
+                message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        yield message

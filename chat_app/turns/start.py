@@ -1,0 +1,95 @@
+"""Starting a turn: validate, take the thread, check the limits, run.
+
+Both transports (SSE views, the websocket consumer) call :func:`start_turn`
+and read the returned :class:`~chat_app.turns.runner.Turn`'s events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from django.conf import settings
+
+from sessions_app import services
+from sessions_app.errors import Conflict, NotFound, ServerBusy, TooLarge
+from sessions_app.resources import resolve_resource
+
+from .. import leases, limits
+from ..sdk import agent_preset
+from . import store
+from .registry import registry
+from .runner import Turn, TurnSpec
+
+
+async def start_turn(user, body, *, fork: bool = False) -> Turn:
+    """Validate a chat or fork request (a ``ChatIn``/``ForkIn``), and start it.
+
+    Raises the contract's errors: 400 unknown agent, 401/403 from resource
+    resolution, 404 fork parent missing, 409 fork target exists or thread
+    busy (with ``Retry-After``), 413 message too long, 429 over a limit,
+    503 ``server_busy``.
+    """
+    if len(body.message) > settings.OMNI_MAX_MESSAGE_CHARS:
+        raise TooLarge(f"message is over {settings.OMNI_MAX_MESSAGE_CHARS} characters")
+    resource = resolve_resource(user, body.resourceId)
+    agent, preset = agent_preset(body.agent)
+    thread_id = body.threadId or f"thread-{uuid.uuid4().hex}"
+    spec = TurnSpec(resource, thread_id, body.message, agent, preset)
+    if registry.draining:
+        raise ServerBusy("the server is shutting down; try again (another worker will answer)",
+                         retry_after=1)
+    if running := registry.get(resource, thread_id):
+        raise leases.busy_error(thread_id, running.retry_after())
+    # One turn per thread across every process, from here to the turn's end:
+    # the checks below and everything the turn does to the stored session.
+    lease = await leases.acquire(resource, thread_id, spec.turn_id)
+    try:
+        await _resolve_thread(spec, body, fork=fork)
+        admission = await _admit(resource, spec.turn_id)  # 429 rate_limited
+        try:
+            return registry.start(spec, lease)
+        except BaseException:
+            await asyncio.shield(admission.cancel())  # it did not start: it does not count
+            raise
+    except BaseException:
+        await asyncio.shield(lease.release())
+        raise
+
+
+async def _resolve_thread(spec: TurnSpec, body, *, fork: bool) -> None:
+    """What the turn resumes: the fork parent's session or the thread's own."""
+    resource, thread_id = spec.resource_id, spec.thread_id
+    if fork:
+        parent = await services.get_mapping(body.forkFromThreadId, resource)
+        if parent is None:
+            raise NotFound(f"no thread {body.forkFromThreadId!r} to fork from")
+        if await services.get_mapping(thread_id, resource):
+            raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists")
+        spec.resume_session_id = parent.session_id
+        spec.fork_from_thread_id = parent.thread_id
+        spec.at_message_uuid = await store.fork_point(parent.session_id, body.atMessageUuid)
+    elif mapping := await services.get_mapping(thread_id, resource):
+        spec.new_thread = False
+        spec.resume_session_id = mapping.session_id
+        spec.forked_from_thread_id = mapping.forked_from_thread_id
+        spec.version = mapping.version
+        if body.agent is None:
+            spec.agent, spec.preset = agent_preset(mapping.agent)
+
+
+class _Admitted:  # TEMPORARY until limits.admit lands
+    async def cancel(self):
+        pass
+
+
+async def _admit(resource, turn_id):  # TEMPORARY until limits.admit lands
+    if hasattr(limits, "admit"):
+        return await limits.admit(resource, turn_id)
+    from sessions_app.errors import RateLimited
+    limit = settings.OMNI_MAX_TURNS_PER_RESOURCE
+    if registry.count(resource) >= limit:
+        raise RateLimited(f"resource {resource!r} already runs {limit} turns; wait for one to end",
+                          retry_after=settings.OMNI_BUSY_RETRY_AFTER)
+    limits.turn_rate.check(resource)
+    return _Admitted()

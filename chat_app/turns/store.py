@@ -1,0 +1,95 @@
+"""Moving and saving a turn's session: the database is the truth.
+
+* :func:`adopt_session`: before a thread's own turn resumes cold, its stored
+  session moves to this process's project key (the CLI's project is its
+  working directory), so the CLI resumes it from the store and its new lines
+  land next to the old ones. Only under the thread's lease.
+* :func:`fork_store`: a fork *reads* its parent where it is stored and never
+  moves it: the parent may be running a turn on another worker, under
+  another project key, at this very moment.
+* :func:`save` writes the mapping through the session service; only the
+  first save of a turn that started without a mapping may create it, so a
+  turn never brings back a thread deleted while it ran.
+* :func:`erase_if_orphaned`: a turn that ends without its mapping (deleted
+  meanwhile, or a new thread that lost the race for its id) leaves no
+  transcript behind.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from sessions_app import services
+from sessions_app.errors import BadRequest
+
+from ..sdk import workspace_dir
+
+log = logging.getLogger("omni.chat")
+
+
+def session_store(*, fork_of: str | None = None):
+    """The transcript store of a turn's CLI (None with ``OMNI_SESSION_STORE=0``);
+    ``fork_of``: the parent session a fork reads wherever it is stored."""
+    if not settings.OMNI_SESSION_STORE:
+        return None
+    from sessions_app.transcripts import DjangoSessionStore
+
+    return DjangoSessionStore(shared_sessions=(fork_of,) if fork_of else ())
+
+
+async def adopt_session(session_id: str) -> bool:
+    """Move a stored session to this process's project key; True if moved."""
+    if not settings.OMNI_SESSION_STORE:
+        return False
+    from claude_agent_sdk import project_key_for_directory
+    from sessions_app.transcripts import rekey_session
+
+    key = project_key_for_directory(str(workspace_dir()))
+    moved = await sync_to_async(rekey_session)(session_id, key)
+    if moved:
+        log.info("[CHAT] Adopted stored session %s into project %s", session_id, key)
+    return bool(moved)
+
+
+async def fork_point(session_id: str, message_uuid: str | None) -> str | None:
+    """Where to cut a fork at ``atMessageUuid``: the last transcript entry of
+    that message (a reply can span several entries, named by the first)."""
+    if message_uuid is None or not settings.OMNI_SESSION_STORE:
+        return message_uuid
+    from sessions_app.transcripts import fork_point as stored_fork_point
+
+    cut = await stored_fork_point(session_id, message_uuid)
+    if cut is None:
+        raise BadRequest(f"atMessageUuid {message_uuid!r} is not a message of the thread being forked")
+    return cut
+
+
+async def save(spec, session_id: str, *, create: bool, **fields):
+    """Save the turn's mapping (see :func:`sessions_app.services.save_session`).
+    ``create``: this save may insert the mapping (the first save of a new
+    thread or a fork); otherwise a mapping that is gone raises
+    :class:`~sessions_app.services.ThreadDeleted`."""
+    return await services.save_session(
+        spec.thread_id, spec.resource_id, session_id, create=create, **fields)
+
+
+async def drop_local_copy(session_id: str) -> None:
+    """With the store on, the CLI's local transcript is only a cache."""
+    if not settings.OMNI_SESSION_STORE:
+        return
+    try:
+        await sync_to_async(services.drop_mirrored_local_transcript)(session_id)
+    except OSError:
+        log.warning("could not drop the local transcript of %s", session_id, exc_info=True)
+
+
+async def erase_if_orphaned(session_id: str) -> None:
+    """Erase a session no mapping points at (rows and local files)."""
+    try:
+        if await services.erase_orphaned_session(session_id):
+            log.info("[CHAT] Erased session %s: its thread is gone", session_id)
+    except Exception:
+        log.warning("could not erase the orphaned session %s", session_id, exc_info=True)
