@@ -36,3 +36,30 @@ class ThreadLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.resource_id}/{self.thread_id} #{self.token}"
+
+
+class TurnStart(models.Model):
+    """A turn start counted against ``OMNI_TURNS_PER_MINUTE`` (the database
+    backend of :mod:`chat_app.limits`, used without ``REDIS_URL``).
+
+    A resource has one row per *slot*, ``0 .. limit-1``; a slot is taken
+    while its start is under 60 s old (``started_ms``: Unix time in
+    milliseconds, the worker's clock). A start takes a free slot in one
+    upsert conditional on the slot being free, so two workers can never
+    both count in the same slot: at most ``limit`` starts a minute, across
+    workers, on every engine. A cancelled start (the turn never ran)
+    deletes its row; rows of starts over a minute old are pruned.
+    """
+
+    resource_id = models.CharField(max_length=128)
+    slot = models.IntegerField()
+    turn_id = models.CharField(max_length=128)
+    started_ms = models.BigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["resource_id", "slot"], name="uniq_turn_start_slot"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.resource_id} slot {self.slot}: {self.turn_id}"
