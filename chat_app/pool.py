@@ -27,6 +27,11 @@ see a newer version: the warm client is dropped and the turn resumes cold
 from the transcript store. A fork never uses its parent's client (it is keyed
 by its own thread), nor a spare (it resumes the parent).
 
+**Which process.** A client's CLI pid comes from its pid file (written by
+``chat_app/bin/claude-launcher``, see :func:`client_pid`), never from the
+SDK's private state; an SDK that stopped running the launcher is logged as
+an error and its clients are never kept, rather than kept blind.
+
 Everything here runs on the server's event loop; :meth:`ProcessPool.checkout`
 is synchronous, so deciding and reserving a process cannot race.
 """
@@ -39,6 +44,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -47,7 +53,10 @@ from django.conf import settings
 
 from sessions_app.errors import ServerBusy
 
+from .sdk import PIDFILE_ENV, cli_pidfile, process_state
+
 log = logging.getLogger("omni.pool")
+
 
 Key = tuple[str, str]  # (resource_id, thread_id)
 
@@ -68,19 +77,77 @@ class WarmClient:
         return client_pid(self.client)
 
 
-def client_pid(client: ClaudeSDKClient) -> int | None:
-    """The CLI process id of a connected client (None if it is not running)."""
-    process = getattr(getattr(client, "_transport", None), "_process", None)
-    if process is None or getattr(process, "returncode", None) is not None:
+def client_pid(client: ClaudeSDKClient, *, quiet: bool = False) -> int | None:
+    """The CLI process id of a connected client; None if its CLI is not
+    running (exited, killed, a zombie, or its pid now names another process).
+
+    Read from the client's pid file (``chat_app/sdk.py``: the launcher writes
+    it before it execs the CLI), never from the SDK's private state, and kept
+    with the process's start time. A connected client without a readable pid
+    file is a broken deployment (the SDK no longer runs the launcher, or
+    another ``cli_path``): it is logged as an error (once) and its client is
+    treated as gone, so warm reuse stops visibly, not silently. ``quiet``:
+    the client may not have started its CLI yet (no error)."""
+    if client in _closed:
         return None
-    pid = getattr(process, "pid", None)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return None  # dead, not yet reaped
-    except (OSError, IndexError):
-        return None
+    ident = _pids.get(client)
+    if ident is None:
+        ident = _read_pidfile(client, quiet)
+        if ident is None:
+            return None
+        _pids[client] = ident
+    pid, started = ident
+    state = process_state(pid)
+    if state is None or state[0] in ("Z", "X") or state[1] != started:
+        return None  # exited, dead but not yet reaped, or the pid was reused
     return pid
+
+
+_pids: "weakref.WeakKeyDictionary[ClaudeSDKClient, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_closed: "weakref.WeakSet[ClaudeSDKClient]" = weakref.WeakSet()  # pid file removed
+_complained: set[str] = set()
+
+
+def _read_pidfile(client: ClaudeSDKClient, quiet: bool) -> tuple[int, int] | None:
+    path = cli_pidfile(getattr(client, "options", None))
+    if path is None:
+        _complain("a client's options carry no %s (built without chat_app.sdk.build_options?): "
+                  "its CLI cannot be found, so it is never kept warm or killed by pid", PIDFILE_ENV)
+        return None
+    try:
+        pid, started = (int(part) for part in path.read_text().split())
+    except FileNotFoundError:
+        if not quiet:
+            _complain("no pid file %s for a connected client: the SDK did not start the CLI "
+                      "through chat_app/bin/claude-launcher (an SDK upgrade?); warm clients and "
+                      "kills of hung CLIs do not work until it does", path)
+        return None
+    except (OSError, ValueError):
+        if not quiet:  # empty: the launcher is writing it this instant
+            _complain("unreadable pid file %s: warm clients and kills of hung CLIs do not work", path)
+        return None
+    weakref.finalize(client, _unlink, path)  # never left behind, whatever happens to the client
+    return pid, started
+
+
+def _complain(message: str, *args) -> None:
+    """Log an error the first time it happens in this process."""
+    if message not in _complained:
+        _complained.add(message)
+        log.error("[POOL] " + message, *args)
+
+
+def _forget_pid(client: ClaudeSDKClient) -> None:
+    """The client is closed: its pid file goes (its pid is None from now on)."""
+    _closed.add(client)
+    _pids.pop(client, None)
+    if (path := cli_pidfile(getattr(client, "options", None))) is not None:
+        _unlink(path)
+
+
+def _unlink(path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def rss_mb(pid: int | None) -> float:
@@ -260,7 +327,7 @@ class ProcessPool:
         """End a client a turn cannot keep (after an error or an interrupt
         without a result). ``kill``: a hung CLI, which may never exit on its
         own: SIGKILL it first, then let the SDK reap it."""
-        if kill and (pid := client_pid(client)) is not None:
+        if kill and (pid := client_pid(client, quiet=True)) is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await _disconnect(client)
@@ -302,8 +369,7 @@ class ProcessPool:
             self._filling = asyncio.get_running_loop().create_task(self._fill())
 
     async def _fill(self) -> None:
-        from .sdk import agent_preset, build_options
-        from .turns import session_store
+        from .sdk import agent_preset, build_options, session_store
 
         while not self.stopping and self.live < settings.OMNI_MAX_PROCESSES:
             missing = [name for name in settings.OMNI_AGENTS
@@ -373,6 +439,7 @@ class ProcessPool:
             if (pid := warm.pid) is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            _forget_pid(warm.client)
         self.__init__()
 
     async def shutdown(self) -> None:
@@ -400,6 +467,8 @@ async def _disconnect(client: ClaudeSDKClient) -> None:
         await client.disconnect()
     except Exception:
         log.debug("disconnect failed", exc_info=True)
+    finally:
+        _forget_pid(client)
 
 
 pool = ProcessPool()

@@ -1,11 +1,15 @@
 """Building ``ClaudeAgentOptions`` for a turn: agent preset, environment and
 working directory. The only module that knows how the CLI is configured."""
 
+import atexit
 import functools
 import os
 import re
 import shutil
+import stat
+import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import claude_agent_sdk
@@ -93,6 +97,90 @@ def setpriv_path() -> str:
     return shutil.which("setpriv") or ""
 
 
+# --- the CLI's process id, without the SDK's private state ------------------------
+# Each client's options carry a pid file path of its own (``OMNI_CLI_PIDFILE``,
+# in this server process's private runtime directory); the launcher writes its
+# pid (which the CLI keeps: it execs the CLI in its place) and its start time
+# there before it execs the CLI, and removes the variable from the CLI's
+# environment. chat_app/pool.py reads it (``client_pid``).
+PIDFILE_ENV = "OMNI_CLI_PIDFILE"
+_runtime_lock = threading.Lock()
+_runtime: dict[int, Path] = {}  # os.getpid() -> its directory (a forked child makes its own)
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """``(state, start time)`` of a process, from ``/proc/<pid>/stat`` (fields
+    3 and 22; the start time in clock ticks since boot names the process: a
+    reused pid has another); None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may hold anything
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def runtime_dir() -> Path:
+    """This server process's private directory (mode 0700) for its CLIs' pid
+    files: ``<XDG_RUNTIME_DIR or the temp dir>/omni-cli-<uid>/<pid>-<start
+    time>``, never in the project. It is removed when the process exits, and
+    a directory left by a process that did not exit cleanly (SIGKILL) is
+    removed by the next server process of the same user to start, so none
+    accumulate; the pool removes each pid file when it closes its client."""
+    pid = os.getpid()
+    with _runtime_lock:
+        if (path := _runtime.get(pid)) is not None and path.is_dir():
+            return path
+        base = _private_dir(_runtime_base() / f"omni-cli-{os.getuid()}")
+        for old in base.iterdir():  # directories of server processes that are gone
+            owner, _, started = old.name.partition("-")
+            if owner.isdigit() and started.isdigit() and int(owner) != pid:
+                state = process_state(int(owner))
+                if state is None or str(state[1]) != started:
+                    shutil.rmtree(old, ignore_errors=True)
+        state = process_state(pid)
+        if state is None:
+            raise RuntimeError("cannot read /proc/self/stat: the pool needs Linux's /proc")
+        path = _private_dir(base / f"{pid}-{state[1]}")
+        _runtime[pid] = path
+        atexit.register(_remove_runtime_dir, pid, path)
+        return path
+
+
+def _runtime_base() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == os.getuid():
+        return Path(xdg)
+    return Path(tempfile.gettempdir())
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` as a directory of this user's only (created 0700); a symlink,
+    a file or another user's directory there is an error, never used."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise RuntimeError(f"{path} is not a directory of this user: cannot keep the CLIs' pid files there")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _remove_runtime_dir(pid: int, path: Path) -> None:
+    if os.getpid() == pid:  # not from a forked child
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def cli_pidfile(options: ClaudeAgentOptions) -> Path | None:
+    """Where the launcher writes the pid of the CLI started with ``options``."""
+    env = getattr(options, "env", None) or {}
+    value = env.get(PIDFILE_ENV)
+    return Path(value) if value else None
+
+
 def cli_env() -> dict[str, str]:
     """The ``env`` of the CLI's options: the CLI's own settings, and every
     server variable it must not see blanked (and, through the launcher,
@@ -104,6 +192,8 @@ def cli_env() -> dict[str, str]:
         "OMNI_CLI_UNSET": " ".join(name for name in hidden if SHELL_NAME.fullmatch(name)),
         "OMNI_CLI_REAL": real_cli_path(),
         "OMNI_CLI_SETPRIV": setpriv_path(),
+        # one per client: build options for each client anew
+        PIDFILE_ENV: str(runtime_dir() / uuid.uuid4().hex),
         "CLAUDE_CONFIG_DIR": str(settings.CLAUDE_CONFIG_DIR),
         # A server's CLI talks to the model endpoint and nothing else.
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
@@ -119,6 +209,15 @@ def cli_env() -> dict[str, str]:
         env["ANTHROPIC_BASE_URL"] = offline_model_url()
         env["ANTHROPIC_API_KEY"] = os.environ.get("ANTHROPIC_API_KEY") or "offline-model"
     return env
+
+
+def session_store():
+    """The transcript store of the CLI's options (``OMNI_SESSION_STORE``), or None."""
+    if not settings.OMNI_SESSION_STORE:
+        return None
+    from sessions_app.transcripts import DjangoSessionStore
+
+    return DjangoSessionStore()
 
 
 def workspace_dir() -> Path:
