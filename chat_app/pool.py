@@ -14,7 +14,8 @@ in ~20 ms. This module keeps such clients, within one limit:
   error, an unfinished interrupt, an agent change or a delete of its thread.
 * **spares**: ``OMNI_SPARE_CLIENTS`` started, unbound clients per agent preset,
   so a new thread's first turn skips the spawn too; a used spare is replaced
-  in the background.
+  in the background. A spare whose CLI has not started within
+  ``OMNI_CLI_START_SECONDS`` is killed and its place freed.
 * **the budget**: ``OMNI_MAX_PROCESSES`` live CLI processes in all, shared by
   running turns, warm clients and spares. A turn that needs a process when the
   budget is full evicts an idle warm client or a spare; when every process is
@@ -57,6 +58,9 @@ from .sdk import PIDFILE_ENV, cli_pidfile, process_state
 
 log = logging.getLogger("omni.pool")
 
+# A spare's CLI that has not started (connected) within this many seconds is
+# killed (setting OMNI_CLI_START_SECONDS).
+CLI_START_SECONDS = 60.0
 
 Key = tuple[str, str]  # (resource_id, thread_id)
 
@@ -380,19 +384,38 @@ class ProcessPool:
             client = ClaudeSDKClient(build_options(preset, session_store=session_store()))
             self.starting += 1
             try:
-                await client.connect()
-            except Exception:
-                log.warning("[POOL] Could not start a spare client agent=%s", agent, exc_info=True)
-                await _disconnect(client)
-                return
+                started = await self._start(client, agent)
             finally:
                 self.starting -= 1
+            if not started:
+                return  # stop filling for now: the next connect or turn tries again
             spare = WarmClient(client, agent)
             if self.stopping:
                 await _disconnect(client)
                 return
             self.spares.setdefault(agent, []).append(spare)
             log.info("[POOL] Spare client ready agent=%s pid=%s", agent, spare.pid)
+
+    async def _start(self, client: ClaudeSDKClient, agent: str) -> bool:
+        """Connect a spare within ``OMNI_CLI_START_SECONDS``; on failure or
+        timeout its CLI is killed and the client closed (False)."""
+        limit = float(getattr(settings, "OMNI_CLI_START_SECONDS", CLI_START_SECONDS))
+        connecting = asyncio.get_running_loop().create_task(client.connect())
+        try:
+            done, _ = await asyncio.wait({connecting}, timeout=limit)
+        except BaseException:  # the fill was cancelled (shutdown): end the start too
+            await _abort(client, connecting)
+            raise
+        if not done:
+            log.warning("[POOL] A spare client agent=%s did not start within %ss: killing its CLI "
+                        "pid=%s", agent, limit, client_pid(client, quiet=True))
+            await _abort(client, connecting)
+            return False
+        if (error := connecting.exception()) is not None:
+            log.warning("[POOL] Could not start a spare client agent=%s", agent, exc_info=error)
+            await _disconnect(client)
+            return False
+        return True
 
     # --- idle expiry -------------------------------------------------------------
     def _start_janitor(self) -> None:
@@ -469,6 +492,22 @@ async def _disconnect(client: ClaudeSDKClient) -> None:
         log.debug("disconnect failed", exc_info=True)
     finally:
         _forget_pid(client)
+
+
+async def _abort(client: ClaudeSDKClient, connecting: asyncio.Task) -> None:
+    """End a client whose ``connect()`` is still running: SIGKILL its CLI (if
+    it has started one), cancel the connect (the SDK then closes what it
+    opened) and close the client."""
+    if (pid := client_pid(client, quiet=True)) is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    connecting.cancel()
+    try:
+        await asyncio.wait({connecting}, timeout=10)
+        if connecting.done() and not connecting.cancelled():
+            connecting.exception()  # retrieved: it is the timeout's doing
+    finally:
+        await _disconnect(client)
 
 
 pool = ProcessPool()

@@ -192,3 +192,40 @@ def test_a_dead_server_processs_runtime_dir_is_removed_by_the_next(tmp_path):
     assert exited.parent == killed.parent
     assert not killed.exists(), "the next server process did not remove a dead one's directory"
     assert not exited.exists(), "a process that exited left its directory"
+
+
+# --- a spare whose CLI hangs at start ------------------------------------------------------
+
+@pytest.fixture
+def hanging_cli(warm, tmp_path):
+    """The "real CLI" the launcher execs: a script that never answers."""
+    script = tmp_path / "hanging-claude"
+    script.write_text("#!/bin/sh\nexec sleep 600\n")
+    script.chmod(0o755)
+    warm.OMNI_CLI_PATH = str(script)
+    sdk.real_cli_path.cache_clear()
+    yield script
+    sdk.real_cli_path.cache_clear()
+
+
+async def test_a_spare_whose_cli_hangs_at_start_is_killed_and_its_slot_freed(warm, hanging_cli, pool_log):
+    warm.OMNI_SPARE_CLIENTS = 1
+    warm.OMNI_CLI_START_SECONDS = 1.0
+    config_dir = str(warm.CLAUDE_CONFIG_DIR)
+    pool.fill_spares()
+    hung = []
+    for _ in range(200):
+        if hung := processes_with_env("CLAUDE_CONFIG_DIR", config_dir):
+            break
+        await asyncio.sleep(0.02)
+    assert len(hung) == 1, "the hanging CLI did not start"
+    assert pool.starting == 1 and pool.counts()["spare"] == 1
+    await asyncio.wait_for(asyncio.shield(pool._filling), timeout=15)
+    assert pool.starting == 0 and pool.live == 0 and pool.spares.get("smart", []) == []
+    assert pool.counts() == {"running": 0, "warm": 0, "spare": 0, "exiting": 0, "budget": 4}
+    assert await gone(hung[0], timeout=5), "the hung CLI outlived its start's timeout"
+    assert processes_with_env("CLAUDE_CONFIG_DIR", config_dir) == []
+    assert f"did not start within 1.0s: killing its CLI pid={hung[0]}" in pool_log.text
+    assert not [p for p in sdk.runtime_dir().iterdir() if p.read_text().split()[:1] == [str(hung[0])]]
+    # filling stopped for now: no second start was tried
+    assert pool_log.text.count("did not start within") == 1
