@@ -90,6 +90,18 @@ def test_postgres_url(scheme):
     assert (config["HOST"], int(config["PORT"])) == ("db.example", 5433)
 
 
+def test_postgres_connections_give_up_after_a_few_seconds():
+    # a black-holed host would otherwise hold each connection attempt ~2 minutes
+    config = database_from_url("postgres://u@db.example/omni", DATA)
+    assert 1 < config["OPTIONS"]["connect_timeout"] <= 5
+
+
+def test_a_postgres_urls_own_options_are_kept():
+    config = database_from_url("postgres://u@db.example/omni?connect_timeout=10&sslmode=require", DATA)
+    assert config["OPTIONS"]["connect_timeout"] == 10
+    assert config["OPTIONS"]["sslmode"] == "require"
+
+
 @pytest.mark.parametrize(
     "url", ["mysql://u@h/db", "redis://localhost:6379/0", "http://example.com/db", "oracle://x"]
 )

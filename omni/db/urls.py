@@ -13,6 +13,10 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 LIBSQL_ENGINE = "omni.db.libsql"
+# Seconds a PostgreSQL connection attempt may take (libpq's connect_timeout;
+# a URL's own ``?connect_timeout=`` wins). Without it a black-holed database
+# host holds each attempt, and the thread making it, for about two minutes.
+POSTGRES_CONNECT_TIMEOUT = 3
 
 
 def libsql_file(path: Path) -> dict:
@@ -43,6 +47,7 @@ def database_from_url(url: str | None, data_dir: Path) -> dict:
         # theirs when they finish (omni.db.connections).
         config = dj_database_url.parse(url, conn_max_age=None, conn_health_checks=True)
         config["ENGINE"] = "django.db.backends.postgresql"
+        config.setdefault("OPTIONS", {}).setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
         return config
     if scheme in ("libsql", "ws", "wss"):
         parts = urlsplit(url)
