@@ -1,14 +1,32 @@
 """``GET /api/health`` (contract §4): is this worker fit to take traffic?
 
-Cheap enough for a load balancer to poll every second: one ``SELECT 1`` and
-one Redis ``PING``, each given about a second. No credentials, no data: the
-checks' names and ``ok``/``off``/``error``, and this process's live CLI counts.
+Cheap enough for a load balancer to poll every second, and bounded when a
+dependency is down: one ``SELECT 1`` and one Redis ``PING``, each given about
+a second. No credentials, no data: the checks' names and ``ok``/``off``/
+``error``, and this process's live CLI counts.
+
+A check never piles up (issue 14, item 6). Each is *single-flight*: at most
+one probe of it runs at a time, and health requests that come meanwhile
+await that same probe (each for at most ``CHECK_SECONDS``) instead of
+starting their own; a result younger than ``FRESH_SECONDS`` is answered
+again without a probe. The database probe is blocking ORM work: it runs on
+a daemon thread of its own, never on the default executor that static files
+and other sync work share, and its connection attempt is bounded by
+PostgreSQL's ``connect_timeout`` (``omni/db/urls.py``). A probe that still
+hangs past ``STALE_SECONDS`` (a connection black-holed mid-query) is given
+up: a new one may start, with at most ``MAX_ABANDONED`` such threads left
+behind, so a balancer polling every second during an outage costs at most a
+few threads, however long the outage lasts.
 """
 
-import asyncio
-import logging
+from __future__ import annotations
 
-from asgiref.sync import sync_to_async
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+
 from django.db import connections
 from django.http import JsonResponse
 from ninja import Router, Schema
@@ -18,7 +36,10 @@ from chat_app.turns import process_counts
 
 log = logging.getLogger("omni.api")
 router = Router(tags=["health"])
-CHECK_SECONDS = 1.0
+CHECK_SECONDS = 1.0  # how long one health request waits for a check
+FRESH_SECONDS = 1.0  # a check's result is reused this long
+STALE_SECONDS = 15.0  # a database probe running longer is given up (connect_timeout is 3 s)
+MAX_ABANDONED = 2  # given-up probe threads that may still be alive
 
 
 class HealthChecks(Schema):
@@ -33,9 +54,9 @@ class HealthOut(Schema):
     processes: dict[str, int | bool]
 
 
-def _database() -> None:
-    # A thread of its own (not the shared ORM thread a hung database would
-    # block) and a connection closed after, so each poll tests reachability.
+def _database() -> str:
+    # A connection of the probe's own thread, closed after: each probe tests
+    # reachability (and holds no connection between polls).
     connection = connections["default"]
     try:
         with connection.cursor() as cursor:
@@ -43,14 +64,115 @@ def _database() -> None:
             cursor.fetchone()
     finally:
         connection.close()
-
-
-async def check_database() -> str:
-    await sync_to_async(_database, thread_sensitive=False)()
     return "ok"
 
 
-async def check_channel_layer() -> str:
+class ThreadProbe:
+    """A blocking check run single-flight on a daemon thread of its own.
+
+    Its result is a ``concurrent.futures.Future`` shared by every waiter (of
+    any event loop); daemon threads, so a hung probe never holds up the
+    process's exit."""
+
+    def __init__(self, name: str, check):
+        self.name = name
+        self.check = check
+        self._lock = threading.Lock()
+        self._current: concurrent.futures.Future | None = None
+        self._started = 0.0
+        self._abandoned: list[concurrent.futures.Future] = []
+
+    def future(self) -> concurrent.futures.Future:
+        """The probe in flight, a fresh enough finished one, or a new one."""
+        with self._lock:
+            now = time.monotonic()
+            current = self._current
+            if current is not None:
+                if not current.done():
+                    if now - self._started < STALE_SECONDS:
+                        return current
+                    self._abandoned = [f for f in self._abandoned if not f.done()]
+                    if len(self._abandoned) >= MAX_ABANDONED:
+                        return current  # no more threads: wait for the hung ones
+                    log.error("health: the %s probe hung for %.0f s; starting another",
+                              self.name, now - self._started)
+                    self._abandoned.append(current)
+                elif now - getattr(current, "finished_at", now) < FRESH_SECONDS:
+                    return current
+            self._current = future = concurrent.futures.Future()
+            self._started = now
+            threading.Thread(target=self._run, args=(future,), daemon=True,
+                             name=f"omni-health-{self.name}").start()
+            return future
+
+    def _run(self, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.check()
+        except BaseException as exc:
+            log.error("health: %s check failed: %s", self.name, exc)
+            future.finished_at = time.monotonic()
+            future.set_exception(exc)
+        else:
+            future.finished_at = time.monotonic()
+            future.set_result(result)
+
+    def threads(self) -> int:
+        """Probe threads alive (the one in flight and given-up ones)."""
+        with self._lock:
+            return sum(not f.done() for f in [*self._abandoned, self._current] if f is not None)
+
+    async def result(self, timeout: float) -> str:
+        future = self.future()
+        if not future.done():
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_):
+                try:
+                    loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+                except RuntimeError:  # that loop closed meanwhile
+                    pass
+
+            future.add_done_callback(wake)
+            async with asyncio.timeout(timeout):
+                await waiter
+        return future.result()
+
+
+class LoopProbe:
+    """An async check run single-flight on the event loop, bounded by ``CHECK_SECONDS``
+    of its own (waiting for it cannot take longer)."""
+
+    def __init__(self, name: str, check):
+        self.name = name
+        self.check = check
+        self._task: asyncio.Task | None = None
+        self._finished = 0.0
+
+    async def _run(self) -> str:
+        try:
+            async with asyncio.timeout(CHECK_SECONDS):
+                return await self.check()
+        except Exception as exc:
+            log.error("health: %s check failed: %s", self.name, exc or type(exc).__name__)
+            return "error"
+        finally:
+            self._finished = time.monotonic()
+
+    async def result(self) -> str:
+        loop = asyncio.get_running_loop()
+        task = self._task
+        reuse = task is not None and task.get_loop() is loop and (
+            not task.done() or time.monotonic() - self._finished < FRESH_SECONDS)
+        if not reuse:
+            task = self._task = loop.create_task(self._run(), name=f"omni-health-{self.name}")
+        # shielded: a waiter that goes away does not cancel the others' probe
+        return await asyncio.shield(task)
+
+
+async def _channel_layer() -> str:
     layer = streams.layer()
     if layer is None or not streams.distributed():
         return "off"  # the in-memory layer: one process, nothing to reach
@@ -63,13 +185,19 @@ async def check_channel_layer() -> str:
     return "ok"
 
 
-async def run_check(name: str, check) -> str:
+database_probe = ThreadProbe("database", _database)
+channel_layer_probe = LoopProbe("channelLayer", _channel_layer)
+
+
+async def check_database() -> str:
     try:
-        async with asyncio.timeout(CHECK_SECONDS):
-            return await check()
-    except Exception as exc:
-        log.error("health: %s check failed: %s", name, exc)
+        return await database_probe.result(CHECK_SECONDS)
+    except Exception:  # failed (logged by the probe) or still running after CHECK_SECONDS
         return "error"
+
+
+async def check_channel_layer() -> str:
+    return await channel_layer_probe.result()
 
 
 @router.get("/health", auth=None, response={200: HealthOut, 503: HealthOut},
@@ -79,9 +207,9 @@ async def health(request):
     the answer is 503 and the failing check says `error` (`turns` says `draining` while the
     process is shutting down and takes no new turns). `processes` counts this process's
     live Claude CLI processes: `running` (turns in progress), `warm` (idle warm clients),
-    `spare` (started for new threads) and `budget`, their limit."""
-    database, layer = await asyncio.gather(
-        run_check("database", check_database), run_check("channelLayer", check_channel_layer))
+    `spare` (started for new threads) and `budget`, their limit. A check's result may be up
+    to a second old: concurrent requests share one probe of each dependency."""
+    database, layer = await asyncio.gather(check_database(), check_channel_layer())
     counts = process_counts()
     # A worker that is stopping (SIGTERM) takes no new turns: the balancer
     # should send them elsewhere.
