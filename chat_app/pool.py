@@ -11,7 +11,9 @@ in ~20 ms. This module keeps such clients, within one limit:
   recently used evicted first, each closed after ``OMNI_WARM_IDLE_SECONDS``
   idle, after ``OMNI_WARM_MAX_TURNS`` turns or when its CLI's RSS passes
   ``OMNI_WARM_MAX_RSS_MB`` (long-lived CLIs creep), and at once after an
-  error, an unfinished interrupt, an agent change or a delete of its thread.
+  error, an unfinished interrupt, an agent change or a delete of its thread
+  (at once in the deleting process; every ``MAPPING_CHECK_SECONDS`` at most
+  in any other, which finds the thread's mapping gone).
 * **spares**: ``OMNI_SPARE_CLIENTS`` started, unbound clients per agent preset,
   so a new thread's first turn skips the spawn too; a used spare is replaced
   in the background. A spare whose CLI has not started within
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -49,6 +52,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from asgiref.sync import sync_to_async
 from claude_agent_sdk import ClaudeSDKClient
 from django.conf import settings
 
@@ -61,6 +65,9 @@ log = logging.getLogger("omni.pool")
 # A spare's CLI that has not started (connected) within this many seconds is
 # killed (setting OMNI_CLI_START_SECONDS).
 CLI_START_SECONDS = 60.0
+# How often, at most, the janitor checks that the idle warm clients' threads
+# still exist (a thread deleted by another process, or behind the pool's back).
+MAPPING_CHECK_SECONDS = 10.0
 
 Key = tuple[str, str]  # (resource_id, thread_id)
 
@@ -420,17 +427,46 @@ class ProcessPool:
     # --- idle expiry -------------------------------------------------------------
     def _start_janitor(self) -> None:
         if self._janitor is None or self._janitor.done():
-            self._janitor = asyncio.get_running_loop().create_task(self._expire_idle())
+            # A context of its own: not the turn's (or request's) that checked in.
+            self._janitor = asyncio.get_running_loop().create_task(
+                self._expire_idle(), context=contextvars.Context())
 
     async def _expire_idle(self) -> None:
-        timeout = settings.OMNI_WARM_IDLE_SECONDS
+        """While idle warm clients exist: close the ones idle for
+        ``OMNI_WARM_IDLE_SECONDS``, and the ones whose thread is gone (deleted
+        by another server process, ``prune_sessions`` or behind the pool's
+        back: the delete signal reaches only the deleting process)."""
         while self.idle and not self.stopping:
-            await asyncio.sleep(max(0.05, min(timeout / 4, 30)))
+            tick = min(settings.OMNI_WARM_IDLE_SECONDS / 4, 30, MAPPING_CHECK_SECONDS)
+            await asyncio.sleep(max(0.05, tick))
             now = time.monotonic()
             for key, warm in list(self.idle.items()):
                 if now - warm.last_used >= settings.OMNI_WARM_IDLE_SECONDS:
                     del self.idle[key]
                     self._close(warm, key[1], "idle")
+            await self._close_deleted()
+
+    async def _close_deleted(self) -> None:
+        """Close the idle warm clients whose thread has no mapping any more,
+        or one of another session (deleted and started anew): one query for
+        all of them, on the ORM's thread."""
+        asked = dict(self.idle)
+        if not asked:
+            return
+        since = time.monotonic()
+        try:
+            sessions = await sync_to_async(_current_sessions)(list(asked))
+        except Exception:
+            log.warning("[POOL] Could not check the idle clients' threads", exc_info=True)
+            return
+        for key, warm in asked.items():
+            # Taken by a turn (or checked in anew) meanwhile: its turn saved
+            # its mapping after this query began; leave it to the next tick.
+            if self.idle.get(key) is not warm or warm.last_used > since:
+                continue
+            if sessions.get(key) != warm.session_id:
+                del self.idle[key]
+                self._close(warm, key[1], "thread deleted")
 
     # --- closing ------------------------------------------------------------------
     def _close(self, warm: WarmClient, thread_id: str | None, reason: str) -> None:
@@ -483,6 +519,21 @@ class ProcessPool:
         self.spares.clear()
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=10)
+
+
+def _current_sessions(keys: list[Key]) -> dict[Key, str]:
+    """``(resource_id, thread_id) -> session_id`` of the threads of ``keys``
+    that still exist."""
+    from django.db import close_old_connections
+
+    from sessions_app.models import SessionMapping
+
+    close_old_connections()  # as a request does: a broken or too old connection goes
+    wanted = set(keys)
+    rows = SessionMapping.objects.filter(thread_id__in={thread for _, thread in keys}).values_list(
+        "resource_id", "thread_id", "session_id")
+    return {(resource, thread): session for resource, thread, session in rows
+            if (resource, thread) in wanted}
 
 
 async def _disconnect(client: ClaudeSDKClient) -> None:

@@ -229,3 +229,36 @@ async def test_a_spare_whose_cli_hangs_at_start_is_killed_and_its_slot_freed(war
     assert not [p for p in sdk.runtime_dir().iterdir() if p.read_text().split()[:1] == [str(hung[0])]]
     # filling stopped for now: no second start was tried
     assert pool_log.text.count("did not start within") == 1
+
+
+# --- a thread deleted behind the pool's back -------------------------------------------------
+
+async def test_an_idle_client_of_a_thread_deleted_elsewhere_is_closed_within_a_tick(
+        warm, monkeypatch, pool_log):
+    monkeypatch.setattr(pool_module, "MAPPING_CHECK_SECONDS", 0.3)
+    _, pid_gone = await turn("secret plans", thread="deleted-elsewhere")
+    _, pid_kept = await turn("other plans", thread="still-here")
+    assert alive(pid_gone) and alive(pid_kept)
+
+    def delete_behind_the_pools_back():  # another thread, no signal: as another process would
+        SessionMapping.objects.filter(resource_id="wes", thread_id="deleted-elsewhere").delete()
+
+    await sync_to_async(delete_behind_the_pools_back, thread_sensitive=False)()
+    assert await gone(pid_gone, timeout=5), "the deleted thread's warm client kept its CLI"
+    assert ("wes", "deleted-elsewhere") not in pool.idle
+    assert "Closing client thread=deleted-elsewhere" in pool_log.text and "thread deleted" in pool_log.text
+    await asyncio.sleep(1)  # a few more ticks: the other thread's client stays and stays warm
+    assert alive(pid_kept) and list(pool.idle) == [("wes", "still-here")]
+    events, pid = await turn("and now?", thread="still-here")
+    assert pid == pid_kept and events[-1]["type"] == "done"
+    # the deleted thread starts anew
+    events, _ = await turn("Do you know my plans?", thread="deleted-elsewhere")
+    assert events[0]["resumed"] is False and text(events).endswith("Earlier questions: none.")
+
+
+async def test_a_thread_deleted_and_started_anew_elsewhere_drops_the_old_client(warm, monkeypatch):
+    monkeypatch.setattr(pool_module, "MAPPING_CHECK_SECONDS", 0.3)
+    _, pid = await turn("old conversation", thread="renewed")
+    await SessionMapping.objects.filter(thread_id="renewed").aupdate(session_id="another-session")
+    assert await gone(pid, timeout=5), "a client of the thread's old session stayed warm"
+    assert pool.counts()["warm"] == 0
