@@ -84,10 +84,18 @@ def server_env() -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def fresh_turn_rate():
-    """Every test starts with no turns counted against a resource's rate."""
-    from chat_app.limits import turn_rate
+def fresh_turn_rate(settings):
+    """Every test starts with no turns counted against a resource's limits:
+    the database's counts go with the test database's rows; with
+    ``REDIS_URL`` set, each test counts under a Redis key prefix of its
+    own; this process's limiter state (Redis clients, timers) is dropped."""
+    import uuid
 
-    turn_rate.reset()
+    from chat_app import limits
+
+    limits.reset()
+    if getattr(settings, "REDIS_URL", None):
+        base = getattr(settings, "OMNI_REDIS_PREFIX", None) or os.environ.get("OMNI_REDIS_PREFIX", "omni")
+        settings.OMNI_REDIS_PREFIX = f"{base}-test-{uuid.uuid4().hex[:8]}"
     yield
-    turn_rate.reset()
+    limits.reset()

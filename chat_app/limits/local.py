@@ -1,10 +1,9 @@
-"""Per-resource limits on starting turns (contract §4: 429 ``rate_limited``
-with ``Retry-After``).
+"""The per-process turn rate of old: each server process counted its own
+starts in memory, so N workers allowed N times ``OMNI_TURNS_PER_MINUTE``.
 
-:data:`turn_rate` allows ``OMNI_TURNS_PER_MINUTE`` turn starts per resource
-in any sliding 60 seconds (0: no limit). It counts in this process: with
-several server processes each counts its own, so a resource may start up to
-that many turns per minute on each.
+Kept only for callers and tests written against it (``limits.turn_rate``);
+turns are admitted by :func:`chat_app.limits.admit`, which counts across
+every process. Nothing in the project's turn path uses this.
 """
 
 import math
