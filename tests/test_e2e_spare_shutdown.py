@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from chat_app.sdk import runtime_dir
 from tests.e2e import Server, WSClient, _is_zombie, cmdline, run_database
 
 pytestmark = [pytest.mark.e2e]
@@ -52,6 +53,9 @@ async def test_sigterm_stops_the_spares_of_a_worker_that_ran_no_turn(tmp_path):
             assert health["processes"]["running"] == health["processes"]["warm"] == 0
             assert "Saved session mapping" not in server.log(), "a turn ran"
             cli = ready
+            # the server's private directory of its CLIs' pid files (chat_app/sdk.py)
+            runtime = list(runtime_dir().parent.glob(f"{server.proc.pid}-*"))
+            assert len(runtime) == 1 and len(list(runtime[0].iterdir())) == len(cli), runtime
 
             proc, server.proc = server.proc, None
             proc.send_signal(signal.SIGTERM)
@@ -76,6 +80,7 @@ async def test_sigterm_stops_the_spares_of_a_worker_that_ran_no_turn(tmp_path):
         closed = [pid for pid in cli if f"pid={pid}: shutdown" in log]
         assert sorted(closed) == sorted(cli), (
             f"the pool did not close the spares at shutdown (closed {closed} of {sorted(cli)}):\n{log[-4000:]}")
+        assert not runtime[0].exists(), "the server left its runtime directory behind"
     finally:
         try:
             server.stop()
