@@ -320,8 +320,9 @@ def forget_sync(resource_id: str, thread_id: str) -> int:
 
 
 async def keep_renewed(lease: Lease, on_lost) -> None:
-    """Renew ``lease`` every TTL/3 until cancelled; call ``on_lost()`` (a
-    coroutine function) once if it is lost. A renewal that fails for a
+    """Renew ``lease`` every TTL/3 until cancelled; call ``on_lost(deleted=)``
+    (a coroutine function) once if it is lost (``deleted``: the row is gone
+    with its thread, see :func:`forget_sync`). A renewal that fails for a
     database error is retried at the next tick: the lease only counts as
     lost when the row says so (or when it expired meanwhile)."""
     interval = max(lease_seconds() / 3, 0.05)
@@ -335,6 +336,8 @@ async def keep_renewed(lease: Lease, on_lost) -> None:
             log.warning("could not renew the lease of thread %s", lease.thread_id, exc_info=True)
             continue
         if not ok and not lease.released:
-            log.error("[CHAT] Lost the lease of thread %s (token %s)", lease.thread_id, lease.token)
-            await on_lost()
+            deleted = await sync_to_async(lambda: latest_sync(*lease.key) is None)()
+            log.error("[CHAT] Lost the lease of thread %s (token %s)%s", lease.thread_id, lease.token,
+                      ": the thread was deleted" if deleted else "")
+            await on_lost(deleted=deleted)
             return

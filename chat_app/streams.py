@@ -59,6 +59,7 @@ from . import events, leases
 from .pool import pool
 from .turns import registry
 from .turns.buffer import TERMINAL
+from .turns.runner import DELETED
 
 log = logging.getLogger("omni.chat")
 
@@ -243,9 +244,6 @@ registry.forgotten.append(hub.forgotten)
 
 
 # --- deletes ---------------------------------------------------------------------
-
-DELETED = "the thread was deleted; its turn was stopped"
-
 
 async def stop_thread(key: tuple[str, str], *, remote: bool = False) -> None:
     """A thread was deleted: its running turn here stops for good (saving

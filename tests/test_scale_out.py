@@ -227,7 +227,7 @@ def test_an_sse_client_reconnecting_with_last_event_id_misses_nothing(cluster):
         first.next_event()
     first.close()  # the connection drops mid-turn
     seen = list(first.events)
-    assert first.ids == [str(e["seq"]) for e in seen]
+    assert first.ids == [f"{e['turnId']}:{e['seq']}" for e in seen]
     # reconnect, this time to the worker that runs the turn, and then to B again
     second = cluster.a.open_sse(path, None, headers={"Last-Event-ID": first.ids[-1]})
     for _ in range(5):
@@ -276,31 +276,92 @@ def test_health_is_503_when_redis_is_unreachable(cluster):
         worker.stop()
 
 
-def test_a_killed_worker_frees_the_thread_within_the_lease(cluster):
-    """Last: it kills A (the module's teardown copes with a dead worker)."""
-    resource, thread = new_id("user"), new_id("thread")
-    stream = start_slow_turn(cluster.a, resource, thread)
+def warm_count(worker: Server) -> int:
+    status, _, data = worker.request("GET", "/api/health")
+    assert status == 200, data
+    return data["processes"]["warm"]
+
+
+def test_a_delete_on_b_stops_the_turn_running_on_a_and_closes_as_warm_client(cluster):
+    resource, running, idle = new_id("user"), new_id("thread"), new_id("thread")
+    cluster.a.chat("Keep me warm", resource, idle).assert_ok()
+    cluster.a.chat("First", resource, running).assert_ok()
+    warm = warm_count(cluster.a)
+    stream = start_slow_turn(cluster.a, resource, running, "Second, slowly [slow]")
+    session_id = stream.events[0]["sessionId"]
+    started = time.monotonic()
+    status, _, _ = cluster.b.request("DELETE", "/api/sessions", {"threadId": running, "resourceId": resource})
+    assert status == 200
+    ended = stream.result()
+    stream.close()
+    assert time.monotonic() - started < 2.5  # stopped, not run to its end (3 s)
+    assert ended.last["type"] == "error" and ended.last["code"] == "thread_deleted"
+    assert ended.last["threadId"] == running
+    # A's idle warm client of another thread deleted on B closes too
+    status, _, _ = cluster.b.request("DELETE", "/api/sessions", {"threadId": idle, "resourceId": resource})
+    assert status == 200
+    deadline = time.monotonic() + 3
+    while warm_count(cluster.a) > warm - 2:  # neither thread's client is kept
+        assert time.monotonic() < deadline, "A kept a warm client of a deleted thread"
+        time.sleep(0.1)
+    time.sleep(0.5)  # whatever A's CLI flushed late is erased as well
+    for thread in (running, idle):
+        for worker in (cluster.a, cluster.b):
+            status, _ = worker.metadata(thread, resource)
+            assert status == 404, f"{thread} came back on {worker}"
+    import psycopg
+
+    with psycopg.connect(cluster.pg.url) as db:
+        lines = db.execute("SELECT count(*) FROM sessions_app_transcriptentry WHERE session_id = %s",
+                           [session_id]).fetchone()[0]
+        leases = db.execute("SELECT count(*) FROM chat_app_threadlease WHERE thread_id = %s",
+                            [running]).fetchone()[0]
+    assert (lines, leases) == (0, 0)
+    again = cluster.a.chat("Hello again", resource, running).assert_ok()
+    assert again.session["resumed"] is False and again.session_id != session_id
+    assert again.text == reply("Hello again")
+
+
+def test_a_killed_worker_frees_its_threads(cluster):
+    """Last: it kills A (the module's teardown copes with a dead worker). B
+    runs on the same host, so it takes A's leases at once; a lease it cannot
+    judge (written by a process of another host) it waits out, answering
+    thread_busy with Retry-After meanwhile."""
+    resource, here, there = new_id("user"), new_id("thread"), new_id("thread")
+    stream = start_slow_turn(cluster.a, resource, here)
+    other = start_slow_turn(cluster.a, resource, there)
     session_id = stream.events[0]["sessionId"]
     cluster.a.kill()
     killed = time.monotonic()
     stream.close()
-    busy = cluster.b.chat("Anyone?", resource, thread)
+    other.close()
+    import psycopg
+
+    with psycopg.connect(cluster.pg.url) as db:  # as if another host had taken it
+        db.execute("UPDATE chat_app_threadlease SET host_id = 'another-host' WHERE thread_id = %s",
+                   [there])
+    # the dead process of this host: at once, no waiting out the lease
+    result = cluster.b.chat("Are you there?", resource, here)
+    result.assert_ok()
+    # the thread goes on: with its session, or (when the dead worker's CLI had
+    # not stored any of it yet) with a fresh one that says so, never another's
+    if result.session_id != session_id:
+        assert result.session["resumed"] is False and "could not be resumed" in result.session["notice"]
+    status, meta = cluster.b.metadata(here, resource)
+    assert status == 200 and meta["session"]["sessionId"] == result.session_id
+    # the other host's lease: busy until it runs out, and thread_busy says how long
+    busy = cluster.b.chat("Anyone?", resource, there)
     assert busy.status == 409 and busy.body["error"]["code"] == "thread_busy", busy.describe()
+    assert 1 <= int(busy.headers["retry-after"]) <= LEASE_SECONDS
     while True:
         freed = time.monotonic() - killed  # when the attempt that got in was sent
-        result = cluster.b.chat("Are you there?", resource, thread)
+        result = cluster.b.chat("Are you there?", resource, there)
         if result.status != 409:
             break
         assert freed < LEASE_SECONDS + 1, "the lease never expired"
         time.sleep(0.2)
     result.assert_ok()
     assert freed < LEASE_SECONDS + 1
-    # the thread goes on: with its session, or (when the dead worker's CLI had
-    # not stored any of it yet) with a fresh one that says so, never another's
-    if result.session_id != session_id:
-        assert result.session["resumed"] is False and "could not be resumed" in result.session["notice"]
-    status, meta = cluster.b.metadata(thread, resource)
-    assert status == 200 and meta["session"]["sessionId"] == result.session_id
     assert cluster.a.leftover_cli() == []
 
 

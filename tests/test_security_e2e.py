@@ -29,9 +29,9 @@ SECRET_KEY = "e2e-django-secret-key-that-no-cli-may-see"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # a short lease: a server killed mid-turn frees its thread quickly
+    # a long lease: a server killed mid-turn and restarted must not wait it out
     yield from serving(tmp_path_factory, extra_env={
-        "OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY, "OMNI_LEASE_SECONDS": "3"})
+        "OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY, "OMNI_LEASE_SECONDS": "120"})
 
 
 def issue_token(server, username: str) -> str:
@@ -151,7 +151,8 @@ def test_the_cli_killed_mid_turn(server, token):
 
 def test_the_server_killed_mid_turn_takes_its_cli_along(server, token):
     """SIGKILL: no shutdown hook runs, yet the CLI dies with the server (a
-    parent-death signal); after a restart the thread lists and the next turn
+    parent-death signal); after a restart the thread lists, its next turn
+    starts at once (the dead server's lease is recognised as dead) and
     remembers the message sent before the crash."""
     thread = new_id("thread")
     message = "[slow] interrupted by a crash"
@@ -175,12 +176,9 @@ def test_the_server_killed_mid_turn_takes_its_cli_along(server, token):
     server.start()
     status, _, body = server.request("GET", "/api/sessions", headers=auth(token))
     assert thread in [s["threadId"] for s in body["sessions"]]
-    # The killed server's lease on the thread expires (OMNI_LEASE_SECONDS): busy until then.
-    deadline = time.monotonic() + 10
-    while (after := sse(server, token, {"message": "What did I ask?", "threadId": thread})).status == 409:
-        assert after.body["error"]["code"] == "thread_busy"
-        assert time.monotonic() < deadline, "the dead server's lease never expired"
-        time.sleep(0.2)
+    # The killed server's lease (120 s) names a process of this host that is
+    # gone: the restarted server takes the thread at once.
+    after = sse(server, token, {"message": "What did I ask?", "threadId": thread})
     after.assert_ok()
     assert after.session["resumed"] is True and after.session["sessionId"] == session["sessionId"]
     assert after.text == reply("What did I ask?", message)

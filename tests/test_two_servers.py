@@ -80,6 +80,20 @@ class Pair(ServerPair):
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    def project_keys(self, session_id: str) -> set[str]:
+        """The project keys ``session_id``'s transcript rows are stored under."""
+        code = (
+            "import json\n"
+            "from sessions_app.models import TranscriptEntry\n"
+            f"rows = TranscriptEntry.objects.filter(session_id={session_id!r})\n"
+            "print(json.dumps(sorted(set(rows.values_list('project_key', flat=True)))))\n"
+        )
+        done = subprocess.run([python_bin(), "manage.py", "shell", "-c", code], cwd=ROOT,
+                              env=self.a.env(), capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
     def project_dirs(self) -> set[str]:
         """The CLI project folders the servers' config dirs hold."""
         return {p.name for s in (self.a, self.b) for p in (s.claude_dir / "projects").glob("*")}
@@ -228,6 +242,32 @@ def test_after_the_delete_the_thread_starts_afresh(pair, moved, deleted):
     session = assert_turn(again, thread_id=moved["thread"], resumed=False)
     assert session["sessionId"] != deleted["sid"]
     assert again.text == reply("Fresh start?")
+
+
+def test_a_fork_reads_its_parent_where_it_is_and_never_moves_it(pair):
+    """A fork on B of a thread whose turn runs on A at that moment (A and B
+    have working directories of their own, so projects of their own): the
+    fork reads the parent from A's project; the parent's rows stay there,
+    so its running turn and its later turns on A keep the whole context."""
+    resource, parent, child = new_id("user"), new_id("thread"), new_id("fork")
+    first = pair.a.chat("What is 2+2?", resource, parent)
+    assert_turn(first, thread_id=parent, resumed=False)
+    before = pair.project_keys(first.session_id)
+    running = pair.a.open_sse("/api/chat", {"message": "Count slowly [slow]", "resourceId": resource,
+                                            "threadId": parent})
+    running.read_until("text")  # the parent's turn is under way on A
+    fork = pair.b.fork("Now multiply", resource, parent, child)
+    assert_turn(fork, thread_id=child, resumed=False)
+    assert fork.text == reply("Now multiply", "What is 2+2?")
+    assert_turn(running.result(), thread_id=parent, resumed=True)
+    running.close()
+    assert pair.project_keys(first.session_id) == before  # one project: A's, as before
+    third = pair.a.chat("And before that?", resource, parent)
+    assert_turn(third, thread_id=parent, resumed=True)
+    assert third.text == reply("And before that?", "What is 2+2?", "Count slowly [slow]")
+    # the fork's own conversation is B's, complete
+    again = pair.b.chat("What did I ask?", resource, child)
+    assert again.text == reply("What did I ask?", "What is 2+2?", "Now multiply")
 
 
 def test_a_shared_workspace_needs_no_adoption(tmp_path):

@@ -44,6 +44,7 @@ from .buffer import EventLog
 log = logging.getLogger("omni.chat")
 
 MISSING_SESSION = "No conversation found with session ID"
+DELETED = "the thread was deleted; its turn was stopped"
 # AssistantMessage.error values that mean the model endpoint failed us, not the request.
 MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
 
@@ -142,7 +143,10 @@ class Turn:
         self._aborted = Aborted(code, message)
         await self.interrupt()
 
-    async def lease_was_lost(self) -> None:
+    async def lease_was_lost(self, deleted: bool = False) -> None:
+        if deleted:  # the row went with its thread (deleted by another process)
+            await self.abort("thread_deleted", DELETED)
+            return
         self._lease_lost = True
         await self.interrupt()
 
@@ -203,7 +207,8 @@ class Turn:
         except ApiError as exc:
             self._publish(events.error_event(exc.code, exc.message, exc.retry_after))
         except leases.LeaseLost as exc:
-            self._lease_lost = True
+            if self._aborted is None:
+                self._lease_lost = True
             log.error("[CHAT] %s", exc)
         except Exception:  # never leave a listener hanging
             log.exception("[CHAT] Turn %s failed thread=%s", self.turn_id, spec.thread_id)
@@ -227,7 +232,7 @@ class Turn:
         else:
             pool.discard(self.slot, "turn did not end cleanly")
         try:
-            if self._aborted is not None and self.session_id is not None:
+            if (self._aborted is not None or self._lease_lost) and self.session_id is not None:
                 # Its CLI may have written after the delete: leave nothing behind.
                 await asyncio.shield(store.erase_if_orphaned(self.session_id))
             if self.lease is not None:
