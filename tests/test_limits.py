@@ -173,6 +173,23 @@ def test_db_running_turns_are_the_live_leases_of_every_worker(rate, clock):
 
 
 @db
+def test_db_a_lowered_limit_counts_every_start_of_the_minute(rate, clock):
+    """Starts counted under a higher limit (slots beyond the new one) still
+    count after the limit is lowered; a raised one adds slots at once."""
+    rate.OMNI_TURNS_PER_MINUTE = 5
+    backend = DatabaseBackend(clock=clock)
+    for n in range(5):
+        backend.admit_sync("alice", f"t{n}")
+        clock.now += 1
+    rate.OMNI_TURNS_PER_MINUTE = 3
+    with pytest.raises(RateLimited) as refused:
+        backend.admit_sync("alice", "t5")
+    assert refused.value.retry_after == 55 and "started 3 turns" in refused.value.message
+    rate.OMNI_TURNS_PER_MINUTE = 1000
+    assert backend.admit_sync("alice", "t5").token not in range(5)
+
+
+@db
 def test_db_statements_per_admit_and_cancel(rate, clock, django_assert_num_queries):
     backend = DatabaseBackend(clock=clock)
     with django_assert_num_queries(2):  # the upsert, and the first prune of this process

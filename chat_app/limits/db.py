@@ -5,16 +5,18 @@ A resource has slots ``0 .. OMNI_TURNS_PER_MINUTE - 1``; a slot is taken
 while the start in it is under a minute old. Admitting a turn is one
 statement that counts the resource's running turns, checks the rate and
 takes a free slot (the first from a random one on, so that workers
-racing for one resource mostly take different slots), the same SQL on
-SQLite/libSQL and PostgreSQL::
+racing for one resource mostly take different slots; the slots are
+generated only up to the first free one), the same SQL on SQLite/libSQL
+and PostgreSQL::
 
-    WITH RECURSIVE free(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM free WHERE n + 1 < :rate)
+    WITH RECURSIVE free(k, n) AS (SELECT 1, :random UNION ALL
+        SELECT k + 1, (n + 1) % :rate FROM free WHERE k < :rate)
     INSERT INTO turnstart (resource_id, slot, turn_id, started_ms)
     SELECT :resource, n, :turn, :now FROM free
     WHERE n NOT IN (slots of the resource taken since :now - 60 s)
       AND (starts of the resource since :now - 60 s) < :rate
       AND (live leases of the resource) <= :max_turns
-    ORDER BY (n + :random) % :rate LIMIT 1
+    LIMIT 1
     ON CONFLICT (resource_id, slot) DO UPDATE SET turn_id = ..., started_ms = ...
         WHERE turnstart.started_ms <= :now - 60 s
     RETURNING slot
@@ -89,15 +91,17 @@ class DatabaseBackend(Backend):
             table, col = self._names(connection)
             live = f"{col['resource_id']} = %s AND {col['started_ms']} > %s"
             upsert = (
-                "WITH RECURSIVE free(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM free WHERE n + 1 < %s) "
+                # the slots from a random one on, wrapping around (racing
+                # workers mostly try different ones); read only up to the first free one
+                "WITH RECURSIVE free(k, n) AS (SELECT 1, %s UNION ALL "
+                "SELECT k + 1, (n + 1) %% %s FROM free WHERE k < %s) "
                 f"INSERT INTO {table} ({col['resource_id']}, {col['slot']}, {col['turn_id']}, "
                 f"{col['started_ms']}) "
                 "SELECT %s, n, %s, %s FROM free "
                 f"WHERE n NOT IN (SELECT {col['slot']} FROM {table} WHERE {live}) "
                 f"AND (SELECT count(*) FROM {table} WHERE {live}) < %s "
                 + (f"AND {leases_sql} <= %s " if most > 0 else "")
-                # from a random slot on: racing workers mostly pick different ones
-                + "ORDER BY (n + %s) %% %s LIMIT 1 "
+                + "LIMIT 1 "
                 f"ON CONFLICT ({col['resource_id']}, {col['slot']}) DO UPDATE SET "
                 f"{col['turn_id']} = excluded.{col['turn_id']}, "
                 f"{col['started_ms']} = excluded.{col['started_ms']} "
@@ -112,11 +116,11 @@ class DatabaseBackend(Backend):
             for _ in range(rate + 1):
                 now = self.now_ms()
                 cutoff = now - WINDOW_MS
-                params = [rate, resource_id, turn_id, now, resource_id, cutoff, resource_id, cutoff,
-                          rate]
+                params = [random.randrange(rate), rate, rate, resource_id, turn_id, now,
+                          resource_id, cutoff, resource_id, cutoff, rate]
                 if most > 0:
                     params += [*lease_params(resource_id), most]
-                cursor.execute(upsert, params + [random.randrange(rate), rate, cutoff])
+                cursor.execute(upsert, params + [cutoff])
                 row = cursor.fetchone()
                 if row is not None:
                     self._prune(cursor, table, col, now)
