@@ -407,3 +407,58 @@ def test_the_backend_follows_redis_url(settings):
     assert limits.backend() is chosen
     settings.REDIS_URL = None
     assert isinstance(limits.backend(), DatabaseBackend)
+
+
+# --- the database backend over a libSQL server (Hrana) ----------------------------------
+
+REMOTE_SCRIPT = """
+import asyncio
+from datetime import timedelta
+from django.conf import settings
+from django.utils import timezone
+from chat_app.limits import DatabaseBackend
+from chat_app.models import ThreadLease, TurnStart
+from sessions_app.errors import RateLimited
+
+settings.OMNI_TURNS_PER_MINUTE, settings.OMNI_MAX_TURNS_PER_RESOURCE = 2, 1
+now = [1_800_000_000.0]
+backend = DatabaseBackend(clock=lambda: now[0])
+ThreadLease.objects.create(resource_id="alice", thread_id="t1",
+                           expires_at=timezone.now() + timedelta(seconds=30))
+first = backend.admit_sync("alice", "t1")
+second = backend.admit_sync("alice", "t2")
+try:
+    backend.admit_sync("alice", "t3")
+except RateLimited as exc:
+    print("RATE", exc.retry_after)
+ThreadLease.objects.create(resource_id="alice", thread_id="t4",
+                           expires_at=timezone.now() + timedelta(seconds=30))
+try:
+    backend.admit_sync("alice", "t4")
+except RateLimited as exc:
+    print("RUNNING", exc.retry_after)
+backend.uncount_sync(second)
+now[0] += 60
+print("ROWS", sorted(TurnStart.objects.values_list("turn_id", flat=True)))
+ThreadLease.objects.filter(thread_id="t4").delete()
+print("AGAIN", backend.admit_sync("alice", "t5").counted, TurnStart.objects.count())
+"""
+
+
+@pytest.mark.engine_agnostic
+def test_db_backend_over_a_libsql_server(tmp_path, settings):
+    """The same statements through the libSQL engine's remote path."""
+    from tests.hrana_server import start_hrana_server
+    from tests.test_engine_remote import output, run_django
+
+    server = start_hrana_server(tmp_path / "remote.db", token="t0ken")
+    try:
+        url = f"{server.url}?authToken=t0ken"
+        migrate = run_django(["migrate", "--noinput"], url, tmp_path / "data")
+        assert migrate.returncode == 0, output(migrate)
+        proc = run_django(REMOTE_SCRIPT, url, tmp_path / "data")
+    finally:
+        server.stop()
+    assert proc.returncode == 0, output(proc)
+    assert proc.stdout.split("\n")[:4] == [
+        "RATE 60", f"RUNNING {settings.OMNI_BUSY_RETRY_AFTER}", "ROWS ['t1']", "AGAIN True 1"], output(proc)
