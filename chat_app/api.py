@@ -19,6 +19,7 @@ from .turns import start_turn
 
 router = Router(tags=["chat"])
 # An SSE id: the turn and the event's seq in it (ASCII only, bounded).
+LAST_EVENT_ID_PATTERN = r"^[A-Za-z0-9]{1,64}:[0-9]{1,9}$"
 LAST_EVENT_ID = re.compile(r"^(?P<turn>[A-Za-z0-9]{1,64}):(?P<seq>[0-9]{1,9})$", re.ASCII)
 ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 429, 503)}
 SSE_DOC = {
@@ -113,7 +114,7 @@ class StreamQuery(Schema):
     **SSE_DOC,
     "parameters": [{
         "in": "header", "name": "Last-Event-ID", "required": False,
-        "schema": {"type": "string", "pattern": LAST_EVENT_ID.pattern},
+        "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN},
         "description": "the SSE `id` (`<turnId>:<seq>`) of the last event the client has: only "
                        "later events of that turn are sent (its tail if it ended moments ago); "
                        "404 when that turn is gone",

@@ -62,9 +62,6 @@ from .sdk import PIDFILE_ENV, cli_pidfile, process_state
 
 log = logging.getLogger("omni.pool")
 
-# A spare's CLI that has not started (connected) within this many seconds is
-# killed (setting OMNI_CLI_START_SECONDS).
-CLI_START_SECONDS = 60.0
 # How often, at most, the janitor checks that the idle warm clients' threads
 # still exist (a thread deleted by another process, or behind the pool's back).
 MAPPING_CHECK_SECONDS = 10.0
@@ -406,7 +403,7 @@ class ProcessPool:
     async def _start(self, client: ClaudeSDKClient, agent: str) -> bool:
         """Connect a spare within ``OMNI_CLI_START_SECONDS``; on failure or
         timeout its CLI is killed and the client closed (False)."""
-        limit = float(getattr(settings, "OMNI_CLI_START_SECONDS", CLI_START_SECONDS))
+        limit = float(settings.OMNI_CLI_START_SECONDS)
         connecting = asyncio.get_running_loop().create_task(client.connect())
         try:
             done, _ = await asyncio.wait({connecting}, timeout=limit)

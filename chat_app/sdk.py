@@ -211,13 +211,15 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def session_store():
-    """The transcript store of the CLI's options (``OMNI_SESSION_STORE``), or None."""
+def session_store(*, fork_of: str | None = None):
+    """The transcript store of the CLI's options (``OMNI_SESSION_STORE``), or
+    None. ``fork_of``: the parent session a fork reads wherever it is stored
+    (never moved: see ``DjangoSessionStore(shared_sessions=...)``)."""
     if not settings.OMNI_SESSION_STORE:
         return None
     from sessions_app.transcripts import DjangoSessionStore
 
-    return DjangoSessionStore()
+    return DjangoSessionStore(shared_sessions=(fork_of,) if fork_of else ())
 
 
 def workspace_dir() -> Path:

@@ -232,6 +232,8 @@ OMNI_SPARE_CLIENTS = int(os.environ.get("OMNI_SPARE_CLIENTS", "1"))
 OMNI_WARM_IDLE_SECONDS = float(os.environ.get("OMNI_WARM_IDLE_SECONDS", "600"))
 OMNI_WARM_MAX_TURNS = int(os.environ.get("OMNI_WARM_MAX_TURNS", "100"))
 OMNI_WARM_MAX_RSS_MB = int(os.environ.get("OMNI_WARM_MAX_RSS_MB", "1024"))
+# A spare whose CLI has not started (connected) within this long is killed and its place freed.
+OMNI_CLI_START_SECONDS = float(os.environ.get("OMNI_CLI_START_SECONDS", "60"))
 # A turn whose CLI sends nothing for this long is ended (turn_timeout).
 OMNI_TURN_SILENCE_SECONDS = float(os.environ.get("OMNI_TURN_SILENCE_SECONDS", "300"))
 # Concurrent turns per resource (429 rate_limited beyond).

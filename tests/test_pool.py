@@ -11,6 +11,7 @@ import pytest
 from django.db.models import F
 
 from chat_app.pool import client_pid, pool
+from chat_app import lifecycle
 from chat_app.turns import registry, start_turn
 from sessions_app import services
 from sessions_app.errors import RateLimited, ServerBusy
@@ -221,7 +222,7 @@ async def test_shutdown_leaves_no_cli_process(warm):
             break
         await asyncio.sleep(0.05)
     spare_pid = pool.spares["smart"][0].pid
-    await registry.shutdown()
+    await lifecycle.shutdown()  # the server's order: turns, then every warm client and spare
     for pid in (pid_a, pid_b, spare_pid):
         assert await gone(pid, timeout=5), f"CLI {pid} outlived the shutdown"
     assert pool.counts()["warm"] == pool.counts()["spare"] == pool.counts()["running"] == 0

@@ -37,7 +37,7 @@ from sessions_app.services import ThreadDeleted
 
 from .. import events, leases
 from ..pool import Slot, WarmClient, pool
-from ..sdk import build_options
+from ..sdk import build_options, session_store
 from . import store
 from .buffer import EventLog
 
@@ -190,7 +190,7 @@ class Turn:
                 # server) moves to this one's project key first, so the CLI
                 # resumes it from the store and not from a stale local file.
                 # (A warm client needs none of this: it is current. A fork
-                # reads its parent where it is: see store.session_store.)
+                # reads its parent where it is: see sdk.session_store.)
                 await store.adopt_session(spec.resume_session_id)
             try:
                 await self._converse(spec.resume_session_id)
@@ -269,7 +269,7 @@ class Turn:
                 resume=resume,
                 fork=fork,
                 resume_at=spec.at_message_uuid if fork else None,
-                session_store=store.session_store(fork_of=resume if fork else None),
+                session_store=session_store(fork_of=resume if fork else None),
             )
             warm = WarmClient(ClaudeSDKClient(options), spec.agent)
         client = warm.client

@@ -46,7 +46,7 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
     lease = await leases.acquire(resource, thread_id, spec.turn_id)
     try:
         await _resolve_thread(spec, body, fork=fork)
-        admission = await _admit(resource, spec.turn_id)  # 429 rate_limited
+        admission = await limits.admit(resource, spec.turn_id)  # 429 rate_limited
         try:
             return registry.start(spec, lease)
         except BaseException:
@@ -77,19 +77,3 @@ async def _resolve_thread(spec: TurnSpec, body, *, fork: bool) -> None:
         if body.agent is None:
             spec.agent, spec.preset = agent_preset(mapping.agent)
 
-
-class _Admitted:  # TEMPORARY until limits.admit lands
-    async def cancel(self):
-        pass
-
-
-async def _admit(resource, turn_id):  # TEMPORARY until limits.admit lands
-    if hasattr(limits, "admit"):
-        return await limits.admit(resource, turn_id)
-    from sessions_app.errors import RateLimited
-    limit = settings.OMNI_MAX_TURNS_PER_RESOURCE
-    if registry.count(resource) >= limit:
-        raise RateLimited(f"resource {resource!r} already runs {limit} turns; wait for one to end",
-                          retry_after=settings.OMNI_BUSY_RETRY_AFTER)
-    limits.turn_rate.check(resource)
-    return _Admitted()

@@ -4,9 +4,10 @@
   session moves to this process's project key (the CLI's project is its
   working directory), so the CLI resumes it from the store and its new lines
   land next to the old ones. Only under the thread's lease.
-* :func:`fork_store`: a fork *reads* its parent where it is stored and never
-  moves it: the parent may be running a turn on another worker, under
-  another project key, at this very moment.
+* a fork *reads* its parent where it is stored and never moves it
+  (:func:`chat_app.sdk.session_store` with ``fork_of``): the parent may be
+  running a turn on another worker, under another project key, at this very
+  moment.
 * :func:`save` writes the mapping through the session service; only the
   first save of a turn that started without a mapping may create it, so a
   turn never brings back a thread deleted while it ran.
@@ -28,16 +29,6 @@ from sessions_app.errors import BadRequest
 from ..sdk import workspace_dir
 
 log = logging.getLogger("omni.chat")
-
-
-def session_store(*, fork_of: str | None = None):
-    """The transcript store of a turn's CLI (None with ``OMNI_SESSION_STORE=0``);
-    ``fork_of``: the parent session a fork reads wherever it is stored."""
-    if not settings.OMNI_SESSION_STORE:
-        return None
-    from sessions_app.transcripts import DjangoSessionStore
-
-    return DjangoSessionStore(shared_sessions=(fork_of,) if fork_of else ())
 
 
 async def adopt_session(session_id: str) -> bool:
