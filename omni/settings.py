@@ -124,6 +124,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "ninja",
+    "omni.db",  # closes a request's own database connections when it finishes
     "sessions_app",
     "chat_app",
 ]
