@@ -7,6 +7,10 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omni.settings")
 django_asgi_app = get_asgi_application()
 
+from omni import daphne as daphne_options  # noqa: E402
+
+daphne_options.configure()  # an oversized websocket frame closes with 1009
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

@@ -275,32 +275,11 @@ def test_a_blank_message_is_400(client, message):
         assert "whitespace" in error_of(response, 400)["message"]
 
 
-def test_the_turn_rate_allows_so_many_starts_per_sliding_minute(settings):
-    settings.OMNI_TURNS_PER_MINUTE = 3
-    now = [1000.0]
-    rate = limits.TurnRate(clock=lambda: now[0])
-    for _ in range(3):
-        rate.check("alice")
-    with pytest.raises(limits.RateLimited) as caught:
-        rate.check("alice")
-    assert caught.value.status == 429 and caught.value.retry_after == 60
-    rate.check("bob")  # per resource
-    now[0] += 45
-    with pytest.raises(limits.RateLimited) as caught:
-        rate.check("alice")
-    assert caught.value.retry_after == 15
-    now[0] += 15
-    rate.check("alice")
-    settings.OMNI_TURNS_PER_MINUTE = 0  # no limit
-    for _ in range(100):
-        rate.check("alice")
-
-
 @pytest.mark.django_db
 def test_over_the_turn_rate_is_429_with_retry_after(client, settings):
     settings.OMNI_TURNS_PER_MINUTE = 1
     token = issue("alice")
-    limits.turn_rate.check("alice")  # the resource's one turn of this minute
+    limits.DatabaseBackend().admit_sync("alice", "earlier-turn")  # the resource's one turn of this minute
     response = post(client, "/api/chat", {"message": "hi"}, **bearer(token))
     assert error_of(response, 429)["code"] == "rate_limited"
     assert 1 <= int(response["Retry-After"]) <= 60
@@ -380,7 +359,7 @@ async def test_websocket_calls_are_scoped_to_the_callers_resource(settings):
     event = await frame_error(comm, {"type": "message", "message": "   "})
     assert event["code"] == "bad_request" and "whitespace" in event["message"]
     settings.OMNI_TURNS_PER_MINUTE = 1
-    limits.turn_rate.check("alice")
+    await limits.admit("alice", "earlier-turn")
     event = await frame_error(comm, {"type": "message", "message": "hi"})
     assert event["code"] == "rate_limited" and 1 <= event["retryAfter"] <= 60
     assert await SessionMapping.objects.filter(resource_id="alice").acount() == 0

@@ -575,6 +575,27 @@ async def test_websocket_origin(daphne_server):
         assert (await ws.recv(timeout=10))["type"] == "error"
 
 
+async def test_websocket_bad_frames(daphne_server):
+    """Deeply nested JSON is an error event on an open socket; a frame over
+    the server's size limit (daphne's 1 MB) closes it with 1009, with a close
+    frame, not a dropped connection."""
+    import aiohttp
+
+    async with await WSClient.connect(daphne_server) as ws:
+        await ws.send("[" * 200_000)
+        event = await ws.recv(timeout=10)
+        assert event["type"] == "error" and event["code"] == "bad_request"
+        await ws.send({"type": "follow", "threadId": new_id("idle"), "resourceId": new_id("u")})
+        assert (await ws.recv(timeout=10))["code"] == "not_found"  # still open
+        await ws.send("x" * (2 * 1024 * 1024))
+        closed = await ws.ws.receive(timeout=10)
+        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), closed
+        assert ws.ws.close_code == 1009, (closed, ws.ws.close_code)
+    async with await WSClient.connect(daphne_server) as ws:  # the server goes on
+        await ws.send("{")
+        assert (await ws.recv(timeout=10))["type"] == "error"
+
+
 # --- Test 6: persistence across restarts (last: it replaces the server process) -----------
 
 def test_restart(daphne_server):

@@ -197,12 +197,12 @@ else:
 # The thread lease's one-statement take (INSERT ... ON CONFLICT DO UPDATE
 # ... WHERE ... RETURNING): new, held, released and taken again.
 from chat_app import leases
-first = leases.acquire_sync("r", "leased")
-assert first is not None and first.token == 1, first
-assert leases.acquire_sync("r", "leased") is None
+first = leases.acquire_sync("r", "leased", "turn-1")
+assert isinstance(first, leases.Lease) and first.token == 1, first
+assert isinstance(leases.acquire_sync("r", "leased", "turn-2"), leases.Busy)
 first.release_sync()
-again = leases.acquire_sync("r", "leased")
-assert again is not None and again.token == 2 and again.held_sync() and not first.held_sync()
+again = leases.acquire_sync("r", "leased", "turn-3")
+assert isinstance(again, leases.Lease) and again.token == 2 and again.held_sync() and not first.held_sync()
 print("REMOTE ORM OK")
 """
 

@@ -110,7 +110,8 @@ async def test_keep_renewed_reports_a_lost_lease(settings):
     lease = await leases.acquire("r", "lost", "turn1")
     lost = asyncio.Event()
 
-    async def on_lost():
+    async def on_lost(deleted):
+        assert deleted is False  # expired, not deleted with its thread
         lost.set()
 
     task = asyncio.create_task(leases.keep_renewed(lease, on_lost))

@@ -27,7 +27,6 @@ from sessions_app.errors import RateLimited  # noqa: F401  (limits.RateLimited, 
 
 from .base import WINDOW_MS, Admission, Backend
 from .db import DatabaseBackend
-from .local import TurnRate, turn_rate  # noqa: F401  (the old per-process count; unused by turns)
 from .redis import RedisBackend, redis_prefix, redis_url
 
 __all__ = ["Admission", "Backend", "DatabaseBackend", "RedisBackend", "WINDOW_MS", "admit",
@@ -62,11 +61,9 @@ async def admit(resource_id: str, turn_id: str) -> Admission:
 
 
 def reset() -> None:
-    """Forget this process's limiter state (tests): the backend's clients
-    and timers, and the old per-process count."""
+    """Forget this process's limiter state (tests): the backend's clients and timers."""
     global _backend, _backend_key
     if _backend is not None:
         _backend.reset()
     _backend = _backend_key = None
-    turn_rate.reset()
 
