@@ -74,7 +74,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.type in ("message", "fork"):
             turn = await start_turn(user, frame, fork=frame.type == "fork")
             self.own_turns[turn.spec.thread_id] = turn
-            self.forward(streams.Stream(turn.turn_id, turn.listen()), own=turn)
+            self.forward(streams.Stream(turn.turn_id, turn.listen(), turn.spec.thread_id), own=turn)
         elif frame.type == "interrupt":
             turn = self.own_turns.get(frame.threadId)
             if turn is not None and not turn.finished:
@@ -94,8 +94,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
 
         async def pump():
+            last = None
             async for event in stream:
                 await self.send_json(event)
+                last = event
+            if own is None and (last is None or last["type"] not in ("done", "error")):
+                # a cursor at or past the turn's end: nothing more will come
+                await self.reply_error(events.error_event(
+                    "not_found", f"turn {stream.turn_id!r} has no events after that seq"),
+                    stream.thread_id or None)
 
         task = asyncio.create_task(pump())
         self.forwarders[stream.turn_id] = task

@@ -51,8 +51,41 @@ def session_event(thread_id: str, resource_id: str, session_id: str, resumed: bo
     return event
 
 
+# What a client never sees of the CLI's system messages (contract §5: server
+# paths and the API key's source left out): where the server keeps its
+# files, and how it authenticates to the model.
+PRIVATE_SYSTEM_KEYS = frozenset({
+    "cwd", "original_cwd", "additional_directories", "memory_paths", "messaging_socket_path",
+    "apiKeySource",
+})
+
+
+def _server_paths() -> tuple[str, ...]:
+    from django.conf import settings
+
+    return tuple(str(p) for p in (settings.OMNI_WORKSPACE_DIR, settings.CLAUDE_CONFIG_DIR,
+                                  settings.DATA_DIR, settings.BASE_DIR) if p)
+
+
+def _redacted(value, paths: tuple[str, ...]):
+    """``value`` without strings that name a server path (dropped from dicts and lists)."""
+    if isinstance(value, dict):
+        return {k: _redacted(v, paths) for k, v in value.items()
+                if k not in PRIVATE_SYSTEM_KEYS and not _private(v, paths)}
+    if isinstance(value, list):
+        return [_redacted(v, paths) for v in value if not _private(v, paths)]
+    return value
+
+
+def _private(value, paths) -> bool:
+    return isinstance(value, str) and value.startswith(paths)
+
+
 def chunk_event(session_id: str, message) -> dict:
-    return {"type": "chunk", "sessionId": session_id, "chunk": to_json(message)}
+    chunk = to_json(message)
+    if isinstance(message, SystemMessage) and isinstance(chunk.get("data"), dict):
+        chunk["data"] = _redacted(chunk["data"], _server_paths())
+    return {"type": "chunk", "sessionId": session_id, "chunk": chunk}
 
 
 def text_event(session_id: str, text: str) -> dict:

@@ -180,7 +180,21 @@ class Lease:
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()
 
+    def discard_sync(self) -> None:
+        """Give back a lease whose turn never started (refused: 404, 409, 429,
+        503). A row this take created (``token`` 1) is deleted, so refused
+        requests for threads that do not exist leave no rows behind."""
+        if self.token == 1:
+            self.released = True
+            self._row().delete()
+        else:
+            self.release_sync()
+
     # --- async ---
+    async def discard(self) -> None:
+        if not self.released:
+            await sync_to_async(self.discard_sync)()
+
     async def renew(self) -> bool:
         return await sync_to_async(self.renew_sync)()
 

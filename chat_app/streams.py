@@ -100,10 +100,12 @@ class TurnLost(Unavailable):
 
 @dataclass
 class Stream:
-    """A turn's events for one listener: ``turn_id`` and an async iterator."""
+    """A turn's events for one listener: ``turn_id`` and an async iterator
+    (which ends after the turn's last event, or at once for a cursor past it)."""
 
     turn_id: str
     events: AsyncIterator[dict]
+    thread_id: str = ""
 
     def __aiter__(self):
         return self.events
@@ -218,8 +220,10 @@ class Hub:
             turn.log.on_event.append(lambda event: self.publish(turn.turn_id, event))
         snapshot = turn.events[after + 1:]
         batches = [snapshot[i:i + REPLAY_BATCH] for i in range(0, len(snapshot), REPLAY_BATCH)] or [[]]
+        last = len(turn.events) - 1 if turn.finished else None  # the turn's end, once known
         for batch in batches:
-            await layer().send(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch})
+            await layer().send(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch,
+                                       "last": last})
 
     async def broadcast_deleted(self, key: tuple[str, str]) -> None:
         """Tell every other worker that the thread ``key`` was deleted."""
@@ -274,7 +278,7 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
                        else f"turn {turn_id!r} of thread {thread_id!r} is not running any more")
     turn = registry.by_id(turn_id) if turn_id else registry.get(*key)
     if turn is not None and turn.spec.key == key:
-        return None if turn.turn_id in exclude else Stream(turn.turn_id, turn.listen(start + 1))
+        return None if turn.turn_id in exclude else Stream(turn.turn_id, turn.listen(start + 1), thread_id)
     if turn_id is None:
         row = await leases.active(resource_id, thread_id)
     else:
@@ -288,9 +292,9 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
         return None
     if (local := registry.by_id(row.turn_id)) is not None:  # ended here meanwhile
         if local.spec.key == key:
-            return Stream(local.turn_id, local.listen(start + 1))
+            return Stream(local.turn_id, local.listen(start + 1), thread_id)
         raise missing
-    return Stream(row.turn_id, await RemoteFollow.open(row.turn_id, thread_id, start, missing))
+    return Stream(row.turn_id, await RemoteFollow.open(row.turn_id, thread_id, start, missing), thread_id)
 
 
 async def interrupt(resource_id: str, thread_id: str) -> None:
@@ -332,6 +336,7 @@ class RemoteFollow:
         self.next = after + 1
         self.pending: dict[int, dict] = {}
         self.heard = time.monotonic()
+        self.ended = False  # the turn ended before ``next``: a cursor past its end
 
     @classmethod
     async def open(cls, turn_id: str, thread_id: str, after: int,
@@ -369,6 +374,8 @@ class RemoteFollow:
         else:
             return None
         self.heard = time.monotonic()
+        if message.get("last") is not None and message["last"] < self.next:
+            self.ended = True
         for event in batch:
             if event["seq"] >= self.next:
                 self.pending[event["seq"]] = event
@@ -383,6 +390,8 @@ class RemoteFollow:
                     yield event
                     if event["type"] in TERMINAL:
                         return
+                if self.ended:
+                    return
                 wait = GAP_SECONDS if self.pending else idle_seconds()
                 try:
                     async with asyncio.timeout(wait):

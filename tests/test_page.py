@@ -446,6 +446,34 @@ def test_delete_asks_first(server, tabs):
     assert tab.dialogs == []
 
 
+def test_a_malformed_address_opens_a_new_conversation(server, tabs):
+    """``#thread=%`` (a broken escape) is no thread: no uncaught error (the
+    ``tabs`` fixture checks), a new conversation that works."""
+    tab = tabs()
+    page = tab.page
+    for fragment in ("#thread=%", "#thread=%E0%A4%A", "#thread=a%2Fb"):
+        page.goto(server.url() + fragment)
+        expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        expect(page.locator("#thread-title")).to_have_text("New conversation")
+    ask(page, "Still fine?")
+
+
+def test_a_deleted_running_turn_ends_on_the_page(server, tabs):
+    """Deleting the thread whose reply is streaming stops it; the page's turn
+    ends (the error names its thread) instead of staying "running"."""
+    tab = tabs()
+    page = open_page(tab, server)
+    ask(page, "First")
+    thread = current_thread(page)
+    send(page, "Second [slow]")
+    expect(page.locator("#messages .message.streaming")).to_have_count(1)
+    status, _, _ = server.request("DELETE", "/api/sessions", {"threadId": thread, "resourceId": tab.resource},
+                                  timeout=10)
+    assert status == 200
+    expect(page.locator("#stop")).to_be_hidden()
+    assert any('"thread_deleted"' in f and thread in f for f in tab.frames)
+
+
 def test_html_in_messages_is_shown_as_text(server, tabs):
     tab = tabs(viewport={"width": 390, "height": 800})  # a phone's width
     page = open_page(tab, server)

@@ -277,3 +277,75 @@ async def test_an_interrupt_for_a_dead_workers_lease_is_answered_and_frees_the_t
     assert await leases.active("rob", "orphaned") is None
     events = await events_of(await start_turn(None, body("Mine now", "orphaned")))
     assert events[-1]["type"] == "done"
+
+
+async def test_refused_turns_leave_no_lease_rows(offline_chat):
+    """A refused request writes nothing: forks of a missing parent (404), a
+    fork onto a taken thread (409), turns over a limit (429)."""
+    from chat_app import limits
+    from sessions_app.errors import Conflict, NotFound, RateLimited
+
+    await events_of(await start_turn(None, body("Parent", "lease-parent")))
+    before = await ThreadLease.objects.acount()
+    for i in range(20):
+        fork = SimpleNamespace(message="hi", threadId=f"child-{i}", forkFromThreadId="no-such-parent",
+                               resourceId="rob", agent=None, atMessageUuid=None)
+        with pytest.raises(NotFound):
+            await start_turn(None, fork, fork=True)
+    taken = SimpleNamespace(message="hi", threadId="lease-parent", forkFromThreadId="lease-parent",
+                            resourceId="rob", agent=None, atMessageUuid=None)
+    with pytest.raises(Conflict):
+        await start_turn(None, taken, fork=True)
+    offline_chat.OMNI_TURNS_PER_MINUTE = 1  # the parent's turn used it up
+    limits.reset()
+    for i in range(20):
+        with pytest.raises(RateLimited):
+            await start_turn(None, body("over the limit", f"limited-{i}"))
+    assert await ThreadLease.objects.acount() == before
+    assert not await SessionMapping.objects.filter(thread_id__startswith="limited-").aexists()
+
+
+async def test_a_follow_past_the_end_of_a_turn_ends(offline_chat, monkeypatch):
+    """A cursor at or past a turn's last event: the follow ends at once (an
+    error on the websocket), locally and over the channel layer."""
+    turn = await start_turn(None, body("Short", "past-end"))
+    events = await events_of(turn)
+    comm = await connect()
+    try:
+        await comm.send_json_to({"type": "follow", "threadId": "past-end", "resourceId": "rob",
+                                 "turnId": turn.turn_id, "afterSeq": len(events) + 3})
+        event = await comm.receive_json_from(timeout=5)
+        assert event["type"] == "error" and event["code"] == "not_found"
+        assert event["threadId"] == "past-end"
+    finally:
+        await comm.disconnect()
+    # over the channel layer: the owner (this process's hub, on the in-memory
+    # layer) says the turn ended, so the follower stops without waiting
+    from chat_app.streams import RemoteFollow
+    from sessions_app.errors import NotFound
+
+    monkeypatch.setattr(streams, "distributed", lambda: True)
+    await streams.hub.attach(turn)  # as when the turn started on a Redis deployment
+    started = asyncio.get_running_loop().time()
+    follow = await RemoteFollow.open(turn.turn_id, "past-end", len(events) + 3, NotFound("gone"))
+    assert await asyncio.wait_for(collect_all(follow), 5) == []
+    assert asyncio.get_running_loop().time() - started < 5
+
+
+async def collect_all(stream):
+    return [event async for event in stream]
+
+
+async def test_a_delete_the_instant_a_turn_starts_returns_at_once(offline_chat):
+    """The turn stops before its CLI answered anything; the delete does not
+    wait on the CLI (whose interrupt may never be answered once it closes)."""
+    await events_of(await start_turn(None, body("First", "del-instant")))
+    for i in range(3):
+        turn = await start_turn(None, body(f"Again {i} [slow]", "del-instant"))
+        while turn._client is None:  # its message is on its way to the CLI
+            await asyncio.sleep(0)
+        await asyncio.wait_for(services.delete_session("del-instant", "rob"), 3)
+        events = await asyncio.wait_for(events_of(turn), 10)
+        assert events[-1]["code"] == "thread_deleted"
+        assert await services.get_mapping("del-instant", "rob") is None
+        await events_of(await start_turn(None, body("Back", "del-instant")))

@@ -1,5 +1,6 @@
 """The turn pipeline itself, in this process (real SDK and CLI, offline model)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -71,6 +72,33 @@ async def test_an_unreachable_model_ends_the_turn_with_model_unavailable(offline
     events = await events_of(await start_turn(None, body("Anyone there?", thread="pipe-5")))
     assert events[0]["type"] == "session"
     assert events[-1]["type"] == "error" and events[-1]["code"] == "model_unavailable"
-    assert "API Error" in events[-1]["message"]
+    assert events[-1]["retryAfter"] >= 1
+    # the model's (internal) address stays in the server's log
+    assert dead.split("//")[1] not in json.dumps(events)
     mapping = await services.get_metadata("pipe-5", "erin")
     assert mapping.message_count == 1  # the user's message is kept; it resumes later
+
+
+async def test_no_event_names_a_server_path_or_the_api_key_source(offline_chat):
+    """The CLI's init message carries its working directory, config paths and
+    where its API key came from: none of it reaches a client."""
+    events = await events_of(await start_turn(None, body("Where do you run?", thread="pipe-6")))
+    init = next(e["chunk"] for e in events if e["type"] == "chunk" and e["chunk"].get("subtype") == "init")
+    assert init["data"]["session_id"] == events[0]["sessionId"]  # the rest of it is there
+    for key in ("cwd", "original_cwd", "apiKeySource", "memory_paths", "messaging_socket_path"):
+        assert key not in init["data"], key
+    text = json.dumps(events)
+    for path in (offline_chat.OMNI_WORKSPACE_DIR, offline_chat.CLAUDE_CONFIG_DIR, offline_chat.DATA_DIR):
+        assert str(path) not in text, path
+
+
+async def test_a_failing_turn_tells_the_client_no_exception_text(offline_chat, monkeypatch):
+    from chat_app.turns import runner
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("could not connect to db.internal.example:5432")
+
+    monkeypatch.setattr(runner.store, "save", broken)
+    events = await events_of(await start_turn(None, body("Hello", thread="pipe-7")))
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "turn_failed"
+    assert "db.internal" not in json.dumps(events) and events[-1]["turnId"] in events[-1]["message"]

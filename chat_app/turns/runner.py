@@ -45,6 +45,8 @@ log = logging.getLogger("omni.chat")
 
 MISSING_SESSION = "No conversation found with session ID"
 DELETED = "the thread was deleted; its turn was stopped"
+INTERRUPT_SECONDS = 5.0  # the longest an interrupt waits for the CLI's answer
+_background: set[asyncio.Task] = set()  # interrupts nobody waits for
 # AssistantMessage.error values that mean the model endpoint failed us, not the request.
 MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
 
@@ -127,21 +129,27 @@ class Turn:
 
     # --- stopping ---------------------------------------------------------------
     async def interrupt(self) -> None:
+        """Ask the CLI to stop (bounded: a CLI that closes meanwhile never
+        answers the SDK's control request)."""
         self._interrupted = True
         if self._client is not None:
             try:
-                await self._client.interrupt()
-            except Exception:  # the CLI may be gone already
+                async with asyncio.timeout(INTERRUPT_SECONDS):
+                    await self._client.interrupt()
+            except Exception:  # the CLI may be gone already, or closing
                 log.debug("interrupt failed", exc_info=True)
 
     async def abort(self, code: str, message: str) -> None:
         """Stop the turn for good: it saves nothing more and ends with an
-        ``error`` event of ``code`` (its thread was deleted)."""
+        ``error`` event of ``code`` (its thread was deleted). Returns at once:
+        the caller (a delete) does not wait for the CLI."""
         if self.finished or self._aborted is not None:
             return
         log.info("[CHAT] Stopping turn %s on thread %s: %s", self.turn_id, self.spec.thread_id, code)
         self._aborted = Aborted(code, message)
-        await self.interrupt()
+        task = asyncio.ensure_future(self.interrupt())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     async def lease_was_lost(self, deleted: bool = False) -> None:
         if deleted:  # the row went with its thread (deleted by another process)
@@ -337,8 +345,12 @@ class Turn:
         await store.drop_local_copy(self.session_id)
         if result is not None and result.is_error and api_error in MODEL_UNAVAILABLE:
             # The model could not be reached (after the CLI's retries): the
-            # stream's 503. The session and the user's message are kept.
-            self._publish(events.error_event("model_unavailable", result.result or api_error))
+            # stream's 503. The session and the user's message are kept. The
+            # CLI's text may name the model's address: it goes to the log only.
+            log.warning("[CHAT] Model unreachable, turn %s: %s", self.turn_id, result.result or api_error)
+            self._publish(events.error_event(
+                "model_unavailable", "the model could not be reached; try again shortly",
+                retry_after=settings.OMNI_BUSY_RETRY_AFTER))
         elif result is not None:
             self._publish(events.done_event(self.session_id, result))
         else:

@@ -41,6 +41,8 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
                          retry_after=1)
     if running := registry.get(resource, thread_id):
         raise leases.busy_error(thread_id, running.retry_after())
+    if fork:  # the cheap refusals first: no lease row for a fork that cannot be
+        await _check_fork(spec, body)
     # One turn per thread across every process, from here to the turn's end:
     # the checks below and everything the turn does to the stored session.
     lease = await leases.acquire(resource, thread_id, spec.turn_id)
@@ -53,8 +55,17 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
             await asyncio.shield(admission.cancel())  # it did not start: it does not count
             raise
     except BaseException:
-        await asyncio.shield(lease.release())
+        await asyncio.shield(lease.discard())  # refused: the thread as it was, no new row
         raise
+
+
+async def _check_fork(spec: TurnSpec, body) -> None:
+    """404 for a missing parent, 409 for a taken target (checked again under
+    the lease, which is what makes it exact)."""
+    if await services.get_mapping(body.forkFromThreadId, spec.resource_id) is None:
+        raise NotFound(f"no thread {body.forkFromThreadId!r} to fork from")
+    if await services.get_mapping(spec.thread_id, spec.resource_id):
+        raise Conflict(f"thread {spec.thread_id!r} already exists", code="thread_exists")
 
 
 async def _resolve_thread(spec: TurnSpec, body, *, fork: bool) -> None:

@@ -538,7 +538,12 @@ socket.addEventListener("state", ({ detail }) => {
 function threadFromHash() {
   const match = /^#thread=(.+)$/.exec(location.hash);
   if (!match) return null;
-  const threadId = decodeURIComponent(match[1]);
+  let threadId;
+  try {
+    threadId = decodeURIComponent(match[1]);
+  } catch (err) { // a malformed escape (#thread=%): no thread, not an error
+    return null;
+  }
   return ID_RE.test(threadId) ? threadId : null;
 }
 
