@@ -23,16 +23,50 @@ user-typed texts count: each text block of a role "user" message, skipping
 Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
 word-split ``text_delta`` events.  Markers in the last user text:
 
+* ``[tool NAME]`` or ``[tool NAME {"key": "value"}]`` -> a tool call.  NAME is
+  matched against the request's ``tools`` by exact name, else by the suffix of
+  ``mcp__<server>__NAME``; the input (a JSON object, default ``{}``) is passed
+  as is.  A reply calling a tool has a text block ``Calling <tool>.`` then a
+  ``tool_use`` block (id ``toolu_offline_<n>``, ``<tool>`` the full offered
+  name; streamed as the API does: ``content_block_start`` with ``input: {}``,
+  ``input_json_delta`` chunks, ``content_block_stop``) and stop_reason
+  ``tool_use``.  Several markers are called one per response, in order, each
+  after the previous one's result came back.  The reply after a result quotes
+  each ``tool_result`` sent back since the model's last answer::
+
+      Offline model got from <tool>: "<result text>".
+      Offline model was refused <tool>: "<result text>".
+
+  (the second for ``is_error: true``: a denied call, whose text is the reason;
+  a failed tool reads the same), then either ``Calling <next tool>.`` and its
+  ``tool_use``, or, when no call is left, the usual ``Offline model heard: ...``
+  line; lines are joined by newlines.  A marker naming no offered tool, or whose
+  input is not a JSON object followed by ``]``, is not called; the turn's first
+  reply says so in a line before the others::
+
+      Offline model: no tool <NAME> here.
+      Offline model: bad input for tool <NAME> (a JSON object, then ]).
+
+  A turn starts at the last user message with typed text; only calls and
+  results after it count (a result arriving with new typed text, e.g. after an
+  interrupt, is not quoted).  A turn without markers replies exactly as before.
 * ``[slow]`` -> 30 deltas, ``slow_delay`` (0.1 s) apart (interrupt / "busy" tests);
+  in a tool turn every reply is slow (a ``tool_use`` input too arrives in 30 pieces);
 * ``[pause N]`` -> N seconds (at most 60) of silence before the reply streams
-  (a quiet turn: heartbeats, a person thinking);
+  (a quiet turn: heartbeats, a person thinking); in a tool turn only before the
+  first reply, not after tool results;
 * ``[fail]`` -> HTTP 400 ``{"type":"error","error":{"type":
-  "invalid_request_error","message":"offline model: requested failure"}}``.
+  "invalid_request_error","message":"offline model: requested failure"}}``
+  (it wins over ``[tool ...]``: no tool is called).
   (The CLI retries a 400 with fewer betas/tools: one failed turn = 6 requests.)
+
+Helpers give the exact lines: :func:`reply_text`, :func:`calling_text`,
+:func:`result_text`, :func:`no_tool_text`, :func:`bad_tool_text`.
 
 Requests with ``output_config.format`` of type ``json_schema`` (the CLI's
 session-title side request) get a minimal JSON object fitting the schema,
-strings filled with the reply (or ``"Offline session"`` if no user text).
+strings filled with the reply (or ``"Offline session"`` if no user text); it
+never calls tools.
 
 Usage: ``m = start_offline_model(); ...; m.stop()`` or
 ``python -m chat_app.offline_model --port 8765``.
@@ -89,6 +123,127 @@ def reply_text(messages: list) -> str:
     texts = user_texts(messages) or [""]
     earlier = " | ".join(_quote(t) for t in texts[:-1]) or "none"
     return f"Offline model heard: {_quote(texts[-1])}. Earlier questions: {earlier}."
+
+
+TOOL_MARKER = re.compile(r"\[tool\s+([A-Za-z0-9_.:-]+)\s*")
+
+
+def tool_markers(text: str) -> list[tuple[str, dict | None]]:
+    """``[tool NAME]`` / ``[tool NAME {json}]`` markers of ``text``, in order, as
+    ``(name, input)``; ``input`` is ``None`` when it is not a JSON object followed by ``]``."""
+    out, pos, decoder = [], 0, json.JSONDecoder()
+    while m := TOOL_MARKER.search(text, pos):
+        name, pos, value = m[1], m.end(), {}
+        if text[pos:pos + 1] != "]":
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                value = None
+            if not isinstance(value, dict):
+                value = None
+            while text[pos:pos + 1].isspace():
+                pos += 1
+            if text[pos:pos + 1] != "]":
+                value = None
+        out.append((name, value))
+    return out
+
+
+def find_tool(name: str, tools: list) -> str | None:
+    """The offered tool called ``name``, or ``mcp__<server>__<name>``; ``None`` if absent."""
+    names = [t.get("name") for t in tools or [] if isinstance(t, dict) and t.get("name")]
+    if name in names:
+        return name
+    return next((n for n in names if n.startswith("mcp__") and n.endswith("__" + name)), None)
+
+
+def calling_text(name: str) -> str:
+    return f"Calling {name}."
+
+
+def result_text(name: str, result: str, is_error: bool = False) -> str:
+    verb = "was refused" if is_error else "got from"
+    return f"Offline model {verb} {name}: {_quote(result)}."
+
+
+def no_tool_text(name: str) -> str:
+    return f"Offline model: no tool {name} here."
+
+
+def bad_tool_text(name: str) -> str:
+    return f"Offline model: bad input for tool {name} (a JSON object, then ])."
+
+
+def _blocks(msg: dict) -> list:
+    content = msg.get("content")
+    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+
+
+def _has_typed_text(msg: dict) -> bool:
+    return msg.get("role") == "user" and bool(user_texts([msg]))
+
+
+def _turn(messages: list) -> list:
+    """The messages after the last one carrying user-typed text (this turn's tool traffic)."""
+    start = max((i for i, m in enumerate(messages) if _has_typed_text(m)), default=-1)
+    return messages[start + 1:]
+
+
+def first_of_turn(messages: list) -> bool:
+    """True unless the model already answered since the last user-typed text."""
+    return not any(m.get("role") == "assistant" for m in _turn(messages))
+
+
+def _result_content(block: dict) -> str:
+    content = block.get("content")
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content or []:
+        if isinstance(part, dict):
+            parts.append(part.get("text", "") if part.get("type") == "text"
+                         else f"[{part.get('type', 'block')}]")
+    return "\n".join(parts)
+
+
+def answer(body: dict) -> list[dict]:
+    """The content blocks of the reply to a Messages API request (see the module docstring).
+
+    A turn starts at the last user message carrying typed text.  The markers of its last typed
+    text are worked through one per response: each offered tool is called (a text block, then a
+    ``tool_use``); once every call's result is back, the reply ends with :func:`reply_text`."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    texts = user_texts(messages)
+    after = _turn(messages)
+    names = {b.get("id"): b.get("name") for m in messages if m.get("role") == "assistant"
+             for b in _blocks(m) if b.get("type") == "tool_use"}
+    answered = [i for i, m in enumerate(after) if m.get("role") == "assistant"]
+    done = sum(b.get("type") == "tool_use" for i in answered for b in _blocks(after[i]))
+    lines = []
+    for m in after[answered[-1] + 1:] if answered else []:  # results since the last answer
+        for b in _blocks(m):
+            if m.get("role") == "user" and b.get("type") == "tool_result":
+                lines.append(result_text(names.get(b.get("tool_use_id")) or "tool",
+                                         _result_content(b), bool(b.get("is_error"))))
+    calls = []
+    for name, value in tool_markers(texts[-1] if texts else ""):
+        found = find_tool(name, body.get("tools"))
+        if found and value is not None:
+            calls.append((found, value))
+        elif done == 0:
+            lines.append(no_tool_text(name) if not found else bad_tool_text(name))
+    if done < len(calls):
+        name, value = calls[done]
+        lines.append(calling_text(name))
+        return [{"type": "text", "text": "\n".join(lines)},
+                {"type": "tool_use", "id": f"toolu_offline_{next(_ids)}", "name": name,
+                 "input": value}]
+    lines.append(reply_text(messages))
+    return [{"type": "text", "text": "\n".join(lines)}]
+
+
+def _output_tokens(blocks: list[dict]) -> int:
+    return _tokens("".join(b.get("text") or json.dumps(b.get("input", "")) for b in blocks))
 
 
 def _chunks(text: str, n: int, by_words: bool = True) -> list[str]:
@@ -176,27 +331,31 @@ class _Handler(BaseHTTPRequestHandler):
         last = texts[-1] if texts else ""
         if "[fail]" in last:
             return self._json(400, FAIL_BODY)
-        text = reply_text(body.get("messages", []))
         fmt = (body.get("output_config") or {}).get("format") or {}
         if fmt.get("type") == "json_schema":  # e.g. the CLI's session-title side request
-            text = json.dumps(_fill(fmt.get("schema") or {}, text if texts else "Offline session"))
+            title = reply_text(body.get("messages", [])) if texts else "Offline session"
+            blocks = [{"type": "text", "text": json.dumps(_fill(fmt.get("schema") or {}, title))}]
+        else:
+            blocks = answer(body)
+        stop_reason = "tool_use" if blocks[-1]["type"] == "tool_use" else "end_turn"
         msg = {"id": f"msg_offline_{next(_ids)}", "type": "message", "role": "assistant",
                "model": body.get("model", "offline-model"), "content": [],
                "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": _input_tokens(body), "output_tokens": 1,
                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
         if not body.get("stream"):
-            msg["content"] = [{"type": "text", "text": text}]
-            msg["stop_reason"] = "end_turn"
-            msg["usage"]["output_tokens"] = _tokens(text)
+            msg["content"] = blocks
+            msg["stop_reason"] = stop_reason
+            msg["usage"]["output_tokens"] = _output_tokens(blocks)
             return self._json(200, msg)
-        if (pause := PAUSE.search(last)) and fmt.get("type") != "json_schema":
+        pause = PAUSE.search(last)
+        if pause and fmt.get("type") != "json_schema" and first_of_turn(body.get("messages", [])):
             time.sleep(min(float(pause[1]), 60.0))
         slow = "[slow]" in last
-        pieces = _chunks(text, 30, by_words=False) if slow else _chunks(text, 6)
-        self._stream(msg, pieces, model.slow_delay if slow else 0.0)
+        self._stream(msg, blocks, stop_reason, slow, model.slow_delay if slow else 0.0)
 
-    def _stream(self, msg: dict, pieces: list[str], delay: float) -> None:
+    def _stream(self, msg: dict, blocks: list[dict], stop_reason: str,
+                slow: bool, delay: float) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -209,20 +368,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.flush()
 
-        try:
-            event("message_start", {"type": "message_start", "message": msg})
-            event("content_block_start", {"type": "content_block_start", "index": 0,
-                                          "content_block": {"type": "text", "text": ""}})
-            event("ping", {"type": "ping"})
+        def deltas(index: int, pieces: list[str], kind: str, key: str) -> None:
             for i, piece in enumerate(pieces):
                 if delay and i:
                     time.sleep(delay)
-                event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                              "delta": {"type": "text_delta", "text": piece}})
-            event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": kind, key: piece}})
+
+        try:
+            event("message_start", {"type": "message_start", "message": msg})
+            for index, block in enumerate(blocks):
+                if block["type"] == "text":
+                    text = block["text"]
+                    pieces = _chunks(text, 30, by_words=False) if slow else _chunks(text, 6)
+                    event("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": {"type": "text", "text": ""}})
+                    if index == 0:
+                        event("ping", {"type": "ping"})
+                    deltas(index, pieces, "text_delta", "text")
+                else:  # tool_use: input {} at the start, then the JSON in partial chunks
+                    event("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": {**block, "input": {}}})
+                    if index == 0:
+                        event("ping", {"type": "ping"})
+                    raw = json.dumps(block["input"])
+                    deltas(index, [""] + _chunks(raw, 30 if slow else 3, by_words=False),
+                           "input_json_delta", "partial_json")
+                event("content_block_stop", {"type": "content_block_stop", "index": index})
             event("message_delta", {"type": "message_delta",
-                                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                    "usage": {"output_tokens": _tokens("".join(pieces))}})
+                                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                    "usage": {"output_tokens": _output_tokens(blocks)}})
             event("message_stop", {"type": "message_stop"})
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
