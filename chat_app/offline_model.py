@@ -24,15 +24,16 @@ Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
 word-split ``text_delta`` events.  Markers in the last user text:
 
 * ``[tool NAME]`` or ``[tool NAME {"key": "value"}]`` -> a tool call.  NAME is
-  matched against the request's ``tools`` by exact name, else by the suffix of
-  ``mcp__<server>__NAME``; the input (a JSON object, default ``{}``) is passed
-  as is.  A reply calling a tool has a text block ``Calling <tool>.`` then a
-  ``tool_use`` block (id ``toolu_offline_<n>``, ``<tool>`` the full offered
-  name; streamed as the API does: ``content_block_start`` with ``input: {}``,
-  ``input_json_delta`` chunks, ``content_block_stop``) and stop_reason
-  ``tool_use``.  Several markers are called one per response, in order, each
-  after the previous one's result came back.  The reply after a result quotes
-  each ``tool_result`` sent back since the model's last answer::
+  matched against the request's ``tools`` by exact name, else as the end of
+  ``mcp__<server>__NAME`` (so ``<server>__NAME`` picks a server); the input
+  (a JSON object, default ``{}``) is passed as is.  A reply calling a tool has
+  a text block ``Calling <tool>.`` then a ``tool_use`` block (id
+  ``toolu_offline_<n>``, ``<tool>`` the full offered name; streamed as the API
+  does: ``content_block_start`` with ``input: {}``, ``input_json_delta``
+  chunks, ``content_block_stop``) and stop_reason ``tool_use``.  Several
+  markers are called one per response, in order, each after the previous
+  one's result came back.  The reply after a result quotes each
+  ``tool_result`` sent back since the model's last answer::
 
       Offline model got from <tool>: "<result text>".
       Offline model was refused <tool>: "<result text>".
@@ -51,7 +52,7 @@ word-split ``text_delta`` events.  Markers in the last user text:
   results after it count (a result arriving with new typed text, e.g. after an
   interrupt, is not quoted).  A turn without markers replies exactly as before.
 * ``[slow]`` -> 30 deltas, ``slow_delay`` (0.1 s) apart (interrupt / "busy" tests);
-  in a tool turn every reply is slow (a ``tool_use`` input too arrives in 30 pieces);
+  in a tool turn every reply is slow (a ``tool_use`` input in up to 30 pieces);
 * ``[pause N]`` -> N seconds (at most 60) of silence before the reply streams
   (a quiet turn: heartbeats, a person thinking); in a tool turn only before the
   first reply, not after tool results;
