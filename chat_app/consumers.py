@@ -3,12 +3,14 @@
 import asyncio
 import json
 import logging
+import time
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from django.db import DatabaseError
 
 from sessions_app.errors import ApiError
-from sessions_app.resources import auth_required, resolve_resource
+from sessions_app.resources import auth_required, reauthenticate, resolve_resource
 
 from . import events, streams
 from .pool import pool
@@ -28,7 +30,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     Each turn's events are forwarded by a task of its own, keyed by the
     turn's id (never by thread: a thread's next turn may start while the
     last one's forwarder is still sending its ``done``); a forwarder and
-    its turn are dropped from the connection once it ended."""
+    its turn are dropped from the connection once it ended.
+
+    The caller is checked again while the socket is open (at most every
+    ``OMNI_WS_RECHECK_SECONDS``, on a frame or on a forwarded event): once
+    its credentials no longer hold (a revoked or expired token, an inactive
+    user, a logged-out session) the socket closes with 4401, handling no
+    more frames and forwarding no more events; a caller that lost its
+    cross-resource right gets no more events of another resource's turns.
+    The turns themselves run on: they belong to their resource."""
 
     async def connect(self):
         user = self.scope.get("user")
@@ -37,6 +47,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.forwarders: dict[str, asyncio.Task] = {}  # turn id -> its forwarder
         self.own_turns: dict[str, Turn] = {}  # thread id -> the turn this socket started
+        self.checked_at = time.monotonic()  # the caller was authenticated at the handshake
+        self.recheck = asyncio.Lock()
+        self.lost = False  # the caller's credentials no longer hold: closing with 4401
         await self.accept()
         pool.fill_spares()  # a chat client is here: have a process ready for its new thread
 
@@ -47,6 +60,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         thread_id = None
         try:
+            if not await self.authorized():
+                return  # closed with 4401: the frame is not handled
             data = json.loads(text_data if text_data is not None else bytes_data)
             if isinstance(data, dict) and isinstance(data.get("threadId"), str):
                 thread_id = data["threadId"][:128]
@@ -64,6 +79,49 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.reply_error(events.error_event(
                 "internal_error", "the server could not handle this frame"), thread_id)
 
+    async def authorized(self) -> bool:
+        """Whether the caller's credentials still hold, checked again when the
+        last check is ``OMNI_WS_RECHECK_SECONDS`` old; the fresh user (and its
+        cross-resource right) replaces the scope's. When they no longer hold:
+        False, every forwarder stops and the socket closes with 4401."""
+        if self.lost:
+            return False
+        if time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
+            return True
+        async with self.recheck:
+            if self.lost or time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
+                return not self.lost
+            user = await reauthenticate(self.scope)
+            self.checked_at = time.monotonic()
+            if user is not None:
+                self.scope["user"] = user
+                return True
+            self.lost = True
+        log.info("[CHAT] A websocket's credentials no longer hold: closing it (4401)")
+        current = asyncio.current_task()
+        for task in list(self.forwarders.values()):
+            if task is not current:
+                task.cancel()
+        await self.close(code=4401)
+        return False
+
+    async def may_forward(self, resource: str | None, thread_id: str) -> bool:
+        """Whether the next event of a turn of ``resource`` may go to this socket."""
+        try:
+            if not await self.authorized():
+                return False
+        except DatabaseError:
+            log.warning("[CHAT] Could not check a websocket's caller again (database); checking later")
+            return True
+        if resource is None:
+            return True
+        try:
+            resolve_resource(self.scope.get("user"), resource)
+        except ApiError as exc:
+            await self.reply_error(events.error_event(exc.code, exc.message), thread_id or None)
+            return False
+        return True
+
     async def reply_error(self, event: dict, thread_id: str | None) -> None:
         if thread_id is not None:
             event["threadId"] = thread_id
@@ -74,10 +132,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.type in ("message", "fork"):
             turn = await start_turn(user, frame, fork=frame.type == "fork")
             self.own_turns[turn.spec.thread_id] = turn
-            self.forward(streams.Stream(turn.turn_id, turn.listen(), turn.spec.thread_id), own=turn)
+            self.forward(streams.Stream(turn.turn_id, turn.listen(), turn.spec.thread_id), own=turn,
+                         resource=turn.spec.resource_id)
         elif frame.type == "interrupt":
             turn = self.own_turns.get(frame.threadId)
             if turn is not None and not turn.finished:
+                resolve_resource(user, turn.spec.resource_id)  # still the caller's to stop
                 await turn.interrupt()
             else:  # this worker's turn or another's: the one running on the thread
                 await streams.interrupt(resolve_resource(user, frame.resourceId), frame.threadId)
@@ -86,16 +146,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             stream = await streams.follow(resource, frame.threadId, turn_id=frame.turnId,
                                           after=frame.afterSeq, exclude=self.forwarders)
             if stream is not None:  # None: already streaming this turn to this socket
-                self.forward(stream)
+                self.forward(stream, resource=resource)
 
-    def forward(self, stream: "streams.Stream", own: Turn | None = None) -> None:
-        """Send a turn's events to this socket (once per turn)."""
+    def forward(self, stream: "streams.Stream", own: Turn | None = None,
+                resource: str | None = None) -> None:
+        """Send a turn's events (of ``resource``) to this socket (once per
+        turn), while the caller may see them."""
         if stream.turn_id in self.forwarders:
             return
 
         async def pump():
             last = None
             async for event in stream:
+                if not await self.may_forward(resource, stream.thread_id):
+                    return
                 await self.send_json(event)
                 last = event
             if own is None and (last is None or last["type"] not in ("done", "error")):

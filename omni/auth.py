@@ -22,6 +22,7 @@ from ninja.utils import check_csrf
 
 from sessions_app import tokens
 from sessions_app.errors import Forbidden, NotAuthenticated
+from sessions_app.resources import SCOPE_TOKEN, load_rights
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
 
@@ -111,16 +112,22 @@ def scope_token(scope) -> str | None:
 class TokenAuthMiddleware:
     """Authenticates a websocket by its token, if it has one (else the
     session's user, set by Channels' ``AuthMiddlewareStack`` outside, stays).
-    A wrong, expired or revoked token refuses the handshake."""
+    A wrong, expired or revoked token refuses the handshake. The token is
+    kept in the scope (``SCOPE_TOKEN``) for the consumer to check it again
+    while the socket is open (``sessions_app.resources.reauthenticate``), and
+    the user's cross-resource right is loaded."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        raw = scope_token(scope) if scope["type"] == "websocket" and not auth_off() else None
-        if raw is not None:
+        if scope["type"] != "websocket" or auth_off():
+            return await self.app(scope, receive, send)
+        scope = dict(scope)
+        if (raw := scope_token(scope)) is not None:
             user = await tokens.aauthenticate(raw)
             if user is None:
                 return await WebsocketDenier()(scope, receive, send)
-            scope = dict(scope, user=user)
+            scope.update(user=user, **{SCOPE_TOKEN: raw})
+        await load_rights(scope.get("user"))
         return await self.app(scope, receive, send)

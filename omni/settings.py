@@ -239,6 +239,9 @@ OMNI_CLI_START_SECONDS = float(os.environ.get("OMNI_CLI_START_SECONDS", "60"))
 OMNI_TURN_SILENCE_SECONDS = float(os.environ.get("OMNI_TURN_SILENCE_SECONDS", "300"))
 # Concurrent turns per resource (429 rate_limited beyond).
 OMNI_MAX_TURNS_PER_RESOURCE = int(os.environ.get("OMNI_MAX_TURNS_PER_RESOURCE", "4"))
+# An open websocket's caller is checked again (token, session, active, rights)
+# when its last check is this old, on its next frame or forwarded event.
+OMNI_WS_RECHECK_SECONDS = float(os.environ.get("OMNI_WS_RECHECK_SECONDS", "5"))
 # Retry-After (seconds) of server_busy and rate_limited answers.
 OMNI_BUSY_RETRY_AFTER = int(os.environ.get("OMNI_BUSY_RETRY_AFTER", "2"))
 

@@ -36,6 +36,12 @@ class SessionMapping(models.Model):
             models.Index(fields=["resource_id", "-updated_at"], name="idx_session_resource"),
         ]
         ordering = ["-updated_at", "-id"]
+        # Cross-resource access (contract §6): naming another resource than
+        # one's own needs this (superusers have it); the staff flag alone
+        # does not give it. Checked in sessions_app.resources.
+        permissions = [
+            ("access_all_resources", "Can read and act on every resource's threads"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.resource_id}/{self.thread_id}"

@@ -195,15 +195,60 @@ def test_bearer_token_authenticates_and_scopes_every_rest_call(client):
     assert SessionMapping.objects.filter(resource_id="bob").count() == 1
 
 
+def grant_all_resources(user=None, group=None):
+    """The project's cross-resource permission, to a user or a group."""
+    from django.contrib.auth.models import Permission
+
+    perm = Permission.objects.get(codename="access_all_resources", content_type__app_label="sessions_app")
+    (user.user_permissions if group is None else group.permissions).add(perm)
+
+
 @pytest.mark.django_db
-def test_a_staff_token_may_name_another_resource(client):
+def test_the_staff_flag_alone_opens_no_other_resource(client):
+    """Staff (the admin's door) is not cross-resource access: every REST
+    call naming another resource is 403 (issue 15, item 9)."""
     get_user_model().objects.create_user("ops", is_staff=True)
+    token = issue("ops")
+    save("t2", "bob")
+    auth = bearer(token)
+    for response in (
+        client.get("/api/sessions", {"resourceId": "bob"}, **auth),
+        post(client, "/api/sessions/metadata", {"threadId": "t2", "resourceId": "bob"}, **auth),
+        client.get("/api/sessions/messages", {"threadId": "t2", "resourceId": "bob"}, **auth),
+        client.get("/api/chat/stream", {"threadId": "t2", "resourceId": "bob"}, **auth),
+        delete(client, {"threadId": "t2", "resourceId": "bob"}, **auth),
+        post(client, "/api/chat", {"message": "hi", "threadId": "t2", "resourceId": "bob"}, **auth),
+        post(client, "/api/chat/fork", {"message": "hi", "forkFromThreadId": "t2", "threadId": "f",
+                                        "resourceId": "bob"}, **auth),
+    ):
+        assert error_of(response, 403)["code"] == "forbidden"
+    assert SessionMapping.objects.filter(resource_id="bob").count() == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("how", ["user", "group", "superuser"])
+def test_the_cross_resource_permission_may_name_another_resource(client, how):
+    from django.contrib.auth.models import Group
+
+    users = get_user_model().objects
+    if how == "superuser":
+        users.create_superuser("ops", "ops@example.com", "pw-ops-123")
+    else:
+        ops = users.create_user("ops")  # not staff: the permission is what counts
+        if how == "user":
+            grant_all_resources(ops)
+        else:
+            group = Group.objects.create(name="operators")
+            grant_all_resources(group=group)
+            ops.groups.add(group)
     token = issue("ops")
     save("t2", "bob")
     auth = bearer(token)
     listing = json.loads(client.get("/api/sessions", {"resourceId": "bob"}, **auth).content)
     assert [s["threadId"] for s in listing["sessions"]] == ["t2"]
     assert json.loads(client.get("/api/sessions", **auth).content)["count"] == 0
+    assert post(client, "/api/sessions/metadata", {"threadId": "t2", "resourceId": "bob"},
+                **auth).status_code == 200
     assert delete(client, {"threadId": "t2", "resourceId": "bob"}, **auth).status_code == 200
 
 

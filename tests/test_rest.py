@@ -338,7 +338,13 @@ def alice(db):
 
 @pytest.fixture
 def staff(db):
-    return get_user_model().objects.create_user("ops", password="pw-ops-123", is_staff=True)
+    """A user allowed across resources: the project's permission (the staff
+    flag alone is not enough, see tests/test_auth.py)."""
+    from django.contrib.auth.models import Permission
+
+    user = get_user_model().objects.create_user("ops", password="pw-ops-123", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="access_all_resources"))
+    return user
 
 
 def test_no_credentials_is_401(client, auth_required):
