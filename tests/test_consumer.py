@@ -165,5 +165,5 @@ async def test_foreign_origin_is_refused(offline_chat):
     comm = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://evil.example")])
     connected, _ = await comm.connect()
     assert not connected
-    ok = await connect(headers=[(b"origin", b"http://localhost")])
+    ok = await connect(headers=[(b"host", b"localhost"), (b"origin", b"http://localhost")])
     await ok.disconnect()

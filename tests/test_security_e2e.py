@@ -107,6 +107,22 @@ async def test_tokens_on_websockets(server, token):
             assert event["type"] == "error" and event["code"] == "forbidden"
 
 
+async def test_websocket_origin_is_the_pages_own(server, token):
+    """Issue 15, item 6: scheme, host and port of the Origin must be the
+    page's own (the Host the socket came to): another port or scheme of the
+    same host is refused, even with good credentials."""
+    url = server.ws_url() + f"?token={token}"
+    own = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as http:
+        for origin in ("http://127.0.0.1:1", f"https://127.0.0.1:{server.port}",
+                       f"http://localhost:{server.port}"):
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await http.ws_connect(url, origin=origin)
+        async with http.ws_connect(url, origin=own) as ws:
+            await ws.send_json({"type": "follow", "threadId": "nothing-runs"})
+            assert (await ws.receive_json(timeout=10))["code"] == "not_found"
+
+
 def test_a_live_cli_has_none_of_the_servers_secrets(server, token):
     thread = new_id("thread")
     stream = server.open_sse("/api/chat", {"message": "[slow] secrets?", "threadId": thread},
