@@ -89,10 +89,33 @@ def add_event_schemas(schema: dict) -> None:
     components["ChatEvent"] = events
 
 
+BODY_ERRORS = {
+    413: "Content Too Large (a message over the limit, or a body over the server's)",
+    415: "Unsupported Media Type (a body that is not application/json)",
+}
+
+
+def add_body_errors(schema: dict) -> None:
+    """Every call with a body may answer 413 (a body over the server's limit)
+    and 415 (``omni.middleware``), in the contract's error shape."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "requestBody" not in operation:
+                continue
+            responses = operation.setdefault("responses", {})
+            for status, description in BODY_ERRORS.items():
+                if status not in responses and str(status) not in responses:
+                    responses[status] = {
+                        "description": description,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+                    }
+
+
 class OmniAPI(NinjaAPI):
     def get_openapi_schema(self, *, path_prefix=None, path_params=None):
         schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
         add_event_schemas(schema)
+        add_body_errors(schema)
         return honest_schema(schema, auth_off=settings.OMNI_AUTH == "off")
 
 

@@ -1,5 +1,6 @@
 """Every ``/api/`` answer in the contract's error shape, even those Django or
-ninja produce before a view runs (unknown path, method not allowed, CSRF)."""
+ninja produce before a view runs (unknown path, method not allowed, CSRF);
+and ``/api/`` bodies that are JSON or nothing (415)."""
 
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -44,3 +45,59 @@ class ApiErrorMiddleware:
 
     async def __acall__(self, request):
         return as_api_error(request, await self.get_response(request))
+
+
+# --- 415: an /api/ body must be JSON (contract §4) ---------------------------------
+
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def has_body(request) -> bool:
+    meta = request.META
+    if meta.get("CONTENT_TYPE") or "HTTP_TRANSFER_ENCODING" in meta:
+        return True
+    try:
+        return int(meta.get("CONTENT_LENGTH") or 0) != 0
+    except ValueError:
+        return True
+
+
+def unsupported_media_type(request):
+    """A 415 for an ``/api/`` POST, PUT, PATCH or DELETE whose body is not
+    ``application/json`` (a form, ``text/plain``, no type at all), in both
+    auth modes: a cross-site form or a ``no-cors`` fetch, which a browser
+    sends without asking the server first, cannot send
+    ``application/json``, so with ``OMNI_AUTH=off`` no other page can start
+    turns on a developer's machine. No body at all is left to the view
+    (400 when it needs one). None when the request may go on."""
+    if (
+        request.method not in BODY_METHODS
+        or not request.path.startswith("/api/")
+        or request.content_type.lower() == "application/json"
+        or not has_body(request)
+    ):
+        return None
+    sent = request.content_type or "none"
+    return JsonResponse(
+        {"error": {"code": "unsupported_media_type",
+                   "message": f"the body must be JSON (Content-Type: application/json), not {sent[:100]}"}},
+        status=415,
+    )
+
+
+class JsonBodyMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return unsupported_media_type(request) or self.get_response(request)
+
+    async def __acall__(self, request):
+        return unsupported_media_type(request) or await self.get_response(request)

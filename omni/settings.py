@@ -132,6 +132,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "omni.middleware.ApiErrorMiddleware",
+    "omni.middleware.JsonBodyMiddleware",  # 415 for an /api/ body that is not JSON
     "omni.static.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
