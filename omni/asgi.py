@@ -11,6 +11,10 @@ from omni import daphne as daphne_options  # noqa: E402
 
 daphne_options.configure()  # an oversized websocket frame closes with 1009
 
+from omni import bodylimit  # noqa: E402
+
+bodylimit.install()  # a request body over the limit is 413 before it is read
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

@@ -216,6 +216,11 @@ OMNI_OFFLINE_MODEL = env_flag("OMNI_OFFLINE_MODEL")
 # "model_unavailable" (each retry waits longer: 3 retries is about 4 s).
 OMNI_MODEL_MAX_RETRIES = int(os.environ.get("OMNI_MODEL_MAX_RETRIES", "3"))
 OMNI_MAX_MESSAGE_CHARS = 100_000
+# Request bodies: over this many bytes, 413 before the body is read (daphne,
+# omni/bodylimit.py) and Django's own check when a view reads it. 2.5 MiB
+# (Django's default) holds a message of OMNI_MAX_MESSAGE_CHARS characters
+# even if each one is sent as a JSON-escaped surrogate pair (12 bytes).
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("OMNI_MAX_BODY_BYTES", "2621440"))
 # Turns a resource may start per minute (429 rate_limited beyond).
 OMNI_TURNS_PER_MINUTE = int(os.environ.get("OMNI_TURNS_PER_MINUTE", "30"))
 # The CLI's environment: names of server variables passed to it beyond the
