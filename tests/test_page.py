@@ -54,7 +54,9 @@ class PageServer(Server):
     def __init__(self, data_dir, database_url, auth: str = "off"):
         # no shutdown grace: a stopped server goes away mid-turn, as the
         # reconnect test needs
-        super().__init__(data_dir, database_url, {"OMNI_AUTH": auth, "OMNI_SHUTDOWN_GRACE_SECONDS": "0"})
+        # the websocket's caller checked again on every frame (logout test)
+        super().__init__(data_dir, database_url, {"OMNI_AUTH": auth, "OMNI_SHUTDOWN_GRACE_SECONDS": "0",
+                                                  "OMNI_WS_RECHECK_SECONDS": "0"})
         self.auth = auth
 
     def url(self, path: str = "/") -> str:
@@ -598,3 +600,24 @@ def test_login_required(auth_server, tabs):
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
     page.goto(auth_server.url())
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
+
+
+def test_a_socket_closed_for_lost_credentials_sends_the_person_to_log_in(auth_server, tabs):
+    """Logged out in another tab: the page's open websocket is closed with
+    4401 at its next frame, and the page goes to the login instead of
+    reconnecting with credentials that no longer work."""
+    auth_server.create_user("bob", "builder-123")
+    tab = tabs(resource="")
+    page = tab.page
+    page.goto(auth_server.url())
+    page.get_by_label("Username").fill("bob")
+    page.get_by_label("Password").fill("builder-123")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+    other = tab.context.new_page()
+    other.goto(auth_server.url())
+    other.get_by_role("button", name="Log out").click()
+    expect(other).to_have_url(re.compile(r"/accounts/login/"))
+    other.close()
+    send(page, "Am I still here?")  # a frame on the socket opened before the logout
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next="))

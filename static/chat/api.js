@@ -107,6 +107,8 @@ export function newThreadId(prefix = "thread") {
  *                cannot place (shown wherever the person is)
  *   "gone"       detail {threadId}: a turn the page was following is no longer
  *                running on the server (it ended while the socket was down)
+ *   "unauthenticated"  the server closed the socket with 4401 (logged out,
+ *                token revoked, user deactivated): no reconnect
  *
  * Every event of a turn names its thread and turn ("threadId", "turnId") and
  * its position in the turn ("seq"); an error answering a frame (a turn that
@@ -157,10 +159,16 @@ export class ChatSocket extends EventTarget {
       }
       this.onEvent(event);
     });
-    ws.addEventListener("close", () => {
+    ws.addEventListener("close", (event) => {
       if (this.ws !== ws) return;
       this.ws = null;
       this.pending = [];
+      if (event.code === 4401) { // the server no longer accepts our credentials
+        this.closed = true;
+        this.setState("down");
+        this.dispatchEvent(new CustomEvent("unauthenticated"));
+        return;
+      }
       if (!this.closed) this.scheduleReconnect();
     });
   }

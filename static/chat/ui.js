@@ -70,6 +70,9 @@ const api = new Api({
 });
 const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + config.wsPath;
 const socket = new ChatSocket(wsUrl);
+socket.addEventListener("unauthenticated", () => {
+  if (authRequired) logInAgain();
+});
 
 // --- drawing helpers -----------------------------------------------------------------
 
