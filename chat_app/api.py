@@ -14,7 +14,8 @@ from sessions_app.resources import request_user, resolve_resource
 from sessions_app.schemas import ErrorOut, Id
 
 from . import streams
-from .schemas import ChatIn, ForkIn
+from . import approvals
+from .schemas import ApprovalIn, ApprovalOut, ChatIn, ForkIn
 from .turns import start_turn
 
 router = Router(tags=["chat"])
@@ -96,6 +97,7 @@ def sse_response(events) -> StreamingHttpResponse:
 @router.post("/chat", response=ERRORS, openapi_extra=SSE_DOC, summary="Send a message (SSE)")
 async def chat(request, body: ChatIn):
     """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one."""
+    approvals.ensure_sweeper()
     return sse_response((await start_turn(await request_user(request), body)).listen())
 
 
@@ -133,3 +135,11 @@ async def follow(request, query: Query[StreamQuery]):
         turn_id, after = match["turn"], int(match["seq"])
     resource = resolve_resource(await request_user(request), query.resourceId)
     return sse_response(await streams.follow(resource, query.threadId, turn_id=turn_id, after=after))
+
+
+@router.post("/chat/approval", response={200: ApprovalOut, **ERRORS}, summary="Decide a tool call")
+async def approval(request, body: ApprovalIn):
+    """Allow or deny a tool call that waits for a person (an `approval_request` event), on any
+    server process: the conversation goes on, streamed to whoever follows the thread. 404 unknown
+    or expired approval, 409 `already_decided`."""
+    return await approvals.decide(await request_user(request), body)

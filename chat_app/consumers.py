@@ -12,7 +12,7 @@ from django.db import DatabaseError
 from sessions_app.errors import ApiError
 from sessions_app.resources import auth_required, reauthenticate, resolve_resource
 
-from . import events, streams
+from . import approvals, events, streams
 from .pool import pool
 from .schemas import parse_frame
 from .turns import Turn, start_turn
@@ -52,6 +52,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.lost = False  # the caller's credentials no longer hold: closing with 4401
         await self.accept()
         pool.fill_spares()  # a chat client is here: have a process ready for its new thread
+        approvals.ensure_sweeper()  # decided tool calls go on on this worker too
 
     async def disconnect(self, code):
         for task in list(getattr(self, "forwarders", {}).values()):
@@ -147,6 +148,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                                           after=frame.afterSeq, exclude=self.forwarders)
             if stream is not None:  # None: already streaming this turn to this socket
                 self.forward(stream, resource=resource)
+        elif frame.type == "approval":  # as POST /api/chat/approval; the stream carries the rest
+            await approvals.decide(user, frame)
 
     def forward(self, stream: "streams.Stream", own: Turn | None = None,
                 resource: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """SDK messages to the contract's stream events (§5)."""
 
 import dataclasses
+import datetime
 import enum
 from pathlib import PurePath
 
@@ -104,6 +105,49 @@ def done_event(session_id: str, result: ResultMessage) -> dict:
             "usage": to_json(result.usage),
         },
     }
+
+
+def tool_use_event(block) -> dict:
+    return {"type": "tool_use", "toolUseId": block.id, "tool": block.name, "input": to_json(block.input)}
+
+
+def text_of(content) -> str:
+    """A tool result's text (MCP content blocks, or a string)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, dict):
+                parts.append(block.get("text") if block.get("type") == "text" else f"[{block.get('type')}]")
+            else:
+                parts.append(str(block))
+        return "\n".join(p for p in parts if p)
+    return "" if content is None else str(content)
+
+
+def tool_result_event(block) -> dict:
+    return {"type": "tool_result", "toolUseId": block.tool_use_id, "isError": bool(block.is_error),
+            "text": text_of(block.content)}
+
+
+def approval_request_event(call) -> dict:
+    import json
+
+    return {"type": "approval_request", "approvalId": call.approval_id, "toolUseId": call.tool_use_id,
+            "tool": call.tool, "input": json.loads(call.input or "{}"),
+            "expiresAt": iso(call.expires_at)}
+
+
+def approval_event(call) -> dict:
+    return {"type": "approval", "approvalId": call.approval_id, "decision": call.decision,
+            "by": call.decided_by}
+
+
+def iso(when) -> str | None:
+    if when is None:
+        return None
+    return when.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def error_event(code: str, message: str, retry_after: int | None = None) -> dict:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import sys
 
+from .approvals import stop_sweeper
 from .pool import pool
 from .streams import hub
 from .turns import registry
@@ -33,6 +34,7 @@ _installed = False
 
 async def shutdown(grace: float | None = None) -> None:
     try:
+        await stop_sweeper()  # decided calls wait for another worker (or this one's restart)
         await registry.shutdown(grace)
     finally:
         try:

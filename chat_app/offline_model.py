@@ -15,7 +15,8 @@ HTTP/1.1 keep-alive: JSON has Content-Length, SSE uses chunked encoding.
 Replies are deterministic and reveal the conversation that was sent.  Only
 user-typed texts count: each text block of a role "user" message, skipping
 ``tool_result`` blocks and CLI-injected texts (``<system-reminder>``,
-``<session>`` or any other ``<tag>``-prefixed text, ``[Request interrupted by user]``)::
+``<session>`` or any other ``<tag>``-prefixed text, ``[Request interrupted by user]``,
+the CLI's ``Continue from where you left off.`` after a deferred tool call)::
 
     Offline model heard: "<last>". Earlier questions: "<first>" | "<second>".
     Offline model heard: "<last>". Earlier questions: none.
@@ -92,7 +93,11 @@ def _tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
-_META = re.compile(r"\s*(<[A-Za-z][\w-]*[\s>/]|\[Request interrupted by user)")
+# CONTINUE: what the CLI sends when a session resumes after a deferred tool
+# call (the call's result comes with it); not the person's words.
+CONTINUE = "Continue from where you left off."
+_META = re.compile(r"\s*(<[A-Za-z][\w-]*[\s>/]|\[Request interrupted by user|"
+                   + re.escape(CONTINUE) + r"\s*$)")
 
 
 def _is_meta(text: str) -> bool:

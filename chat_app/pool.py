@@ -77,6 +77,7 @@ class WarmClient:
     agent: str
     session_id: str | None = None  # None: a spare, no conversation yet
     version: int | None = None  # the mapping's version after its last turn
+    context: "ToolContext | None" = None  # what its tools act for (chat_app.tools)
     turns: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -378,6 +379,7 @@ class ProcessPool:
 
     async def _fill(self) -> None:
         from .sdk import agent_preset, build_options, session_store
+        from .tools import ToolContext
 
         while not self.stopping and self.live < settings.OMNI_MAX_PROCESSES:
             missing = [name for name in settings.OMNI_AGENTS
@@ -385,7 +387,8 @@ class ProcessPool:
             if not missing:
                 return
             agent, preset = agent_preset(missing[0])
-            client = ClaudeSDKClient(build_options(preset, session_store=session_store()))
+            context = ToolContext()
+            client = ClaudeSDKClient(build_options(preset, session_store=session_store(), context=context))
             self.starting += 1
             try:
                 started = await self._start(client, agent)
@@ -393,7 +396,7 @@ class ProcessPool:
                 self.starting -= 1
             if not started:
                 return  # stop filling for now: the next connect or turn tries again
-            spare = WarmClient(client, agent)
+            spare = WarmClient(client, agent, context=context)
             if self.stopping:
                 await _disconnect(client)
                 return

@@ -92,11 +92,35 @@ class FollowFrame(Schema):
         return self
 
 
+ApprovalId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,64}$")]
+
+
+class ApprovalIn(Schema):
+    """A person's decision on a tool call that waits (contract §9)."""
+
+    threadId: Id
+    resourceId: Id | None = None
+    approvalId: ApprovalId
+    decision: Literal["allow", "deny"]
+    message: Annotated[StrictStr, Field(max_length=2000)] | None = Field(
+        None, description="a note for the agent (with deny: why)")
+
+
+class ApprovalOut(Schema):
+    approvalId: str
+    decision: Literal["allow", "deny"]
+
+
+class ApprovalFrame(ApprovalIn):
+    type: Literal["approval"]
+
+
 FRAMES = {
     "message": MessageFrame,
     "fork": ForkFrame,
     "interrupt": InterruptFrame,
     "follow": FollowFrame,
+    "approval": ApprovalFrame,
 }
 
 
@@ -144,6 +168,36 @@ class ChunkEvent(_Event):
     chunk: dict = Field(description='an SDK message: {"kind": "<SDK message class>", ...its fields}')
 
 
+class ToolUseEvent(_Event):
+    type: Literal["tool_use"]
+    toolUseId: str
+    tool: str = Field(examples=["mcp__omni__search_conversations"])
+    input: dict
+
+
+class ApprovalRequestEvent(_Event):
+    type: Literal["approval_request"]
+    approvalId: str
+    toolUseId: str
+    tool: str
+    input: dict
+    expiresAt: str = Field(description="ISO 8601: then the call is denied (expired)")
+
+
+class ApprovalEvent(_Event):
+    type: Literal["approval"]
+    approvalId: str
+    decision: Literal["allow", "deny", "expired"]
+    by: str
+
+
+class ToolResultEvent(_Event):
+    type: Literal["tool_result"]
+    toolUseId: str
+    isError: bool
+    text: str
+
+
 class DoneResult(Schema):
     durationMs: int | None
     costUsd: float | None
@@ -166,5 +220,7 @@ class ErrorEvent(_Event):
 
 
 ChatEvent = Annotated[
-    SessionEvent | TextEvent | ChunkEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+    SessionEvent | TextEvent | ChunkEvent | ToolUseEvent | ApprovalRequestEvent | ApprovalEvent
+    | ToolResultEvent | DoneEvent | ErrorEvent,
+    Field(discriminator="type"),
 ]

@@ -9,6 +9,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import warnings
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from claude_agent_sdk import ClaudeAgentOptions
 from django.conf import settings
 
 from sessions_app.errors import BadRequest
+
+# A preset's tools that need no decision are in allowed_tools on purpose: they
+# run without the permission callback (which only answers for tools that wait
+# for a person); the SDK's warning about that would fire on every connect.
+warnings.filterwarnings("ignore", category=claude_agent_sdk.CanUseToolShadowedWarning)
 
 _offline_lock = threading.Lock()
 _offline_model = None
@@ -237,13 +243,22 @@ def build_options(
     fork: bool = False,
     resume_at: str | None = None,
     session_store=None,
+    context=None,
 ) -> ClaudeAgentOptions:
+    """Options for a client of ``preset``. ``context``: the
+    :class:`~chat_app.tools.ToolContext` its tools and permission callbacks
+    act for (each turn on the client sets its caller)."""
+    from .tools import ToolContext
+    from .tools.options import tool_options
+
     Path(settings.CLAUDE_CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     return ClaudeAgentOptions(
         system_prompt=preset["system_prompt"],
         model=preset.get("model") or None,
-        tools=list(preset.get("tools", [])),
-        allowed_tools=list(preset.get("tools", [])),
+        # None of the CLI's own tools (Bash, Read, Write...): an agent acts
+        # only through the MCP tools its preset lists.
+        tools=[],
+        **tool_options(preset, context if context is not None else ToolContext()),
         setting_sources=[],  # no user or project settings from the server's disk
         resume=resume,
         fork_session=fork,

@@ -203,7 +203,9 @@ class Hub:
         turn = registry.by_id(message.get("turn", ""))
         if turn is None:
             return  # another worker's turn (or one this worker forgot)
-        if kind == "omni.subscribe":
+        if kind == "omni.decided":  # a decision on the call this turn waits for
+            turn.wake()
+        elif kind == "omni.subscribe":
             await self._replay(turn, message["reply"], int(message.get("after", -1)))
         elif kind == "omni.interrupt":
             if not turn.finished:
@@ -245,6 +247,16 @@ class Hub:
 hub = Hub()
 registry.started.append(hub.attach)
 registry.forgotten.append(hub.forgotten)
+
+
+async def send_to_turn(turn_id: str, message: dict) -> None:
+    """Send ``message`` to the worker that runs ``turn_id`` (if a channel layer reaches it)."""
+    if not distributed():
+        return
+    try:
+        await layer().group_send(control_group(turn_id), {**message, "turn": turn_id})
+    except Exception:  # the waiting turn polls its call anyway
+        log.warning("could not reach turn %s over the channel layer", turn_id, exc_info=True)
 
 
 # --- deletes ---------------------------------------------------------------------

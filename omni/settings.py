@@ -270,12 +270,21 @@ OMNI_WS_RECHECK_SECONDS = float(os.environ.get("OMNI_WS_RECHECK_SECONDS", "5"))
 OMNI_BUSY_RETRY_AFTER = int(os.environ.get("OMNI_BUSY_RETRY_AFTER", "2"))
 
 OMNI_DEFAULT_AGENT = "smart"
+# How long a tool call waits for a person's decision; then it is denied
+# ("expired") and never runs (contract §9).
+OMNI_APPROVAL_TIMEOUT_SECONDS = float(os.environ.get("OMNI_APPROVAL_TIMEOUT_SECONDS", "600"))
+
 OMNI_AGENTS = {
     "smart": {
         "description": "General assistant",
-        "system_prompt": "You are Smart, a helpful, concise general assistant.",
+        "system_prompt": (
+            "You are Smart, a helpful, concise general assistant. You can search and read the "
+            "user's own past conversations, and delete one when they ask (they approve it first)."
+        ),
         "model": os.environ.get("OMNI_MODEL_SMART") or None,
-        "tools": [],
+        # the project's own tools (chat_app/tools), served as the MCP server "omni";
+        # delete_conversation waits for the person's approval
+        "tools": ["search_conversations", "read_conversation", "delete_conversation"],
     },
     "datadog": {
         "description": "Observability assistant for metrics, logs and traces",

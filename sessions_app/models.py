@@ -25,6 +25,9 @@ class SessionMapping(models.Model):
     # Bumped by every write of the mapping: a warm Claude process that last
     # saw an older version answers no more (another server took a turn).
     version = models.PositiveIntegerField(default=1)
+    # A tool call of the thread waits for a person's decision (its
+    # ToolCall.approval_id): the thread is busy until it is decided.
+    pending_approval_id = models.CharField(max_length=64, null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -129,3 +132,60 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
+
+
+class ToolCall(models.Model):
+    """One tool call of a thread's agent, and the decision on it: the audit
+    trail (contract §9), deleted with its thread (the mapping cascades).
+
+    A call that needs approval is ``pending`` (with ``approval_id`` and
+    ``expires_at``) until a person decides or it expires (``decided``, with
+    ``decision``, ``decided_by``, ``decided_at``); then the turn that
+    continues the conversation claims it (``continued_by``), and the call
+    runs (``running`` → ``done``/``error``) or is refused (``refused``: the
+    model is told, it never ran). A call that needs none goes ``running`` →
+    ``done``/``error``. ``result`` keeps a preview of what the tool returned.
+    """
+
+    PENDING, DECIDED, RUNNING, DONE, ERROR, REFUSED = (
+        "pending", "decided", "running", "done", "error", "refused")
+    STATUSES = [(s, s) for s in (PENDING, DECIDED, RUNNING, DONE, ERROR, REFUSED)]
+    DECISIONS = [("allow", "allow"), ("deny", "deny"), ("expired", "expired")]
+
+    mapping = models.ForeignKey(SessionMapping, on_delete=models.CASCADE, related_name="tool_calls")
+    resource_id = models.CharField(max_length=128)
+    thread_id = models.CharField(max_length=128)
+    turn_id = models.CharField(max_length=64)
+    session_id = models.CharField(max_length=128)
+    tool_use_id = models.CharField(max_length=128)
+    tool = models.CharField(max_length=255)
+    input = models.TextField(default="{}", help_text="the call's input, as JSON")
+    needs_approval = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=STATUSES)
+    approval_id = models.CharField(max_length=64, null=True, blank=True, unique=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    decision = models.CharField(max_length=16, choices=DECISIONS, null=True, blank=True)
+    decided_by = models.CharField(max_length=150, blank=True, default="")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_message = models.TextField(blank=True, default="")
+    continued_by = models.CharField(max_length=64, null=True, blank=True,
+                                    help_text="the turn that continued after the decision")
+    result = models.TextField(blank=True, default="", help_text="a preview of the tool's result")
+    is_error = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["session_id", "tool_use_id"], name="uniq_tool_call_use"),
+        ]
+        indexes = [
+            models.Index(fields=["resource_id", "thread_id", "created_at"], name="idx_tool_call_thread"),
+            models.Index(fields=["status", "expires_at"], name="idx_tool_call_status"),
+        ]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.tool} ({self.status})"

@@ -176,6 +176,18 @@ def _save_session(thread_id, resource_id, session_id, agent, user_message, assis
     return mapping
 
 
+def mark_pending_approval(thread_id: str, resource_id: str, approval_id: str | None, *,
+                          only_if: str | None = None) -> int:
+    """Say (or, with ``None``, clear) that a tool call of the thread waits for
+    a person's decision: the thread is busy meanwhile. ``only_if``: clear only
+    that approval (a newer one stays). Not a turn's write: the version and
+    ``updated_at`` stay. Sync (the chat app's tool-call store calls it)."""
+    rows = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id)
+    if only_if is not None:
+        rows = rows.filter(pending_approval_id=only_if)
+    return rows.update(pending_approval_id=approval_id)
+
+
 async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
     """Delete a thread: its mapping, and its transcript wherever it is kept.
 

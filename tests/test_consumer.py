@@ -46,7 +46,9 @@ async def test_turns_resume_on_one_connection(offline_chat):
     kinds = [e["chunk"]["kind"] for e in first if e["type"] == "chunk"]
     assert kinds[0] == "SystemMessage" and "AssistantMessage" in kinds and kinds[-1] == "ResultMessage"
     init = next(e["chunk"] for e in first if e["type"] == "chunk" and e["chunk"].get("subtype") == "init")
-    assert init["data"]["tools"] == []  # the default agent has no tool that touches the server
+    # the default agent has no tool that touches the server: only its preset's own MCP tools
+    assert sorted(init["data"]["tools"]) == [
+        "mcp__omni__delete_conversation", "mcp__omni__read_conversation", "mcp__omni__search_conversations"]
 
     await comm.send_json_to(
         {"type": "message", "message": "What was my last question?", "threadId": "ws-1",

@@ -61,7 +61,8 @@ class TurnRegistry:
             raise leases.busy_error(spec.thread_id, running.retry_after())
         slot = pool.checkout(
             spec.key, agent=spec.agent, session_id=spec.resume_session_id, version=spec.version,
-            fork=bool(spec.fork_from_thread_id),
+            # a fork, or a continuation after a decision, starts its own CLI
+            fork=bool(spec.fork_from_thread_id) or spec.continuation is not None,
         )
         turn = Turn(spec, slot, lease)
         self._running[spec.key] = turn
@@ -92,7 +93,8 @@ class TurnRegistry:
                 turn.publish_final()
 
     def _release(self, turn: Turn) -> None:
-        pool.discard(turn.slot, "turn cancelled")  # no-op once the turn gave it back
+        if turn.slot is not None:
+            pool.discard(turn.slot, "turn cancelled")  # no-op once the turn gave it back
         key = turn.spec.key
         if self._running.get(key) is not turn:
             return
@@ -130,6 +132,9 @@ class TurnRegistry:
         self.draining = True
         pool.stopping = True  # turns ending now keep no warm client
         grace = settings.OMNI_SHUTDOWN_GRACE_SECONDS if grace is None else grace
+        for turn in self.running():
+            if turn.waiting:  # a person may take minutes: let go now, the call waits on
+                turn.detach()
         turns = self.running()
         if not turns:
             return
@@ -144,7 +149,10 @@ class TurnRegistry:
         log.info("[CHAT] Server stopping: interrupting %d running turn(s)", len(pending))
         for turn in turns:
             if turn.task in pending:
-                await turn.interrupt()
+                if turn.waiting:
+                    turn.detach()
+                else:
+                    await turn.interrupt()
         _, pending = await asyncio.wait(pending, timeout=timeout)
         for task in pending:
             task.cancel()

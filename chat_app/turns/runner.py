@@ -28,16 +28,21 @@ import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
-from claude_agent_sdk import AssistantMessage, ClaudeSDKClient, ClaudeSDKError, ResultMessage
+from claude_agent_sdk import (
+    AssistantMessage, ClaudeSDKClient, ClaudeSDKError, ResultMessage, ToolResultBlock, ToolUseBlock,
+    UserMessage,
+)
 from django.conf import settings
 from django.db import close_old_connections
+from django.utils import timezone
 
-from sessions_app.errors import ApiError
+from sessions_app.errors import ApiError, ServerBusy
 from sessions_app.services import ThreadDeleted
 
 from .. import events, leases
 from ..pool import Slot, WarmClient, pool
 from ..sdk import build_options, session_store
+from ..tools import Caller, ToolContext, calls
 from . import store
 from .buffer import EventLog
 
@@ -46,6 +51,9 @@ log = logging.getLogger("omni.chat")
 MISSING_SESSION = "No conversation found with session ID"
 DELETED = "the thread was deleted; its turn was stopped"
 INTERRUPT_SECONDS = 5.0  # the longest an interrupt waits for the CLI's answer
+DECISION_POLL_SECONDS = 2.0  # a waiting turn looks at its call this often (decided on a worker it cannot hear)
+DETACHED = ("the server process running this turn is stopping; the tool call still waits for a "
+            "decision: follow the thread again")
 _background: set[asyncio.Task] = set()  # interrupts nobody waits for
 # AssistantMessage.error values that mean the model endpoint failed us, not the request.
 MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
@@ -71,6 +79,7 @@ class TurnSpec:
     forked_from_thread_id: str | None = None  # the mapping's value, kept on later turns
     version: int | None = None  # the mapping's version at turn start (warm-client staleness)
     new_thread: bool = True  # no mapping at turn start: its first save creates it
+    continuation: object | None = None  # a decided ToolCall this turn continues after (no message)
 
     def __post_init__(self):
         self.turn_id = self.turn_id or new_turn_id()
@@ -105,6 +114,11 @@ class Turn:
         self._streaming_id: str | None = None
         self._final: dict | None = None  # the done/error event, published last
         self._lease_lost = False
+        self._reply: list[str] = []  # the assistant's text of this turn (across continuations)
+        self._waiting = None  # the ToolCall this turn waits on a decision for
+        self._decided = asyncio.Event()  # woken when a decision may have come
+        self._detached = False  # the server stops: a waiting turn lets go, its call waits on
+        self._approval_event: dict | None = None  # published once the session event is out
 
     # --- what the rest of the server reads ----------------------------------
     @property
@@ -119,6 +133,21 @@ class Turn:
     def finished(self) -> bool:
         return self.log.finished
 
+    @property
+    def waiting(self) -> bool:
+        """True while the turn waits for a person's decision (no process held)."""
+        return self._waiting is not None
+
+    def wake(self) -> None:
+        """A decision may have come (this worker's, or another's over the channel layer)."""
+        self._decided.set()
+
+    def detach(self) -> None:
+        """The server stops: a turn waiting for a decision ends now, its call
+        stays pending (any worker continues the conversation once decided)."""
+        self._detached = True
+        self._decided.set()
+
     def listen(self, start: int = 0):
         """Every event from ``start`` on, as they come, until the turn ends."""
         return self.log.listen(start)
@@ -130,8 +159,10 @@ class Turn:
     # --- stopping ---------------------------------------------------------------
     async def interrupt(self) -> None:
         """Ask the CLI to stop (bounded: a CLI that closes meanwhile never
-        answers the SDK's control request)."""
+        answers the SDK's control request). A turn waiting for a decision:
+        its call is denied, and the conversation goes on without it."""
         self._interrupted = True
+        self._decided.set()
         if self._client is not None:
             try:
                 async with asyncio.timeout(INTERRUPT_SECONDS):
@@ -147,6 +178,7 @@ class Turn:
             return
         log.info("[CHAT] Stopping turn %s on thread %s: %s", self.turn_id, self.spec.thread_id, code)
         self._aborted = Aborted(code, message)
+        self._decided.set()
         task = asyncio.ensure_future(self.interrupt())
         _background.add(task)
         task.add_done_callback(_background.discard)
@@ -168,6 +200,9 @@ class Turn:
                 self._final = event
             return
         self.log.append(event)
+        if event.get("type") == "session" and self._approval_event is not None:
+            self.log.append(self._approval_event)  # a continuation: the decision right after
+            self._approval_event = None
 
     def publish_final(self) -> None:
         if self.finished:
@@ -200,15 +235,22 @@ class Turn:
                 # (A warm client needs none of this: it is current. A fork
                 # reads its parent where it is: see sdk.session_store.)
                 await store.adopt_session(spec.resume_session_id)
-            try:
-                await self._converse(spec.resume_session_id)
-            except ResumeMissing:
-                notice = (
-                    f"The stored session {spec.resume_session_id} could not be resumed; "
-                    "a new session was started without the earlier context."
-                )
-                log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
-                await self._converse(None, notice=notice)
+            if spec.continuation is not None:
+                deferred = await self._continue(spec.continuation)
+            else:
+                try:
+                    deferred = await self._converse(spec.resume_session_id)
+                except ResumeMissing:
+                    notice = (
+                        f"The stored session {spec.resume_session_id} could not be resumed; "
+                        "a new session was started without the earlier context."
+                    )
+                    log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
+                    deferred = await self._converse(None, notice=notice)
+            while deferred is not None:  # a tool call waits for a person
+                deferred = await self._continue(await self._await_decision(deferred))
+        except Detached:
+            self._publish(events.error_event("turn_lost", DETACHED, retry_after=1))
         except (Aborted, ThreadDeleted) as exc:
             if self._aborted is None:
                 self._aborted = Aborted("thread_deleted", str(exc)) if isinstance(exc, ThreadDeleted) else exc
@@ -234,11 +276,12 @@ class Turn:
         # Give the process back and free the thread before the last event
         # is read: a client may send its next message, to any worker, the
         # moment it sees "done" (and find its warm client here).
-        if self._kept is not None:
+        if self._kept is not None and self.slot is not None:
             pool.checkin(self.slot, spec.key, self._kept, agent=spec.agent,
                          session_id=self.session_id, version=self._version)
-        else:
+        elif self.slot is not None:
             pool.discard(self.slot, "turn did not end cleanly")
+
         try:
             if (self._aborted is not None or self._lease_lost) and self.session_id is not None:
                 # Its CLI may have written after the delete: leave nothing behind.
@@ -261,37 +304,51 @@ class Turn:
         if self._aborted is not None:
             raise self._aborted
 
-    async def _converse(self, resume: str | None, notice: str | None = None) -> None:
+    async def _converse(self, resume: str | None, notice: str | None = None, *,
+                        continuing: bool = False):
+        """One run of the CLI: send the message (or, ``continuing``, resume a
+        session whose tool call was decided: the CLI asks for that call again
+        and goes on), stream its events, save the mapping. Returns the
+        ``DeferredToolUse`` when a tool call now waits for a person."""
         spec = self.spec
-        fork = bool(spec.fork_from_thread_id) and resume is not None
+        fork = bool(spec.fork_from_thread_id) and resume is not None and not continuing
         pending = []  # messages before the session id is known
         streamed: set[str] = set()
-        reply: list[str] = []
+        reply = self._reply
         result: ResultMessage | None = None
         api_error: str | None = None  # the CLI's stand-in reply for a failed model call
         warm = self.slot.take()  # the thread's warm client or a spare: connected already
         started = warm is None
         if started:
+            context = ToolContext()
             options = build_options(
                 spec.preset,
                 resume=resume,
                 fork=fork,
                 resume_at=spec.at_message_uuid if fork else None,
                 session_store=session_store(fork_of=resume if fork else None),
+                context=context,
             )
-            warm = WarmClient(ClaudeSDKClient(options), spec.agent)
+            warm = WarmClient(ClaudeSDKClient(options), spec.agent, context=context)
+        context = warm.context if warm.context is not None else ToolContext()
+        # What this client's tools act for during this turn.
+        context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id,
+                                self.session_id or (None if fork else resume))
+        context.publish = self._publish
         client = warm.client
         self._client = client
         keep = hung = False
+        deferred = None
         try:
             if started:
                 async with silence():
                     await pool.room()  # never more CLIs than the budget, exiting ones included
                     await client.connect()
             self._stopped()
-            await client.query(spec.message)
-            if self._interrupted:  # asked for before the CLI was up
-                await client.interrupt()
+            if not continuing:
+                await client.query(spec.message)
+                if self._interrupted:  # asked for before the CLI was up
+                    await client.interrupt()
             async for message in until_silent(client.receive_response()):
                 if self.session_id is None:
                     sid = events.init_session_id(message)
@@ -299,11 +356,16 @@ class Turn:
                         pending.append(message)
                         continue
                     await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
-                    for earlier in pending:
+                    context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
+                    for earlier in pending:  # (a resumed session may answer a tool call first)
+                        self._emit_text(earlier, streamed, reply)
+                        await self._emit_tools(earlier, context)
                         self._publish(events.chunk_event(sid, earlier))
                 elif (sid := events.init_session_id(message)) and sid != self.session_id:
                     self.session_id = sid
+                    context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
                 self._emit_text(message, streamed, reply)
+                await self._emit_tools(message, context)
                 self._publish(events.chunk_event(self.session_id, message))
                 if isinstance(message, ResultMessage):
                     result = message
@@ -313,16 +375,20 @@ class Turn:
             hung = True
             raise
         except ClaudeSDKError as exc:
-            if self.session_id is None and MISSING_SESSION in str(exc) and resume:
+            if self.session_id is None and MISSING_SESSION in str(exc) and resume and not continuing:
                 raise ResumeMissing() from exc
             if result is None:  # after a result the CLI's non-zero exit adds nothing
                 raise
         else:
+            deferred = result.deferred_tool_use if result is not None else None
             # A client whose turn ended with its result (an interrupt included)
-            # can take the thread's next turn; after an error it cannot.
-            keep = result is not None and not result.is_error and self._aborted is None
+            # can take the thread's next turn; after an error it cannot, nor
+            # after a deferred call: the session must be resumed to go on.
+            keep = (result is not None and not result.is_error and self._aborted is None
+                    and deferred is None)
         finally:
             self._client = None
+            context.caller = context.publish = None
             if keep:
                 self._kept = warm
             else:
@@ -330,10 +396,13 @@ class Turn:
         self._stopped()
         if self.session_id is None:
             raise ApiError("the CLI ended without starting a session", code="turn_failed")
-        # A failed model call's "API Error" text is not a message of the thread.
-        answered = result is not None and not result.is_error
         if self._first_save is not None:
             await self._first_save
+            self._first_save = None
+        if deferred is not None:
+            return deferred  # saved when the conversation goes on
+        # A failed model call's "API Error" text is not a message of the thread.
+        answered = result is not None and not result.is_error
         if self.lease is not None:
             await self.lease.check()  # a worker that lost the thread saves nothing more
         self._stopped()
@@ -355,6 +424,99 @@ class Turn:
             self._publish(events.done_event(self.session_id, result))
         else:
             self._publish(events.error_event("turn_failed", "the turn ended without a result"))
+        return None
+
+    async def _emit_tools(self, message, context: ToolContext) -> None:
+        """``tool_use`` and ``tool_result`` events, and the calls' audit rows."""
+        caller = context.caller
+        if isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
+            for block in message.content:
+                if isinstance(block, ToolUseBlock):
+                    self._publish(events.tool_use_event(block))
+                    if caller is not None and self.session_id:
+                        await calls.record_use(caller, self.session_id, block.id, block.name,
+                                               block.input, block.name in context.approvals)
+        elif isinstance(message, UserMessage) and message.parent_tool_use_id is None:
+            content = message.content if isinstance(message.content, list) else []
+            for block in content:
+                if isinstance(block, ToolResultBlock):
+                    event = events.tool_result_event(block)
+                    self._publish(event)
+                    if self.session_id:
+                        await calls.record_result(self.session_id, block.tool_use_id, event["text"],
+                                                  bool(block.is_error))
+
+    # --- waiting for a person ----------------------------------------------------------
+    async def _await_decision(self, deferred):
+        """The CLI ended the turn at a tool call that needs a person's
+        decision: hold no process while waiting, keep the thread (the lease
+        is renewed), and return the decided call once this turn may go on."""
+        call = await sync_to_async(calls.get_sync)(self.session_id, deferred.id)
+        if call is None:
+            raise ApiError("the tool call could not be kept for a decision", code="turn_failed")
+        if self.slot is not None:
+            pool.discard(self.slot, "waiting for a decision")  # no process, no slot, while a person thinks
+            self.slot = None
+        self._waiting = call
+        try:
+            while True:
+                call = await calls.refresh(call)
+                if call is None:  # gone with its thread
+                    raise self._aborted or Aborted("thread_deleted", DELETED)
+                if call.status != call.PENDING:
+                    break
+                self._stopped()
+                if self._detached or pool.stopping:  # the server stops: the call waits on
+                    raise Detached()
+                if self._interrupted:  # Stop denies the waiting call; the turn ends normally
+                    self._interrupted = False
+                    await calls.decide(call, "deny", "interrupt", "the turn was interrupted")
+                    continue
+                left = (call.expires_at - timezone.now()).total_seconds()
+                if left <= 0:
+                    await calls.decide(call, "expired", "timeout")
+                    continue
+                self._decided.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, DECISION_POLL_SECONDS)):
+                        await self._decided.wait()
+        finally:
+            self._waiting = None
+        if not await calls.claim_continuation(call, self.turn_id):
+            raise ApiError("another turn continues this conversation", code="turn_lost")
+        return call
+
+    async def _continue(self, call):
+        """Go on after ``call``'s decision: a cold client resumes the session,
+        the CLI asks for the call again and the stored decision answers."""
+        spec = self.spec
+        if spec.continuation is not None and call is spec.continuation:
+            if not await calls.claim_continuation(call, self.turn_id):
+                raise ApiError("another turn continues this conversation", code="turn_lost")
+        call = await calls.refresh(call) or call
+        log.info("[CHAT] Continuing thread %s after approval %s: %s (turn %s)",
+                 spec.thread_id, call.approval_id, call.decision, self.turn_id)
+        approval = events.approval_event(call)
+        if self.session_id is not None:
+            self._publish(approval)
+        else:  # a turn started for it: right after its session event
+            self._approval_event = approval
+        if self.slot is None:
+            self.slot = await self._slot_for_continuation()
+        if self.lease is not None:
+            await self.lease.check()
+        await store.adopt_session(call.session_id)
+        return await self._converse(call.session_id, continuing=True)
+
+    async def _slot_for_continuation(self) -> Slot:
+        """A process for the turn again (waiting for room in the budget)."""
+        while True:
+            self._stopped()
+            try:
+                return pool.checkout(self.spec.key, agent=self.spec.agent, session_id=self.session_id,
+                                     version=None, fork=True)
+            except ServerBusy:
+                await asyncio.sleep(1)
 
     async def _on_session(self, session_id: str, resumed: bool, notice: str | None) -> None:
         spec = self.spec
@@ -405,6 +567,10 @@ def _log_failed_save(future: asyncio.Future) -> None:
         return  # the turn learns it at its last save
     if exc is not None:
         log.error("[CHAT] Could not save the session mapping: %s", exc)
+
+
+class Detached(Exception):
+    """The server stops while the turn waits for a decision."""
 
 
 class ResumeMissing(Exception):

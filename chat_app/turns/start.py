@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.utils import timezone
 
 from sessions_app import services
 from sessions_app.errors import Conflict, NotFound, ServerBusy, TooLarge
@@ -17,6 +19,7 @@ from sessions_app.resources import resolve_resource
 
 from .. import leases, limits
 from ..sdk import agent_preset
+from ..tools import calls
 from . import store
 from .registry import registry
 from .runner import Turn, TurnSpec
@@ -59,11 +62,31 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
         raise
 
 
+async def _check_waiting_call(spec: TurnSpec, thread_id: str | None = None) -> None:
+    """409 ``thread_busy`` while a tool call of the thread waits for a person's
+    decision, or for the turn that goes on after it (a new message must not
+    run into that continuation)."""
+    thread_id = thread_id or spec.thread_id
+    call = await sync_to_async(calls.pending_for_thread_sync)(spec.resource_id, thread_id)
+    if call is None:
+        return
+    if call.status == call.PENDING and call.expires_at is not None:
+        left = (call.expires_at - timezone.now()).total_seconds()
+        if left > 0:
+            raise leases.busy_error(thread_id, left)
+        await calls.decide(call, "expired", "timeout")
+    raise leases.busy_error(thread_id, 2)  # the conversation goes on after the decision first
+
+
 async def _check_fork(spec: TurnSpec, body) -> None:
     """404 for a missing parent, 409 for a taken target (checked again under
-    the lease, which is what makes it exact)."""
-    if await services.get_mapping(body.forkFromThreadId, spec.resource_id) is None:
+    the lease, which is what makes it exact), 409 ``thread_busy`` for a parent
+    whose tool call waits for a decision."""
+    parent = await services.get_mapping(body.forkFromThreadId, spec.resource_id)
+    if parent is None:
         raise NotFound(f"no thread {body.forkFromThreadId!r} to fork from")
+    if parent.pending_approval_id:
+        await _check_waiting_call(spec, parent.thread_id)
     if await services.get_mapping(spec.thread_id, spec.resource_id):
         raise Conflict(f"thread {spec.thread_id!r} already exists", code="thread_exists")
 
@@ -81,6 +104,8 @@ async def _resolve_thread(spec: TurnSpec, body, *, fork: bool) -> None:
         spec.fork_from_thread_id = parent.thread_id
         spec.at_message_uuid = await store.fork_point(parent.session_id, body.atMessageUuid)
     elif mapping := await services.get_mapping(thread_id, resource):
+        if mapping.pending_approval_id:
+            await _check_waiting_call(spec)
         spec.new_thread = False
         spec.resume_session_id = mapping.session_id
         spec.forked_from_thread_id = mapping.forked_from_thread_id

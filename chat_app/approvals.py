@@ -1,0 +1,179 @@
+"""A person's decision on a tool call, from any client on any worker, and the
+conversation going on after it (contract §9).
+
+The decision is stored first (:func:`chat_app.tools.calls.decide_sync`: one
+conditional update, so a second decision is ``409 already_decided``). Then
+the turn that waits for it is woken: on this worker directly, on another one
+through the channel layer (the turn's control group), and in any case a
+waiting turn looks at its call every couple of seconds (workers without a
+channel layer between them).
+
+When no turn waits any more — the worker that started it was restarted or
+killed, or stopped with the call pending — the *sweeper* continues the
+conversation: every worker runs one (started with its first websocket,
+chat request, decision or health check), which every
+:data:`SWEEP_SECONDS` expires pending calls past ``OMNI_APPROVAL_TIMEOUT_SECONDS``
+and, for a decided call that no turn has taken up while the thread's lease
+is free (or held by a dead process of this host), takes the thread's lease
+and starts a turn that resumes the session: the CLI asks for the call again,
+the stored decision answers, and the reply streams to whoever follows the
+thread. The lease makes sure only one worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from sessions_app import services
+from sessions_app.errors import ApiError, Conflict, NotFound, ServerBusy
+from sessions_app.resources import resolve_resource
+
+from . import leases, streams
+from .sdk import agent_preset
+from .tools import calls
+from .turns import TurnSpec, registry
+
+log = logging.getLogger("omni.chat")
+
+SWEEP_SECONDS = 2.0
+
+
+class AlreadyDecided(Conflict):
+    code = "already_decided"
+
+
+def decider_name(user, resource_id: str) -> str:
+    if user is not None and getattr(user, "is_authenticated", False):
+        return user.get_username()
+    return resource_id
+
+
+async def decide(user, body) -> dict:
+    """Decide ``body.approvalId`` (an ``ApprovalIn``): 404 unknown or expired,
+    403 another resource's, 409 ``already_decided``."""
+    resource = resolve_resource(user, body.resourceId)
+    ensure_sweeper()
+    call = await sync_to_async(calls.by_approval_sync)(body.approvalId)
+    if call is None or call.resource_id != resource or call.thread_id != body.threadId:
+        raise NotFound(f"no approval {body.approvalId!r} on thread {body.threadId!r}")
+    if call.status == call.PENDING and call.expires_at <= timezone.now():
+        await calls.decide(call, "expired", "timeout")
+        call = await calls.refresh(call)
+    if call.decision == "expired":
+        raise NotFound(f"approval {body.approvalId!r} has expired: the call was not run")
+    decided = await calls.decide(call, body.decision, decider_name(user, resource), body.message or "")
+    if not decided:
+        call = await calls.refresh(call)
+        if call is not None and call.decision == "expired":
+            raise NotFound(f"approval {body.approvalId!r} has expired: the call was not run")
+        raise AlreadyDecided(f"approval {body.approvalId!r} was decided already"
+                             + (f" ({call.decision} by {call.decided_by})" if call else ""))
+    log.info("[CHAT] Approval %s: %s by %s (thread %s)", call.approval_id, body.decision,
+             decider_name(user, resource), call.thread_id)
+    await notify(call.turn_id)
+    return {"approvalId": call.approval_id, "decision": body.decision}
+
+
+async def notify(turn_id: str) -> None:
+    """Wake the turn that waits on a decision, wherever it runs."""
+    if (turn := registry.by_id(turn_id)) is not None:
+        turn.wake()
+        return
+    await streams.send_to_turn(turn_id, {"type": "omni.decided"})
+
+
+# --- the sweeper ---------------------------------------------------------------------
+
+_sweeper: asyncio.Task | None = None
+
+
+def ensure_sweeper() -> None:
+    """Start this worker's sweeper (once per event loop)."""
+    global _sweeper
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
+        return
+    _sweeper = loop.create_task(_sweep_forever())
+
+
+async def stop_sweeper() -> None:
+    global _sweeper
+    task, _sweeper = _sweeper, None
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def _sweep_forever() -> None:
+    while True:
+        try:
+            await sweep()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("approvals: a sweep failed", exc_info=True)
+        await asyncio.sleep(SWEEP_SECONDS)
+
+
+async def sweep() -> list:
+    """Expire overdue calls, and continue the decided calls no turn took up.
+    Returns the turns it started."""
+    if registry.draining:
+        return []
+    for call in await sync_to_async(calls.expire_due_sync)():
+        log.info("[CHAT] Approval %s expired (thread %s)", call.approval_id, call.thread_id)
+        await notify(call.turn_id)
+    started = []
+    for call in await sync_to_async(calls.waiting_sync)():
+        owner = registry.by_id(call.turn_id)
+        if owner is not None and not owner.finished:
+            owner.wake()  # it waits here: it goes on itself
+            continue
+        if (running := registry.get(call.resource_id, call.thread_id)) is not None and not running.finished:
+            continue
+        turn = await _continue(call)
+        if turn is not None:
+            started.append(turn)
+    return started
+
+
+async def _continue(call):
+    """Start a turn that goes on after ``call``'s decision (if the thread is free)."""
+    lease = await sync_to_async(leases.acquire_sync)(call.resource_id, call.thread_id,
+                                                     _new_turn_id())
+    if isinstance(lease, leases.Busy):
+        return None  # its turn still runs somewhere (it goes on itself), or will be free soon
+    try:
+        mapping = await services.get_mapping(call.thread_id, call.resource_id)
+        if mapping is None:
+            raise NotFound("the thread is gone")
+        agent, preset = agent_preset(mapping.agent)
+        spec = TurnSpec(call.resource_id, call.thread_id, None, agent, preset, turn_id=lease.turn_id,
+                        resume_session_id=call.session_id, version=mapping.version,
+                        forked_from_thread_id=mapping.forked_from_thread_id, new_thread=False,
+                        continuation=call)
+        turn = registry.start(spec, lease)
+    except (ServerBusy, ApiError, Exception) as exc:
+        await asyncio.shield(lease.discard())
+        if not isinstance(exc, ServerBusy):
+            log.warning("[CHAT] Could not continue thread %s after approval %s: %s",
+                        call.thread_id, call.approval_id, exc)
+        return None
+    log.info("[CHAT] Continuing thread %s after approval %s on this worker (turn %s)",
+             call.thread_id, call.approval_id, turn.turn_id)
+    return turn
+
+
+def _new_turn_id() -> str:
+    from .turns.runner import new_turn_id
+
+    return new_turn_id()

@@ -1,0 +1,226 @@
+"""Tools and approvals in this process (real SDK and CLI, the offline model
+calling tools on request): the built-in tools as the caller, tool events,
+the audit rows, and a call that waits for a person (allow, deny, expire,
+interrupt, a new message meanwhile, a deleted thread, no process held)."""
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from chat_app import approvals
+from chat_app.pool import pool
+from chat_app.turns import registry, start_turn
+from sessions_app import services
+from sessions_app.errors import Conflict, Forbidden, NotFound
+from sessions_app.models import ToolCall
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+
+
+def body(message, thread, resource="tess", agent=None):
+    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=agent)
+
+
+def decision(call_or_id, choice, thread, resource="tess", message=None):
+    approval_id = call_or_id if isinstance(call_or_id, str) else call_or_id["approvalId"]
+    return SimpleNamespace(threadId=thread, resourceId=resource, approvalId=approval_id,
+                           decision=choice, message=message)
+
+
+async def events_of(turn):
+    return [event async for event in turn.listen()]
+
+
+async def until(turn, kind, timeout=30):
+    async def first():
+        async for event in turn.listen():
+            if event["type"] == kind:
+                return event
+
+    return await asyncio.wait_for(first(), timeout)
+
+
+def text(events):
+    return "".join(e["text"] for e in events if e["type"] == "text")
+
+
+def kinds(events):
+    return [e["type"] for e in events if e["type"] not in ("chunk", "text")]
+
+
+async def seed(thread, message, resource="tess"):
+    """A finished conversation of ``resource`` (no tools)."""
+    events = await events_of(await start_turn(None, body(message, thread, resource, agent="datadog")))
+    assert events[-1]["type"] == "done"
+
+
+async def test_a_tool_runs_as_the_caller_and_its_events_and_audit_follow(offline_chat):
+    await seed("cats", "Tell me about cats and their whiskers")
+    await seed("other-cats", "cats of another resource", resource="mallory")
+    turn = await start_turn(None, body('Find it [tool search_conversations {"query": "whiskers"}]', "t-1"))
+    events = await events_of(turn)
+    assert kinds(events) == ["session", "tool_use", "tool_result", "done"]
+    use = next(e for e in events if e["type"] == "tool_use")
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert use["tool"] == "mcp__omni__search_conversations" and use["input"] == {"query": "whiskers"}
+    assert result["toolUseId"] == use["toolUseId"] and result["isError"] is False
+    found = json.loads(result["text"])["matches"]
+    assert [m["threadId"] for m in found] == ["cats"]
+    assert "whiskers" in text(events)  # the reply quotes the result
+    assert {e["turnId"] for e in events} == {turn.turn_id}
+    row = await ToolCall.objects.aget(tool_use_id=use["toolUseId"])
+    assert (row.status, row.resource_id, row.thread_id, row.turn_id) == ("done", "tess", "t-1", turn.turn_id)
+    assert row.needs_approval is False and "cats" in row.result and row.duration_ms is not None
+
+
+async def test_a_tool_never_reaches_another_resources_thread(offline_chat):
+    """The model asks for mallory's thread by its id: as if it did not exist."""
+    await seed("secret", "mallory's secret plans", resource="mallory")
+    events = await events_of(await start_turn(
+        None, body('[tool read_conversation {"threadId": "secret"}]', "t-2")))
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert "no conversation" in result["text"] and "plans" not in json.dumps(events)
+    events = await events_of(await start_turn(
+        None, body('[tool search_conversations {"query": "plans"}]', "t-3")))
+    assert json.loads(next(e for e in events if e["type"] == "tool_result")["text"])["matches"] == []
+
+
+async def waiting_turn(thread, target, resource="tess"):
+    turn = await start_turn(None, body(f'Delete it [tool delete_conversation {{"threadId": "{target}"}}]',
+                                       thread, resource))
+    request = await until(turn, "approval_request")
+    assert request["tool"] == "mcp__omni__delete_conversation" and request["input"] == {"threadId": target}
+    await asyncio.wait_for(_until_waiting(turn), 20)
+    return turn, request
+
+
+async def _until_waiting(turn):
+    while not turn.waiting:
+        await asyncio.sleep(0.02)
+
+
+async def test_allow_runs_the_call_once_and_the_turn_goes_on(offline_chat):
+    await seed("old", "an old conversation")
+    turn, request = await waiting_turn("t-allow", "old")
+    # waiting holds no Claude process and no slot of the budget
+    assert pool.counts()["running"] == 0
+    assert (await services.get_mapping("old", "tess")) is not None  # not run yet
+    with pytest.raises(Conflict) as busy:  # the thread is busy while its call waits
+        await start_turn(None, body("meanwhile", "t-allow"))
+    assert busy.value.code == "thread_busy" and busy.value.retry_after >= 1
+    assert await approvals.decide(None, decision(request, "allow", "t-allow")) == {
+        "approvalId": request["approvalId"], "decision": "allow"}
+    events = await asyncio.wait_for(events_of(turn), 30)
+    assert kinds(events) == ["session", "tool_use", "approval_request", "approval", "tool_result", "done"]
+    approval = next(e for e in events if e["type"] == "approval")
+    assert approval == {**approval, "decision": "allow", "by": "tess", "approvalId": request["approvalId"]}
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert await services.get_mapping("old", "tess") is None  # it ran
+    assert 'deleted' in next(e for e in events if e["type"] == "tool_result")["text"]
+    row = await ToolCall.objects.aget(approval_id=request["approvalId"])
+    assert (row.status, row.decision, row.decided_by, row.continued_by) == ("done", "allow", "tess", turn.turn_id)
+    with pytest.raises(approvals.AlreadyDecided):
+        await approvals.decide(None, decision(request, "deny", "t-allow"))
+    # the conversation goes on: a new message, and the mapping is free again
+    after = await events_of(await start_turn(None, body("And now?", "t-allow")))
+    assert after[-1]["type"] == "done" and after[0]["resumed"] is True
+
+
+async def test_deny_never_runs_the_call_and_the_model_is_told(offline_chat):
+    await seed("keep", "keep me")
+    turn, request = await waiting_turn("t-deny", "keep")
+    await approvals.decide(None, decision(request, "deny", "t-deny", message="not that one"))
+    events = await asyncio.wait_for(events_of(turn), 30)
+    assert events[-1]["type"] == "done" and events[-1]["result"]["isError"] is False
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert result["isError"] is True and "not that one" in result["text"]
+    assert "was refused" in text(events)
+    assert await services.get_mapping("keep", "tess") is not None
+    row = await ToolCall.objects.aget(approval_id=request["approvalId"])
+    assert (row.status, row.decision) == ("refused", "deny")
+
+
+async def test_an_unanswered_call_expires_and_never_runs(offline_chat):
+    offline_chat.OMNI_APPROVAL_TIMEOUT_SECONDS = 1
+    await seed("stay", "stay here")
+    turn, request = await waiting_turn("t-expire", "stay")
+    events = await asyncio.wait_for(events_of(turn), 30)
+    approval = next(e for e in events if e["type"] == "approval")
+    assert (approval["decision"], approval["by"]) == ("expired", "timeout")
+    assert "expired" in next(e for e in events if e["type"] == "tool_result")["text"]
+    assert events[-1]["type"] == "done" and await services.get_mapping("stay", "tess") is not None
+    with pytest.raises(NotFound):
+        await approvals.decide(None, decision(request, "allow", "t-expire"))
+
+
+async def test_interrupting_a_waiting_turn_denies_the_call(offline_chat):
+    await seed("spare-me", "spare me")
+    turn, request = await waiting_turn("t-stop", "spare-me")
+    await turn.interrupt()
+    events = await asyncio.wait_for(events_of(turn), 30)
+    approval = next(e for e in events if e["type"] == "approval")
+    assert (approval["decision"], approval["by"]) == ("deny", "interrupt")
+    assert events[-1]["type"] == "done" and await services.get_mapping("spare-me", "tess") is not None
+
+
+async def test_a_thread_deleted_while_its_call_waits_ends_the_turn_and_the_call_never_runs(offline_chat):
+    await seed("victim", "victim")
+    turn, request = await waiting_turn("t-gone", "victim")
+    await services.delete_session("t-gone", "tess")
+    events = await asyncio.wait_for(events_of(turn), 10)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "thread_deleted"
+    assert await services.get_mapping("victim", "tess") is not None
+    assert not await ToolCall.objects.filter(thread_id="t-gone").aexists()  # the audit goes with it
+    with pytest.raises(NotFound):
+        await approvals.decide(None, decision(request, "allow", "t-gone"))
+
+
+async def test_bad_decisions(offline_chat):
+    await seed("x", "x")
+    turn, request = await waiting_turn("t-bad", "x")
+    with pytest.raises(NotFound):
+        await approvals.decide(None, decision("0" * 32, "allow", "t-bad"))
+    with pytest.raises(NotFound):  # the right id, another thread
+        await approvals.decide(None, decision(request, "allow", "t-other"))
+    offline_chat.OMNI_AUTH = "required"
+    from django.contrib.auth import get_user_model
+
+    mallory = await sync_to_async(get_user_model().objects.create_user)("mallory")
+    with pytest.raises(Forbidden):
+        await approvals.decide(mallory, decision(request, "allow", "t-bad", resource="tess"))
+    offline_chat.OMNI_AUTH = "off"
+    await approvals.decide(None, decision(request, "deny", "t-bad"))
+    await asyncio.wait_for(events_of(turn), 30)
+
+
+async def test_a_decided_call_whose_turn_is_gone_is_continued_by_the_sweeper(offline_chat):
+    """The worker that waited stopped (here: the turn detached, as at a
+    shutdown); a decision made later still runs the call once and the
+    conversation goes on, in a turn of its own that followers find."""
+    await seed("later", "later")
+    turn, request = await waiting_turn("t-sweep", "later")
+    turn.detach()
+    events = await asyncio.wait_for(events_of(turn), 10)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "turn_lost"
+    assert registry.get("tess", "t-sweep") is None
+    with pytest.raises(Conflict):  # still busy: its call waits
+        await start_turn(None, body("meanwhile", "t-sweep"))
+    await approvals.decide(None, decision(request, "allow", "t-sweep"))  # starts this worker's sweeper
+
+    async def continuation():
+        while (found := registry.get("tess", "t-sweep")) is None:
+            await asyncio.sleep(0.05)
+        return found
+
+    resumed = await asyncio.wait_for(continuation(), 10)
+    assert resumed.turn_id != turn.turn_id
+    rest = await asyncio.wait_for(events_of(resumed), 30)
+    assert kinds(rest) == ["session", "approval", "tool_result", "done"]
+    assert rest[0]["resumed"] is True
+    assert await services.get_mapping("later", "tess") is None
+    assert await approvals.sweep() == []  # continued once
+    row = await ToolCall.objects.aget(approval_id=request["approvalId"])
+    assert row.status == "done" and row.continued_by == resumed.turn_id
