@@ -53,14 +53,19 @@ async def session_metadata(request, body: ThreadRef):
     return {"session": SessionOut.of(await services.get_metadata(body.threadId, resource))}
 
 
-@router.get("/sessions/messages", response={200: MessagesOut, **ERRORS}, summary="A thread's conversation")
+@router.get("/sessions/messages", response={200: MessagesOut, **ERRORS}, exclude_unset=True,
+            summary="A thread's conversation")
 async def session_messages(request, query: Query[ThreadRef]):
     """The user and assistant texts so far, in order, read from the transcript store
-    (for a page that reloads). A message's `uuid` can be a fork's `atMessageUuid`."""
+    (for a page that reloads). A message's `uuid` can be a fork's `atMessageUuid`. An
+    assistant message that used tools carries its `toolCalls`, each with its decision when it
+    needed one (`approval.decision` null: it still waits, answer it with `approvalId`)."""
     resource = await caller_resource(request, query.resourceId)
     mapping = await services.get_metadata(query.threadId, resource)
+    messages = await transcripts.session_messages(mapping.session_id)
+    await services.add_approvals(mapping, messages)
     return {
         "threadId": mapping.thread_id,
         "sessionId": mapping.session_id,
-        "messages": await transcripts.session_messages(mapping.session_id),
+        "messages": messages,
     }

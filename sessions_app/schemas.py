@@ -34,6 +34,8 @@ class SessionOut(Schema):
     lastMessage: str
     messageCount: int
     forkedFromThreadId: str | None
+    pendingApprovalId: str | None = Field(
+        None, description="a tool call of the thread waits for a decision (busy meanwhile)")
 
     @staticmethod
     def of(mapping: SessionMapping) -> dict:
@@ -48,6 +50,7 @@ class SessionOut(Schema):
             "lastMessage": mapping.last_message,
             "messageCount": mapping.message_count,
             "forkedFromThreadId": mapping.forked_from_thread_id,
+            "pendingApprovalId": mapping.pending_approval_id,
         }
 
 
@@ -72,10 +75,27 @@ class MetadataOut(Schema):
     session: SessionOut
 
 
+class ApprovalOut(Schema):
+    decision: str | None = Field(description="allow, deny or expired; null while the call waits")
+    by: str | None
+    approvalId: str | None = None
+    expiresAt: str | None = None
+
+
+class ToolCallOut(Schema):
+    toolUseId: str
+    tool: str
+    input: dict
+    result: str | None
+    isError: bool
+    approval: ApprovalOut | None
+
+
 class MessageOut(Schema):
     role: str = Field(examples=["user"])
     text: str
     uuid: str
+    toolCalls: list[ToolCallOut] | None = None
 
 
 class MessagesOut(Schema):

@@ -176,6 +176,26 @@ def _save_session(thread_id, resource_id, session_id, agent, user_message, assis
     return mapping
 
 
+async def add_approvals(mapping: SessionMapping, messages: list[dict]) -> None:
+    """Put each tool call's decision (from the audit) into ``messages``'
+    ``toolCalls``: ``{"decision", "by"}``, or for a call that still waits
+    ``{"decision": None, "by": None, "approvalId", "expiresAt"}``."""
+    wanted = {call["toolUseId"]: call for m in messages for call in m.get("toolCalls", ())}
+    if not wanted:
+        return
+    from .models import ToolCall
+    from .schemas import iso_z
+
+    rows = ToolCall.objects.filter(mapping=mapping, tool_use_id__in=list(wanted), needs_approval=True)
+    async for row in rows:
+        call = wanted[row.tool_use_id]
+        if row.decision:
+            call["approval"] = {"decision": row.decision, "by": row.decided_by}
+        elif row.status == ToolCall.PENDING:
+            call["approval"] = {"decision": None, "by": None, "approvalId": row.approval_id,
+                                "expiresAt": iso_z(row.expires_at) if row.expires_at else None}
+
+
 def mark_pending_approval(thread_id: str, resource_id: str, approval_id: str | None, *,
                           only_if: str | None = None) -> int:
     """Say (or, with ``None``, clear) that a tool call of the thread waits for

@@ -451,9 +451,27 @@ def _assistant_text(entry: dict) -> tuple[str | None, str]:
     )
 
 
+def _blocks(entry: dict, kind: str) -> list[dict]:
+    message = entry.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return []
+    return [b for b in content if isinstance(b, dict) and b.get("type") == kind]
+
+
+def _result_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") if b.get("type") == "text" else f"[{b.get('type')}]"
+                         for b in content if isinstance(b, dict))
+    return ""
+
+
 def transcript_messages(entries: list[dict]) -> list[dict]:
     """The conversation in transcript ``entries`` (see :func:`session_messages`)."""
     messages: list[dict] = []
+    calls: dict[str, dict] = {}  # toolUseId -> the toolCalls entry of its assistant message
     last_id: str | None = None  # message.id of the assistant reply being read
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("isSidechain") is True:
@@ -461,6 +479,10 @@ def transcript_messages(entries: list[dict]) -> list[dict]:
         kind = entry.get("type")
         uuid = entry.get("uuid") if isinstance(entry.get("uuid"), str) else ""
         if kind == "user":
+            for block in _blocks(entry, "tool_result"):
+                if (call := calls.get(block.get("tool_use_id"))) is not None:
+                    call["result"] = _result_text(block.get("content"))
+                    call["isError"] = block.get("is_error") is True
             text = _user_text(entry)
             if text:
                 messages.append({"role": "user", "text": text, "uuid": uuid})
@@ -469,14 +491,22 @@ def transcript_messages(entries: list[dict]) -> list[dict]:
             if entry.get("isApiErrorMessage") is True:
                 continue  # the CLI's stand-in for a failed model call, not a reply
             message_id, text = _assistant_text(entry)
+            uses = [{"toolUseId": b.get("id"), "tool": b.get("name"), "input": b.get("input") or {},
+                     "result": None, "isError": False, "approval": None}
+                    for b in _blocks(entry, "tool_use") if isinstance(b.get("id"), str)]
             same_reply = message_id is not None and message_id == last_id
             last_id = message_id
-            if not text:
+            if not text and not uses:
                 continue
             if same_reply and messages and messages[-1]["role"] == "assistant":
-                messages[-1]["text"] += "\n\n" + text
+                if text:
+                    joined = messages[-1]["text"]
+                    messages[-1]["text"] = joined + "\n\n" + text if joined else text
             else:
                 messages.append({"role": "assistant", "text": text, "uuid": uuid})
+            if uses:
+                messages[-1].setdefault("toolCalls", []).extend(uses)
+                calls.update((use["toolUseId"], use) for use in uses)
     return messages
 
 

@@ -224,3 +224,33 @@ async def test_a_decided_call_whose_turn_is_gone_is_continued_by_the_sweeper(off
     assert await approvals.sweep() == []  # continued once
     row = await ToolCall.objects.aget(approval_id=request["approvalId"])
     assert row.status == "done" and row.continued_by == resumed.turn_id
+
+
+async def test_a_reload_shows_the_tool_calls_and_the_waiting_request(offline_chat):
+    """/api/sessions/messages: an assistant message's toolCalls, with its
+    decision, or the approval id of a call that still waits."""
+    from django.test import AsyncClient
+
+    await seed("to-go", "to go")
+    turn, request = await waiting_turn("t-reload", "to-go")
+    client = AsyncClient()
+
+    async def tool_calls():
+        response = await client.get("/api/sessions/messages", {"threadId": "t-reload", "resourceId": "tess"})
+        assert response.status_code == 200
+        return [c for m in response.json()["messages"] for c in m.get("toolCalls", [])]
+
+    listed = await client.get("/api/sessions", {"resourceId": "tess"})
+    waiting = {s["threadId"]: s["pendingApprovalId"] for s in listed.json()["sessions"]}
+    assert waiting == {"t-reload": request["approvalId"], "to-go": None}
+    (call,) = await tool_calls()
+    assert call["tool"] == "mcp__omni__delete_conversation" and call["input"] == {"threadId": "to-go"}
+    assert call["result"] is None
+    assert call["approval"] == {"decision": None, "by": None, "approvalId": request["approvalId"],
+                                "expiresAt": request["expiresAt"]}
+    await approvals.decide(None, decision(request, "allow", "t-reload"))
+    await asyncio.wait_for(events_of(turn), 30)
+    (call,) = await tool_calls()
+    assert call["approval"] == {"decision": "allow", "by": "tess"} and "deleted" in call["result"]
+    listed = await client.get("/api/sessions", {"resourceId": "tess"})
+    assert [s["pendingApprovalId"] for s in listed.json()["sessions"]] == [None]

@@ -381,7 +381,9 @@ EXPECTED_CONVERSATION = [
     {"role": "user", "text": "What is 2+2?", "uuid": "u1"},
     {"role": "assistant", "text": "It is 4.\n\nAnything else?", "uuid": "a2"},
     {"role": "user", "text": "Now list the files", "uuid": "u2"},
-    {"role": "assistant", "text": "Let me look.", "uuid": "a4"},
+    {"role": "assistant", "text": "Let me look.", "uuid": "a4", "toolCalls": [
+        {"toolUseId": "toolu_1", "tool": "Bash", "input": {"command": "ls"}, "result": "a.txt",
+         "isError": False, "approval": None}]},  # its result from the user entry that carried it
     {"role": "assistant", "text": "There is one file: a.txt.", "uuid": "a5"},
     {"role": "user", "text": "Please [fail]", "uuid": "u8b"},
     {"role": "user", "text": "Thanks!", "uuid": "u9"},
