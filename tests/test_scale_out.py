@@ -322,6 +322,33 @@ def test_a_delete_on_b_stops_the_turn_running_on_a_and_closes_as_warm_client(clu
     assert again.text == reply("Hello again")
 
 
+def test_a_tool_call_decided_on_the_other_worker_runs_where_it_waits(cluster):
+    """A turn on A waits for approval (no process held); the decision comes
+    to B: A's turn goes on, on the same stream; the tool runs once."""
+    resource, thread, target = new_id("user"), new_id("thread"), new_id("old")
+    cluster.a.chat("an old conversation", resource, target, agent="datadog").assert_ok()
+    stream = cluster.a.open_sse("/api/chat", {
+        "message": f'Delete it [tool delete_conversation {{"threadId": "{target}"}}]',
+        "resourceId": resource, "threadId": thread})
+    request = stream.read_until("approval_request")
+    busy = cluster.b.chat("meanwhile", resource, thread)
+    assert busy.status == 409 and busy.body["error"]["code"] == "thread_busy"
+    status, _, decided = cluster.b.request("POST", "/api/chat/approval", {
+        "threadId": thread, "resourceId": resource, "approvalId": request["approvalId"], "decision": "allow"})
+    assert status == 200, decided
+    rest = stream.result()
+    stream.close()
+    kinds = [e["type"] for e in rest.events if e["type"] not in ("chunk", "text")]
+    assert kinds == ["session", "tool_use", "approval_request", "approval", "tool_result", "done"], kinds
+    assert len({e["turnId"] for e in rest.events}) == 1
+    for worker in (cluster.a, cluster.b):
+        status, _ = worker.metadata(target, resource)
+        assert status == 404
+    status, _, again = cluster.a.request("POST", "/api/chat/approval", {
+        "threadId": thread, "resourceId": resource, "approvalId": request["approvalId"], "decision": "deny"})
+    assert status == 409 and again["error"]["code"] == "already_decided"
+
+
 def test_a_killed_worker_frees_its_threads(cluster):
     """Last: it kills A (the module's teardown copes with a dead worker). B
     runs on the same host, so it takes A's leases at once; a lease it cannot

@@ -254,3 +254,48 @@ async def test_a_reload_shows_the_tool_calls_and_the_waiting_request(offline_cha
     assert call["approval"] == {"decision": "allow", "by": "tess"} and "deleted" in call["result"]
     listed = await client.get("/api/sessions", {"resourceId": "tess"})
     assert [s["pendingApprovalId"] for s in listed.json()["sessions"]] == [None]
+
+
+async def test_an_external_mcp_server_sees_only_the_env_its_preset_names(offline_chat, monkeypatch):
+    """A stdio MCP server of the tests' own in a preset: its tool is called,
+    and its process sees PATH and exactly the env the preset names (none of
+    the server's secrets, nor the CLI's API key)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("OMNI_SECRET_KEY", "never-for-tools")
+    monkeypatch.setenv("DATABASE_PASSWORD", "never-either")
+    script = Path(__file__).with_name("mcp_probe_server.py")
+    offline_chat.OMNI_AGENTS = {**offline_chat.OMNI_AGENTS, "prober": {
+        "system_prompt": "You probe.", "tools": [],
+        "mcp_servers": {"probe": {"command": sys.executable, "args": [str(script)],
+                                  "env": {"PROBE_TOKEN": "t0k"}, "tools": ["env_keys", "shout"]}},
+    }}
+    events = await events_of(await start_turn(None, body("[tool env_keys] then [tool shout {\"text\": \"hi\"}]",
+                                                          "t-ext", agent="prober")))
+    results = [e for e in events if e["type"] == "tool_result"]
+    assert [e["tool"] for e in events if e["type"] == "tool_use"] == ["mcp__probe__env_keys", "mcp__probe__shout"]
+    assert not any(r["isError"] for r in results), results
+    seen = set(json.loads(json.loads(results[0]["text"])["result"]))
+    # LC_CTYPE: Python's own C-locale coercion in the server process
+    assert "PROBE_TOKEN" in seen and seen <= {"PATH", "PROBE_TOKEN", "LC_CTYPE"}, seen
+    assert json.loads(results[1]["text"]) == {"result": "HI"}
+    rows = [r async for r in ToolCall.objects.filter(thread_id="t-ext").order_by("id")]
+    assert [(r.tool, r.status) for r in rows] == [("mcp__probe__env_keys", "done"), ("mcp__probe__shout", "done")]
+
+
+async def test_warm_clients_and_forks_carry_tool_using_turns(offline_chat):
+    await seed("zebra", "zebras are striped")
+    first = await events_of(await start_turn(None, body('[tool search_conversations {"query": "zebra"}]', "t-warm")))
+    assert first[-1]["type"] == "done"
+    assert ("tess", "t-warm") in pool.idle  # kept warm after a tool-using turn
+    again = await events_of(await start_turn(None, body('Once more [tool search_conversations {"query": "striped"}]',
+                                                        "t-warm")))
+    assert again[-1]["type"] == "done" and '"zebra"' in next(
+        e for e in again if e["type"] == "tool_result")["text"]
+    fork = SimpleNamespace(message="And in the fork?", threadId="t-warm-fork", forkFromThreadId="t-warm",
+                           resourceId="tess", agent=None, atMessageUuid=None)
+    forked = await events_of(await start_turn(None, fork, fork=True))
+    assert forked[-1]["type"] == "done"
+    assert 'Earlier questions: "[tool search_conversations' in text(forked)
+    assert "Once more" in text(forked)

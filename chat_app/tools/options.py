@@ -41,7 +41,6 @@ from claude_agent_sdk import (
     tool,
 )
 
-from .. import events
 from . import SERVER, Caller, Tool, ToolContext, calls, get, qualified
 
 log = logging.getLogger("omni.chat")
@@ -157,8 +156,8 @@ def approval_hook(context: ToolContext):
             return _deny_hook("the call could not be recorded")
         if call is None:
             return _deny_hook("the conversation was deleted")
-        if context.publish is not None:
-            context.publish(events.approval_request_event(call))
+        # The turn announces it (approval_request) once its CLI has ended the
+        # turn and closed: by then the transcript holding the call is stored.
         log.info("[CHAT] Tool call %s waits for approval %s (turn %s)", name, call.approval_id, caller.turn_id)
         return DEFER
 

@@ -457,6 +457,10 @@ class Turn:
         if self.slot is not None:
             pool.discard(self.slot, "waiting for a decision")  # no process, no slot, while a person thinks
             self.slot = None
+        if call.status == call.PENDING:
+            # Announced now that the CLI has closed: the transcript with the call
+            # is stored, so the request survives this worker from here on.
+            self._publish(events.approval_request_event(call))
         self._waiting = call
         try:
             while True:
