@@ -299,3 +299,17 @@ async def test_warm_clients_and_forks_carry_tool_using_turns(offline_chat):
     assert forked[-1]["type"] == "done"
     assert 'Earlier questions: "[tool search_conversations' in text(forked)
     assert "Once more" in text(forked)
+
+
+async def test_a_project_adds_its_own_tool_with_a_module_and_one_line(offline_chat, monkeypatch):
+    """``<app>/omni_tools.py`` registers it; one line in a preset gives it to an agent."""
+    from chat_app import tools
+
+    offline_chat.INSTALLED_APPS = [*offline_chat.INSTALLED_APPS, "tests.toolapp"]
+    monkeypatch.setattr(tools, "_discovered", False)
+    monkeypatch.setitem(offline_chat.OMNI_AGENTS["smart"], "tools",
+                        [*offline_chat.OMNI_AGENTS["smart"]["tools"], "count_threads"])
+    await seed("one", "one")
+    events = await events_of(await start_turn(None, body("[tool count_threads]", "t-own")))
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert result["text"] == "tess has 2 conversations" and not result["isError"]

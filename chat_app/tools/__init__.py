@@ -2,8 +2,10 @@
 
 The project's own tools are Python coroutines registered with
 :func:`omni_tool` and served in-process as the MCP server ``omni`` (the model
-sees ``mcp__omni__<name>``). A preset lists the ones its agent has::
+sees ``mcp__omni__<name>``). A preset lists the ones its agent has. A Django project adds its own in an
+``omni_tools.py`` module of any installed app (found like ``admin.py``)::
 
+    # myapp/omni_tools.py
     from chat_app.tools import omni_tool
 
     @omni_tool("count_threads", "How many conversations the caller has.", {})
@@ -12,7 +14,8 @@ sees ``mcp__omni__<name>``). A preset lists the ones its agent has::
         n = await SessionMapping.objects.filter(resource_id=caller.resource_id).acount()
         return f"{n} conversations"
 
-    OMNI_AGENTS["smart"]["tools"].append("count_threads")   # settings.py
+    # settings.py: the one line that gives it to an agent
+    OMNI_AGENTS["smart"]["tools"].append("count_threads")
 
 A handler gets the model's ``args`` and the turn's :class:`Caller`, and runs
 as that caller: whatever the model asks for, it only ever sees and changes
@@ -74,9 +77,25 @@ def omni_tool(name: str, description: str, input_schema: dict | type, *, needs_a
     return register
 
 
-def get(name: str) -> Tool:
+_discovered = False
+
+
+def discover() -> None:
+    """Register the built-in tools and every installed app's ``omni_tools``
+    module (as the admin finds ``admin`` modules)."""
+    global _discovered
+    if _discovered:
+        return
+    from django.utils.module_loading import autodiscover_modules
+
     from . import builtin  # noqa: F401  (registers the built-in tools)
 
+    autodiscover_modules("omni_tools")
+    _discovered = True
+
+
+def get(name: str) -> Tool:
+    discover()
     try:
         return TOOLS[name]
     except KeyError:
