@@ -93,16 +93,29 @@ def text_event(session_id: str, text: str) -> dict:
     return {"type": "text", "sessionId": session_id, "text": text}
 
 
-def done_event(session_id: str, result: ResultMessage) -> dict:
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def usage_of(result: ResultMessage) -> dict:
+    """The four token counts of a result (the CLI reports them per turn)."""
+    usage = result.usage or {}
+    return {kind: int(usage.get(kind) or 0) for kind in TOKEN_KINDS}
+
+
+def done_event(session_id: str, result: ResultMessage, *, cost_usd: float | None = None,
+               usage: dict | None = None, duration_ms: int | None = None) -> dict:
+    """``done``: the turn's own cost and usage (a warm Claude process's
+    ``total_cost_usd`` runs on across its turns: the caller passes the
+    difference)."""
     return {
         "type": "done",
         "sessionId": session_id,
         "result": {
-            "durationMs": result.duration_ms,
-            "costUsd": result.total_cost_usd,
+            "durationMs": duration_ms if duration_ms is not None else result.duration_ms,
+            "costUsd": cost_usd if cost_usd is not None else result.total_cost_usd,
             "numTurns": result.num_turns,
             "isError": result.is_error,
-            "usage": to_json(result.usage),
+            "usage": usage if usage is not None else usage_of(result),
         },
     }
 
@@ -161,6 +174,13 @@ def init_session_id(message) -> str | None:
     """The session id the CLI reports in its ``init`` system message."""
     if isinstance(message, SystemMessage) and message.subtype == "init":
         return message.data.get("session_id")
+    return None
+
+
+def init_model(message) -> str | None:
+    """The model the CLI reports in its ``init`` system message."""
+    if isinstance(message, SystemMessage) and message.subtype == "init":
+        return message.data.get("model")
     return None
 
 

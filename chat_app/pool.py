@@ -78,6 +78,7 @@ class WarmClient:
     session_id: str | None = None  # None: a spare, no conversation yet
     version: int | None = None  # the mapping's version after its last turn
     context: "ToolContext | None" = None  # what its tools act for (chat_app.tools)
+    cost_total: float = 0.0  # its CLI's running total_cost_usd after its last turn
     turns: int = 0
     last_used: float = field(default_factory=time.monotonic)
 

@@ -273,6 +273,9 @@ OMNI_DEFAULT_AGENT = "smart"
 # How long a tool call waits for a person's decision; then it is denied
 # ("expired") and never runs (contract §9).
 OMNI_APPROVAL_TIMEOUT_SECONDS = float(os.environ.get("OMNI_APPROVAL_TIMEOUT_SECONDS", "600"))
+# What one resource may spend on the model per UTC day, across all workers
+# (0: no cap); a resource's own budget is set in the admin.
+OMNI_DAILY_BUDGET_USD = float(os.environ.get("OMNI_DAILY_BUDGET_USD", "0"))
 
 OMNI_AGENTS = {
     "smart": {

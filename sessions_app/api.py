@@ -1,9 +1,11 @@
 """REST: ``/api/sessions`` (contract §4). Thin views over :mod:`.services`."""
 
-from ninja import Query, Router, Schema
-from pydantic import Field
+from typing import Annotated
 
-from . import services, transcripts
+from ninja import Query, Router, Schema
+from pydantic import Field, StringConstraints, WithJsonSchema
+
+from . import services, transcripts, usage
 from .resources import request_user, resolve_resource
 from .schemas import (
     DeleteOut,
@@ -14,6 +16,7 @@ from .schemas import (
     SessionListOut,
     SessionOut,
     ThreadRef,
+    UsageOut,
 )
 
 router = Router(tags=["sessions"])
@@ -69,3 +72,24 @@ async def session_messages(request, query: Query[ThreadRef]):
         "sessionId": mapping.session_id,
         "messages": messages,
     }
+
+
+# A calendar day as text (parsed, and refused with 400, by sessions_app.usage).
+Day = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$"),
+                WithJsonSchema({"type": "string", "format": "date"})]
+
+
+class UsageQuery(Schema):
+    resourceId: Id | None = None
+    from_: Day | None = Field(None, alias="from",
+                              description="YYYY-MM-DD (UTC), inclusive; default 29 days before to")
+    to: Day | None = Field(None, description="YYYY-MM-DD (UTC), inclusive; default today")
+
+
+@router.get("/usage", response={200: UsageOut, **ERRORS}, by_alias=True,
+            summary="What a resource's turns used and cost")
+async def usage_view(request, query: Query[UsageQuery]):
+    """Turns, tokens and cost per UTC day (the turns' own figures), the total, and the daily
+    budget with today's spend and when it resets. At most 366 days."""
+    resource = await caller_resource(request, query.resourceId)
+    return await usage.usage(resource, query.from_, query.to)

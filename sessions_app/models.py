@@ -28,6 +28,8 @@ class SessionMapping(models.Model):
     # A tool call of the thread waits for a person's decision (its
     # ToolCall.approval_id): the thread is busy until it is decided.
     pending_approval_id = models.CharField(max_length=64, null=True, blank=True)
+    # The thread's model spend so far (the sum of its turns' own costs).
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
 
     class Meta:
         constraints = [
@@ -189,3 +191,52 @@ class ToolCall(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tool} ({self.status})"
+
+
+class TurnRecord(models.Model):
+    """What one turn used and cost (contract §10): its own figures, never a
+    Claude process's running total. Kept when its thread is deleted (the
+    spend was real): usage and budgets sum these per resource and UTC day.
+    ``day`` is stored (not derived in SQL), so sums need no date functions
+    (a remote libSQL database has none)."""
+
+    turn_id = models.CharField(max_length=64, unique=True)
+    resource_id = models.CharField(max_length=128)
+    thread_id = models.CharField(max_length=128)
+    agent = models.CharField(max_length=64, blank=True, default="")
+    model = models.CharField(max_length=128, blank=True, default="")
+    started_at = models.DateTimeField()
+    day = models.DateField(help_text="the UTC day the turn started")
+    duration_ms = models.PositiveIntegerField(default=0)
+    first_text_ms = models.PositiveIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=64, help_text="done, interrupted, or an error code")
+    worker = models.CharField(max_length=255, blank=True, default="")
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cache_read_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_tokens = models.PositiveBigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["resource_id", "day"], name="idx_turn_record_day"),
+            models.Index(fields=["day"], name="idx_turn_record_all_days"),
+        ]
+        ordering = ["-started_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.resource_id}/{self.thread_id} {self.outcome} ${self.cost_usd}"
+
+
+class ResourceBudget(models.Model):
+    """A resource's own daily budget, over ``OMNI_DAILY_BUDGET_USD`` (set in the admin)."""
+
+    resource_id = models.CharField(max_length=128, unique=True)
+    daily_usd = models.DecimalField(
+        max_digits=12, decimal_places=4, null=True, blank=True,
+        help_text="USD per UTC day; empty: no cap for this resource (whatever the default)")
+    note = models.CharField(max_length=200, blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.resource_id}: {self.daily_usd if self.daily_usd is not None else 'no cap'}"

@@ -34,6 +34,7 @@ class SessionOut(Schema):
     lastMessage: str
     messageCount: int
     forkedFromThreadId: str | None
+    costUsd: float = Field(0, description="the thread's model spend so far, USD")
     pendingApprovalId: str | None = Field(
         None, description="a tool call of the thread waits for a decision (busy meanwhile)")
 
@@ -50,6 +51,7 @@ class SessionOut(Schema):
             "lastMessage": mapping.last_message,
             "messageCount": mapping.message_count,
             "forkedFromThreadId": mapping.forked_from_thread_id,
+            "costUsd": float(round(mapping.cost_usd or 0, 8)),
             "pendingApprovalId": mapping.pending_approval_id,
         }
 
@@ -102,3 +104,29 @@ class MessagesOut(Schema):
     threadId: str
     sessionId: str
     messages: list[MessageOut]
+
+
+class UsageTotals(Schema):
+    turns: int
+    inputTokens: int
+    outputTokens: int
+    costUsd: float
+
+
+class UsageDay(UsageTotals):
+    date: str = Field(examples=["2026-12-03"])
+
+
+class BudgetOut(Schema):
+    dailyUsd: float | None = Field(description="null: no cap")
+    spentTodayUsd: float
+    resetsAt: str = Field(description="the next UTC midnight, ISO 8601")
+
+
+class UsageOut(Schema):
+    resourceId: str
+    from_: str = Field(alias="from")
+    to: str
+    total: UsageTotals
+    days: list[UsageDay]
+    budget: BudgetOut

@@ -114,12 +114,15 @@ async def save_session(
     assistant_message: str | None = None,
     forked_from_thread_id: str | None = None,
     create: bool = True,
+    turn_record: dict | None = None,
 ) -> SessionMapping:
     """Save or update a mapping after a turn.
 
     ``create=False``: update only. A turn passes it for every save but the
     first one of a new thread, so a thread deleted while its turn ran stays
     deleted: the save raises :class:`ThreadDeleted` instead of inserting.
+    ``turn_record``: the turn's usage record (:mod:`sessions_app.usage`),
+    written in the same trip to the database thread.
 
     The title comes from the thread's first user message; ``last_message``
     previews the latest message; ``message_count`` counts user and assistant
@@ -128,7 +131,7 @@ async def save_session(
     """
     mapping = await sync_to_async(_save_session)(
         thread_id, resource_id, session_id, agent, user_message, assistant_message,
-        forked_from_thread_id, create,
+        forked_from_thread_id, create, turn_record,
     )
     log.info(
         "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
@@ -138,7 +141,19 @@ async def save_session(
 
 
 def _save_session(thread_id, resource_id, session_id, agent, user_message, assistant_message,
-                  forked_from_thread_id, create) -> SessionMapping:
+                  forked_from_thread_id, create, turn_record=None) -> SessionMapping:
+    mapping = _write_mapping(thread_id, resource_id, session_id, agent, user_message, assistant_message,
+                             forked_from_thread_id, create)
+    if turn_record is not None:
+        from .usage import record_turn_sync
+
+        record_turn_sync(turn_record)
+        mapping.refresh_from_db(fields=["cost_usd"])
+    return mapping
+
+
+def _write_mapping(thread_id, resource_id, session_id, agent, user_message, assistant_message,
+                   forked_from_thread_id, create) -> SessionMapping:
     added = (user_message is not None) + bool(assistant_message)
     preview = assistant_message or user_message
     mapping = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).first()

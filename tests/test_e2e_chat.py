@@ -22,7 +22,7 @@ ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 SESSION_KEYS = {"type", "threadId", "resourceId", "sessionId", "resumed", "forkedFromThreadId"}
 RESULT_KEYS = {"durationMs", "costUsd", "numTurns", "isError", "usage"}
 SESSION_FIELDS = {"threadId", "resourceId", "sessionId", "createdAt", "updatedAt", "agent",
-                  "title", "lastMessage", "messageCount", "forkedFromThreadId", "pendingApprovalId"}
+                  "title", "lastMessage", "messageCount", "forkedFromThreadId", "costUsd", "pendingApprovalId"}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.django_db
 
 SESSION_KEYS = {
     "threadId", "resourceId", "sessionId", "createdAt", "updatedAt",
-    "agent", "title", "lastMessage", "messageCount", "forkedFromThreadId", "pendingApprovalId",
+    "agent", "title", "lastMessage", "messageCount", "forkedFromThreadId", "costUsd", "pendingApprovalId",
 }
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 JSON = "application/json"

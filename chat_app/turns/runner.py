@@ -24,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -37,6 +40,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from sessions_app.errors import ApiError, ServerBusy
+from sessions_app import usage
 from sessions_app.services import ThreadDeleted
 
 from .. import events, leases
@@ -55,6 +59,7 @@ DECISION_POLL_SECONDS = 2.0  # a waiting turn looks at its call this often (deci
 DETACHED = ("the server process running this turn is stopping; the tool call still waits for a "
             "decision: follow the thread again")
 _background: set[asyncio.Task] = set()  # interrupts nobody waits for
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # AssistantMessage.error values that mean the model endpoint failed us, not the request.
 MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
 
@@ -119,6 +124,14 @@ class Turn:
         self._decided = asyncio.Event()  # woken when a decision may have come
         self._detached = False  # the server stops: a waiting turn lets go, its call waits on
         self._approval_event: dict | None = None  # published once the session event is out
+        # What the turn used and cost (its own figures: a warm process's totals run on).
+        self.started_at = timezone.now()
+        self._started = time.monotonic()
+        self._first_text_ms: int | None = None
+        self._cost = 0.0
+        self._usage = dict.fromkeys(events.TOKEN_KINDS, 0)
+        self._model = ""
+        self._recorded = False
 
     # --- what the rest of the server reads ----------------------------------
     @property
@@ -199,6 +212,8 @@ class Turn:
             if self._final is None:
                 self._final = event
             return
+        if event.get("type") == "text" and self._first_text_ms is None:
+            self._first_text_ms = int((time.monotonic() - self._started) * 1000)
         self.log.append(event)
         if event.get("type") == "session" and self._approval_event is not None:
             self.log.append(self._approval_event)  # a continuation: the decision right after
@@ -283,6 +298,9 @@ class Turn:
             pool.discard(self.slot, "turn did not end cleanly")
 
         try:
+            if not self._recorded:  # a turn that did not end with its last save
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(usage.record_turn(self._record(self._ending_outcome())))
             if (self._aborted is not None or self._lease_lost) and self.session_id is not None:
                 # Its CLI may have written after the delete: leave nothing behind.
                 await asyncio.shield(store.erase_if_orphaned(self.session_id))
@@ -350,6 +368,8 @@ class Turn:
                 if self._interrupted:  # asked for before the CLI was up
                     await client.interrupt()
             async for message in until_silent(client.receive_response()):
+                if not self._model and (model := events.init_model(message)):
+                    self._model = model
                 if self.session_id is None:
                     sid = events.init_session_id(message)
                     if sid is None:
@@ -369,6 +389,7 @@ class Turn:
                 self._publish(events.chunk_event(self.session_id, message))
                 if isinstance(message, ResultMessage):
                     result = message
+                    self._count(result, warm)
                 elif isinstance(message, AssistantMessage) and message.error:
                     api_error = message.error
         except Silent:
@@ -403,28 +424,72 @@ class Turn:
             return deferred  # saved when the conversation goes on
         # A failed model call's "API Error" text is not a message of the thread.
         answered = result is not None and not result.is_error
+        if result is not None and result.is_error and api_error in MODEL_UNAVAILABLE:
+            # The model could not be reached (after the CLI's retries): the
+            # stream's 503. The session and the user's message are kept. The
+            # CLI's text may name the model's address: it goes to the log only.
+            log.warning("[CHAT] Model unreachable, turn %s: %s", self.turn_id, result.result or api_error)
+            final = events.error_event(
+                "model_unavailable", "the model could not be reached; try again shortly",
+                retry_after=settings.OMNI_BUSY_RETRY_AFTER)
+        elif result is not None:
+            final = events.done_event(self.session_id, result, cost_usd=round(self._cost, 8),
+                                      usage=dict(self._usage), duration_ms=self._elapsed_ms())
+        else:
+            final = events.error_event("turn_failed", "the turn ended without a result")
         if self.lease is not None:
             await self.lease.check()  # a worker that lost the thread saves nothing more
         self._stopped()
         mapping = await store.save(
             spec, self.session_id, create=False,
             assistant_message="".join(reply) if answered else None,
+            turn_record=self._record(self._outcome(final)),  # in the same trip
         )
+        self._recorded = True
         self._version = mapping.version
         await store.drop_local_copy(self.session_id)
-        if result is not None and result.is_error and api_error in MODEL_UNAVAILABLE:
-            # The model could not be reached (after the CLI's retries): the
-            # stream's 503. The session and the user's message are kept. The
-            # CLI's text may name the model's address: it goes to the log only.
-            log.warning("[CHAT] Model unreachable, turn %s: %s", self.turn_id, result.result or api_error)
-            self._publish(events.error_event(
-                "model_unavailable", "the model could not be reached; try again shortly",
-                retry_after=settings.OMNI_BUSY_RETRY_AFTER))
-        elif result is not None:
-            self._publish(events.done_event(self.session_id, result))
-        else:
-            self._publish(events.error_event("turn_failed", "the turn ended without a result"))
+        self._publish(final)
         return None
+
+    # --- usage -----------------------------------------------------------------------------
+    def _count(self, result: ResultMessage, warm: WarmClient) -> None:
+        """Add a result's own tokens and cost (the difference from its
+        process's total after its previous result) to the turn's."""
+        total = float(result.total_cost_usd or 0.0)
+        self._cost += max(0.0, total - warm.cost_total)
+        warm.cost_total = total
+        for kind, n in events.usage_of(result).items():
+            self._usage[kind] += n
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self._started) * 1000)
+
+    def _outcome(self, final: dict) -> str:
+        if final.get("type") == "done":
+            if self._interrupted:
+                return "interrupted"
+            return "model_error" if final["result"]["isError"] else "done"
+        return final.get("code", "error")
+
+    def _ending_outcome(self) -> str:
+        if self._aborted is not None:
+            return self._aborted.code
+        if self._lease_lost:
+            return "lease_lost"
+        return self._outcome(self._final or {"type": "error", "code": "turn_failed"})
+
+    def _record(self, outcome: str) -> dict:
+        spec = self.spec
+        return {
+            "turn_id": self.turn_id, "resource_id": spec.resource_id, "thread_id": spec.thread_id,
+            "agent": spec.agent, "model": self._model[:128], "started_at": self.started_at,
+            "duration_ms": self._elapsed_ms(), "first_text_ms": self._first_text_ms,
+            "outcome": outcome[:64], "worker": WORKER,
+            "input_tokens": self._usage["input_tokens"], "output_tokens": self._usage["output_tokens"],
+            "cache_read_tokens": self._usage["cache_read_input_tokens"],
+            "cache_write_tokens": self._usage["cache_creation_input_tokens"],
+            "cost_usd": round(self._cost, 8),
+        }
 
     async def _emit_tools(self, message, context: ToolContext) -> None:
         """``tool_use`` and ``tool_result`` events, and the calls' audit rows."""

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from sessions_app import services
+from sessions_app import services, usage
 from sessions_app.errors import Conflict, NotFound, ServerBusy, TooLarge
 from sessions_app.resources import resolve_resource
 
@@ -30,8 +30,8 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
 
     Raises the contract's errors: 400 unknown agent, 401/403 from resource
     resolution, 404 fork parent missing, 409 fork target exists or thread
-    busy (with ``Retry-After``), 413 message too long, 429 over a limit,
-    503 ``server_busy``.
+    busy (with ``Retry-After``), 413 message too long, 429 over a limit or
+    the day's budget, 503 ``server_busy``.
     """
     if len(body.message) > settings.OMNI_MAX_MESSAGE_CHARS:
         raise TooLarge(f"message is over {settings.OMNI_MAX_MESSAGE_CHARS} characters")
@@ -46,6 +46,7 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
         raise leases.busy_error(thread_id, running.retry_after())
     if fork:  # the cheap refusals first: no lease row for a fork that cannot be
         await _check_fork(spec, body)
+    await usage.check_budget(resource)  # 429 budget_exceeded, across workers (the database)
     # One turn per thread across every process, from here to the turn's end:
     # the checks below and everything the turn does to the stored session.
     lease = await leases.acquire(resource, thread_id, spec.turn_id)

@@ -1,0 +1,169 @@
+"""What turns cost, per resource and UTC day, and daily budgets (contract §10).
+
+Each finished turn writes one :class:`~sessions_app.models.TurnRecord` with
+its own tokens and cost (the chat app computes them; a Claude process's
+totals run on across the turns it serves), in the same database trip as the
+turn's last mapping save when it has one, and adds its cost to the thread's
+``SessionMapping.cost_usd``. Sums read the records' stored ``day``.
+
+A resource's budget is its :class:`~sessions_app.models.ResourceBudget`
+override (set in the admin; empty: no cap), else ``OMNI_DAILY_BUDGET_USD``
+(0: no cap). It is checked before a turn starts, against the records of the
+day so far, in the database every worker shares.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, date, datetime, time as dtime, timedelta
+from decimal import Decimal
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db.models import Count, F, Sum
+from django.utils import timezone
+
+from .errors import BadRequest, RateLimited
+from .models import ResourceBudget, SessionMapping, TurnRecord
+
+MAX_RANGE_DAYS = 366
+DEFAULT_DAYS = 30
+_overrides_checked = (0.0, False)  # (when, whether any ResourceBudget row exists)
+OVERRIDE_CACHE_SECONDS = 5.0
+
+
+class BudgetExceeded(RateLimited):
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, resets_at: datetime):
+        seconds = max(1, math.ceil((resets_at - timezone.now()).total_seconds()))
+        super().__init__(message, retry_after=seconds)
+        self.resets_at = resets_at
+
+
+def today() -> date:
+    return timezone.now().astimezone(UTC).date()
+
+
+def next_midnight(day: date | None = None) -> datetime:
+    day = day or today()
+    return datetime.combine(day + timedelta(days=1), dtime(0), tzinfo=UTC)
+
+
+def money(value) -> float:
+    return float(round(Decimal(value or 0), 8))
+
+
+# --- writing ---------------------------------------------------------------------------
+
+def record_turn_sync(record: dict) -> None:
+    """Write a turn's record (once: a second write of the same turn is ignored)
+    and add its cost to its thread's total."""
+    if TurnRecord.objects.filter(turn_id=record["turn_id"]).exists():
+        return
+    cost = Decimal(str(record.get("cost_usd") or 0))
+    started = record["started_at"]
+    TurnRecord.objects.create(**{**record, "cost_usd": cost, "day": started.astimezone(UTC).date()})
+    if cost:
+        SessionMapping.objects.filter(resource_id=record["resource_id"], thread_id=record["thread_id"]).update(
+            cost_usd=F("cost_usd") + cost)
+
+
+async def record_turn(record: dict) -> None:
+    await sync_to_async(record_turn_sync)(record)
+
+
+# --- budgets ---------------------------------------------------------------------------
+
+def budget_for_sync(resource_id: str) -> Decimal | None:
+    """The resource's daily budget in USD, or None (no cap)."""
+    global _overrides_checked
+    checked_at, any_override = _overrides_checked
+    if time.monotonic() - checked_at > OVERRIDE_CACHE_SECONDS:
+        any_override = ResourceBudget.objects.exists()
+        _overrides_checked = (time.monotonic(), any_override)
+    if any_override:
+        override = ResourceBudget.objects.filter(resource_id=resource_id).first()
+        if override is not None:
+            return override.daily_usd if override.daily_usd and override.daily_usd > 0 else None
+    default = Decimal(str(settings.OMNI_DAILY_BUDGET_USD or 0))
+    return default if default > 0 else None
+
+
+def forget_overrides() -> None:
+    """An override changed (the admin): look again at the next check."""
+    global _overrides_checked
+    _overrides_checked = (0.0, False)
+
+
+def spent_sync(resource_id: str, day: date | None = None) -> Decimal:
+    total = TurnRecord.objects.filter(resource_id=resource_id, day=day or today()).aggregate(
+        total=Sum("cost_usd"))["total"]
+    return total or Decimal(0)
+
+
+def check_budget_sync(resource_id: str) -> Decimal | None:
+    """Raise :class:`BudgetExceeded` if the resource spent its budget today;
+    else what is left (None: no cap)."""
+    budget = budget_for_sync(resource_id)
+    if budget is None:
+        return None
+    spent = spent_sync(resource_id)
+    if spent >= budget:
+        resets = next_midnight()
+        raise BudgetExceeded(
+            f"resource {resource_id!r} spent its daily budget (${money(spent):.4f} of ${money(budget):.2f}); "
+            f"it resets at {resets:%Y-%m-%d %H:%M}Z", resets_at=resets)
+    return budget - spent
+
+
+async def check_budget(resource_id: str) -> Decimal | None:
+    return await sync_to_async(check_budget_sync)(resource_id)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+def parse_range(start: str | None, end: str | None) -> tuple[date, date]:
+    """``from``/``to`` (``YYYY-MM-DD``, inclusive, UTC); default the last 30 days."""
+    try:
+        to = date.fromisoformat(end) if end else today()
+        frm = date.fromisoformat(start) if start else to - timedelta(days=DEFAULT_DAYS - 1)
+    except ValueError as exc:
+        raise BadRequest("from and to are dates: YYYY-MM-DD") from exc
+    if frm > to:
+        raise BadRequest("from is after to")
+    if (to - frm).days + 1 > MAX_RANGE_DAYS:
+        raise BadRequest(f"a range covers at most {MAX_RANGE_DAYS} days")
+    return frm, to
+
+
+def _usage(row) -> dict:
+    return {"turns": row["turns"] or 0, "inputTokens": row["input"] or 0,
+            "outputTokens": row["output"] or 0, "costUsd": money(row["cost"])}
+
+
+SUMS = {"turns": Count("id"), "input": Sum("input_tokens"), "output": Sum("output_tokens"),
+        "cost": Sum("cost_usd")}
+
+
+def usage_sync(resource_id: str, frm: date, to: date) -> dict:
+    records = TurnRecord.objects.filter(resource_id=resource_id, day__gte=frm, day__lte=to)
+    days = [{"date": row["day"].isoformat(), **_usage(row)}
+            for row in records.order_by().values("day").annotate(**SUMS).order_by("day")]
+    budget = budget_for_sync(resource_id)
+    return {
+        "resourceId": resource_id,
+        "from": frm.isoformat(),
+        "to": to.isoformat(),
+        "total": _usage(records.aggregate(**SUMS)),
+        "days": days,
+        "budget": {"dailyUsd": money(budget) if budget is not None else None,
+                   "spentTodayUsd": money(spent_sync(resource_id)),
+                   "resetsAt": next_midnight().isoformat().replace("+00:00", "Z")},
+    }
+
+
+async def usage(resource_id: str, start: str | None, end: str | None) -> dict:
+    frm, to = parse_range(start, end)
+    return await sync_to_async(usage_sync)(resource_id, frm, to)
