@@ -149,3 +149,42 @@ def test_a_turn_refused_with_server_busy_does_not_use_up_the_quota(pair):
         worker.chat(f"turn {n}", resource, thread).assert_ok()
     assert_rate_limited(pair.a.chat("a fifth", resource, thread),
                         f"started {PER_MINUTE} turns in the last minute", range(1, 61))
+
+
+async def test_a_daily_budget_is_counted_across_workers(pair):
+    """A resource's own budget (set as the admin sets it) below one turn's
+    cost: after one turn on A, both workers refuse it, on SSE and on the
+    websocket, with Retry-After until the next UTC midnight."""
+    import asyncio
+    import subprocess
+    import time as clock
+    from datetime import UTC, datetime, timedelta
+
+    from tests.e2e import ROOT, WSClient, python_bin
+
+    resource = new_id("spender")
+    code = ("from sessions_app.models import ResourceBudget; "
+            f"ResourceBudget.objects.create(resource_id={resource!r}, daily_usd='0.0001')")
+    done = subprocess.run([python_bin(), "manage.py", "shell", "-c", code], cwd=ROOT, env=pair.a.env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    await asyncio.sleep(5.2)  # the workers look for budget overrides again (every 5 s)
+    first = await asyncio.to_thread(pair.a.chat, "spend", resource, new_id("thread"))
+    first.assert_ok()
+    now = datetime.now(UTC)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    left = (midnight - now).total_seconds()
+    for worker in (pair.a, pair.b):
+        refused = await asyncio.to_thread(worker.chat, "more", resource, new_id("thread"))
+        assert refused.status == 429 and refused.body["error"]["code"] == "budget_exceeded", refused.describe()
+        assert abs(int(refused.headers["retry-after"]) - left) < 5
+        async with await WSClient.connect(worker) as ws:
+            await ws.send({"type": "message", "message": "more", "threadId": new_id("thread"),
+                           "resourceId": resource})
+            event = await ws.recv(timeout=20)
+        assert event["type"] == "error" and event["code"] == "budget_exceeded"
+        assert abs(event["retryAfter"] - left) < 5
+    started = clock.monotonic()
+    status, _, data = await asyncio.to_thread(pair.b.request, "GET", f"/api/usage?resourceId={resource}")
+    assert status == 200 and data["total"]["turns"] == 1 and data["budget"]["dailyUsd"] == 0.0001
+    assert data["budget"]["spentTodayUsd"] >= 0.0001 and clock.monotonic() - started < 5
