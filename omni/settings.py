@@ -276,6 +276,8 @@ OMNI_APPROVAL_TIMEOUT_SECONDS = float(os.environ.get("OMNI_APPROVAL_TIMEOUT_SECO
 # What one resource may spend on the model per UTC day, across all workers
 # (0: no cap); a resource's own budget is set in the admin.
 OMNI_DAILY_BUDGET_USD = float(os.environ.get("OMNI_DAILY_BUDGET_USD", "0"))
+# GET /metrics (Prometheus) answers Authorization: Bearer <this>; unset: 404.
+OMNI_METRICS_TOKEN = os.environ.get("OMNI_METRICS_TOKEN", "").strip() or None
 
 OMNI_AGENTS = {
     "smart": {

@@ -4,6 +4,7 @@ from django.urls import path
 
 from chat_app.views import chat_page
 from omni.api import api
+from omni.metrics_view import metrics_view
 
 urlpatterns = [
     path("", chat_page, name="chat"),
@@ -11,4 +12,5 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/", api.urls),
+    path("metrics", metrics_view, name="metrics"),
 ]
