@@ -12,7 +12,7 @@ from django.db import DatabaseError
 from sessions_app.errors import ApiError
 from sessions_app.resources import auth_required, reauthenticate, resolve_resource
 
-from . import approvals, events, streams
+from . import approvals, events, metrics, streams
 from .pool import pool
 from .schemas import parse_frame
 from .turns import Turn, start_turn
@@ -51,10 +51,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.recheck = asyncio.Lock()
         self.lost = False  # the caller's credentials no longer hold: closing with 4401
         await self.accept()
+        metrics.websocket_opened(self)
         pool.fill_spares()  # a chat client is here: have a process ready for its new thread
         approvals.ensure_sweeper()  # decided tool calls go on on this worker too
 
     async def disconnect(self, code):
+        metrics.websocket_closed(self)
         for task in list(getattr(self, "forwarders", {}).values()):
             task.cancel()
 

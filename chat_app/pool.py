@@ -58,6 +58,7 @@ from django.conf import settings
 
 from sessions_app.errors import ServerBusy
 
+from . import metrics
 from .sdk import PIDFILE_ENV, cli_pidfile, process_state
 
 log = logging.getLogger("omni.pool")
@@ -249,12 +250,14 @@ class ProcessPool:
             if reason is None:
                 self.busy += 1
                 log.info("[POOL] Reusing warm client thread=%s pid=%s", key[1], pid)
+                metrics.checkout("warm")
                 return Slot(warm, "warm")
             self._close(warm, key[1], reason)
         if session_id is None and not fork and (spares := self.spares.get(agent)):
             spare = spares.pop(0)
             self.busy += 1
             log.info("[POOL] Using spare client agent=%s thread=%s pid=%s", agent, key[1], spare.pid)
+            metrics.checkout("spare")
             return Slot(spare, "spare")
         # Refused only when every process is committed: a closed one still
         # exiting frees its place in moments (``room`` waits for it).
@@ -268,6 +271,7 @@ class ProcessPool:
                 retry_after=settings.OMNI_BUSY_RETRY_AFTER,
             )
         self.busy += 1
+        metrics.checkout("cold", new_thread=session_id is None, fork=fork, reason=warm and reason)
         return Slot(None, "cold")
 
     async def room(self) -> None:
@@ -472,6 +476,7 @@ class ProcessPool:
     # --- closing ------------------------------------------------------------------
     def _close(self, warm: WarmClient, thread_id: str | None, reason: str) -> None:
         log.info("[POOL] Closing client thread=%s pid=%s: %s", thread_id or "-", warm.pid, reason)
+        metrics.evicted(reason)
         task = asyncio.get_running_loop().create_task(_disconnect(warm.client))
         self._closing.add(task)
         task.add_done_callback(self._on_exit)

@@ -22,6 +22,7 @@ from django.utils import timezone
 from sessions_app import services
 from sessions_app.models import SessionMapping, ToolCall
 
+from .. import metrics
 from . import Caller
 
 RESULT_CHARS = 2000
@@ -112,8 +113,11 @@ def decide_sync(call: ToolCall, decision: str, by: str, message: str = "") -> bo
     if decision != "expired":
         rows = rows.filter(expires_at__gt=now)
     # The thread stays marked busy until a turn continues after the decision.
-    return rows.update(status=ToolCall.DECIDED, decision=decision, decided_by=by[:150],
-                       decided_at=now, decision_message=message[:2000]) == 1
+    decided = rows.update(status=ToolCall.DECIDED, decision=decision, decided_by=by[:150],
+                          decided_at=now, decision_message=message[:2000]) == 1
+    if decided:  # once per call, wherever it was decided (a person, Stop, the timeout)
+        metrics.approval_decided(decision)
+    return decided
 
 
 async def decide(call: ToolCall, decision: str, by: str, message: str = "") -> bool:

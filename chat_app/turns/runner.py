@@ -43,7 +43,7 @@ from sessions_app.errors import ApiError, ServerBusy
 from sessions_app import usage
 from sessions_app.services import ThreadDeleted
 
-from .. import events, leases
+from .. import events, leases, metrics
 from ..pool import Slot, WarmClient, pool
 from ..sdk import build_options, session_store
 from ..tools import Caller, ToolContext, calls
@@ -197,6 +197,7 @@ class Turn:
         task.add_done_callback(_background.discard)
 
     async def lease_was_lost(self, deleted: bool = False) -> None:
+        metrics.lease_lost(deleted)
         if deleted:  # the row went with its thread (deleted by another process)
             await self.abort("thread_deleted", DELETED)
             return
@@ -300,7 +301,8 @@ class Turn:
         try:
             if not self._recorded:  # a turn that did not end with its last save
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(usage.record_turn(self._record(self._ending_outcome())))
+                    metrics.turn_finished(record := self._record(self._ending_outcome()))
+                    await asyncio.shield(usage.record_turn(record))
             if (self._aborted is not None or self._lease_lost) and self.session_id is not None:
                 # Its CLI may have written after the delete: leave nothing behind.
                 await asyncio.shield(store.erase_if_orphaned(self.session_id))
@@ -443,9 +445,10 @@ class Turn:
         mapping = await store.save(
             spec, self.session_id, create=False,
             assistant_message="".join(reply) if answered else None,
-            turn_record=self._record(self._outcome(final)),  # in the same trip
+            turn_record=(record := self._record(self._outcome(final))),  # in the same trip
         )
         self._recorded = True
+        metrics.turn_finished(record)
         self._version = mapping.version
         await store.drop_local_copy(self.session_id)
         self._publish(final)

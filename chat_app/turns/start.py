@@ -14,10 +14,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from sessions_app import services, usage
-from sessions_app.errors import Conflict, NotFound, ServerBusy, TooLarge
+from sessions_app.errors import ApiError, Conflict, NotFound, ServerBusy, TooLarge
 from sessions_app.resources import resolve_resource
 
-from .. import leases, limits
+from .. import leases, limits, metrics
 from ..sdk import agent_preset
 from ..tools import calls
 from . import store
@@ -26,6 +26,16 @@ from .runner import Turn, TurnSpec
 
 
 async def start_turn(user, body, *, fork: bool = False) -> Turn:
+    """Start a chat or fork turn (:func:`_start_turn`); a refusal is counted
+    in the metrics by its code (``omni_turns_refused_total``)."""
+    try:
+        return await _start_turn(user, body, fork=fork)
+    except ApiError as exc:
+        metrics.refused(exc.code)
+        raise
+
+
+async def _start_turn(user, body, *, fork: bool = False) -> Turn:
     """Validate a chat or fork request (a ``ChatIn``/``ForkIn``), and start it.
 
     Raises the contract's errors: 400 unknown agent, 401/403 from resource
