@@ -311,11 +311,24 @@ OMNI_AGENTS = {
     },
 }
 
+# Log lines: "text" (below) or "json", one JSON object per line, a turn's
+# lines carrying its turnId, threadId and resourceId (omni/logs.py).
+OMNI_LOG_FORMAT = os.environ.get("OMNI_LOG_FORMAT", "text").strip().lower() or "text"
+if OMNI_LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"OMNI_LOG_FORMAT must be text or json, not {OMNI_LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "omni.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "omni.logs.JsonFormatter"},
+    },
+    "handlers": {"console": {
+        "class": "logging.StreamHandler",
+        "formatter": "json" if OMNI_LOG_FORMAT == "json" else "plain",
+        "filters": ["context"],
+    }},
     "loggers": {
         "omni": {
             "handlers": ["console"],
@@ -325,6 +338,8 @@ LOGGING = {
         "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
     },
 }
+if OMNI_LOG_FORMAT == "json":  # every other logger's lines too (daphne's, asyncio's...)
+    LOGGING["root"] = {"handlers": ["console"]}
 OMNI_SESSION_STORE = env_flag("OMNI_SESSION_STORE", "1")
 
 # --- Scale-out (several server processes).
