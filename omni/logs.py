@@ -6,6 +6,7 @@ line logged in that task from then on, and in the tasks it starts later
 
     logs.bind_turn(turn)           # turnId, threadId, resourceId
     logs.bind(pid=cli_pid)         # the CLI's pid, once known
+    logs.bind_caller(caller)       # an SDK callback (a tool): the turn it serves
     with logs.bound(turn_id=...):  # for a block only
         ...
 
@@ -45,6 +46,7 @@ FIELDS = {
     "pid": "pid",
 }
 OUTPUT = tuple(FIELDS.values())
+IDS = {"turn_id", "thread_id", "resource_id"}
 _TURN = "_turn"  # a weak reference to the bound turn: its ids lapse when it finishes
 
 _context: ContextVar[dict] = ContextVar("omni_log_context", default={})
@@ -58,6 +60,8 @@ def bind(**fields) -> Token:
     if unknown:
         raise TypeError(f"unknown log field(s): {', '.join(sorted(unknown))}")
     merged = dict(_context.get())
+    if fields.keys() & IDS:
+        merged.pop(_TURN, None)  # new ids: no longer (only) the bound turn's
     for name, value in fields.items():
         if value is None:
             merged.pop(name, None)
@@ -88,6 +92,14 @@ def bind_turn(turn) -> Token:
                  resource_id=turn.spec.resource_id, pid=None)
     _context.get()[_TURN] = weakref.ref(turn)  # the dict is this binding's own
     return token
+
+
+def bind_caller(caller) -> Token:
+    """Bind the ids of the turn a tool call runs for (``chat_app.tools.Caller``:
+    ``turn_id``, ``thread_id``, ``resource_id``), at the start of an SDK
+    callback: the SDK runs each in a task of its own, started from the
+    context of the turn that connected the CLI, not of the turn it serves."""
+    return bind(turn_id=caller.turn_id, thread_id=caller.thread_id, resource_id=caller.resource_id)
 
 
 def current() -> dict:

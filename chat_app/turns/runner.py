@@ -39,6 +39,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from omni import logs
 from sessions_app.errors import ApiError, ServerBusy
 from sessions_app import usage
 from sessions_app.services import ThreadDeleted
@@ -237,6 +238,7 @@ class Turn:
     async def run(self, on_free) -> None:
         """The turn, start to end. ``on_free(turn)`` is called once the
         process is given back and the lease released, before the last event."""
+        logs.bind_turn(self)  # every line of this task (and of those it starts) names the turn
         spec = self.spec
         try:
             if spec.resume_session_id and not spec.fork_from_thread_id:
