@@ -621,3 +621,208 @@ def test_a_socket_closed_for_lost_credentials_sends_the_person_to_log_in(auth_se
     other.close()
     send(page, "Am I still here?")  # a frame on the socket opened before the logout
     expect(page).to_have_url(re.compile(r"/accounts/login/\?next="))
+
+
+# --- tools and approvals -------------------------------------------------------------
+
+def tool_marker(tool: str, **tool_input) -> str:
+    """The offline model's marker: it calls ``mcp__omni__<tool>`` with this input."""
+    return f"[tool {tool} {json.dumps(tool_input)}]"
+
+
+def last_text(page):
+    """The last piece of assistant text (a reply that used tools has several)."""
+    return page.locator("#messages .message.assistant .text").last
+
+
+def ask_to_delete(page, victim: str) -> tuple[str, object]:
+    """Ask the agent to delete ``victim``; wait for the approval request.
+    The message and the call's block."""
+    text = "Delete it " + tool_marker("delete_conversation", threadId=victim)
+    send(page, text)
+    call = page.locator("#messages .tool-call")
+    expect(call).to_have_count(1)
+    expect(call.get_by_role("button", name="Allow")).to_be_visible()
+    return text, call
+
+
+def deleted_reply(victim: str, text: str) -> str:
+    return f'Offline model got from mcp__omni__delete_conversation: "{{"deleted": "{victim}"}}". {reply(text)}'
+
+
+def test_a_tool_call_waits_for_allow_then_runs(server, tabs):
+    tab = tabs()
+    page = open_page(tab, server)
+    ask(page, "A conversation to delete")
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    thread = current_thread(page)
+
+    # The call as it happens: its name, input, the request with its expiry.
+    expect(call.locator(".tool-name")).to_have_text("delete_conversation")
+    expect(call.locator(".tool-input")).to_contain_text(f'"threadId": "{victim}"')
+    expect(call.locator(".tool-status")).to_have_text("waiting for your decision")
+    expect(call.locator(".approval time")).to_have_attribute("datetime", re.compile(r"Z$"))
+    expect(call.get_by_role("button", name="Deny")).to_be_visible()
+    # Marked in the sidebar; the thread is busy meanwhile; nothing deleted yet.
+    expect(thread_item(page, thread).locator(".approval-badge")).to_be_visible()
+    expect(page.locator("#stop")).to_be_visible()
+    expect(thread_item(page, victim)).to_have_count(1)
+    assert server.metadata(victim, tab.resource)[0] == 200
+
+    call.get_by_role("button", name="Allow").click()
+    expect(call.get_by_role("button")).to_have_count(0)
+    expect(call.locator(".approval-decision")).to_have_text(f"Allowed by {tab.resource}")
+    expect(last_text(page)).to_have_text(deleted_reply(victim, text))
+    wait_turn_end(page)
+    expect(thread_item(page, victim)).to_have_count(0)
+    assert server.metadata(victim, tab.resource)[0] == 404
+    expect(thread_item(page, thread).locator(".approval-badge")).to_have_count(0)
+    # Drawn again from the store: the call with its decision and result.
+    expect(call).to_have_count(1)
+    expect(call.locator(".tool-result")).to_contain_text(f'"deleted": "{victim}"')
+    expect(call.locator(".tool-status")).to_have_text("done")
+    expect(call.locator(".approval-decision")).to_have_text(f"Allowed by {tab.resource}")
+    page.reload()
+    expect(call.locator(".approval-decision")).to_have_text(f"Allowed by {tab.resource}")
+    expect(last_text(page)).to_have_text(deleted_reply(victim, text))
+
+
+def test_deny_keeps_the_thread_and_the_reply_says_so(server, tabs):
+    tab = tabs()
+    page = open_page(tab, server)
+    ask(page, "Keep this one")
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    thread = current_thread(page)
+
+    call.get_by_role("button", name="Deny").click()
+    expect(call.get_by_role("button")).to_have_count(0)
+    expect(call.locator(".approval-decision")).to_have_text(f"Denied by {tab.resource}")
+    expect(last_text(page)).to_contain_text("Offline model was refused mcp__omni__delete_conversation")
+    expect(last_text(page)).to_contain_text(f"{tab.resource} denied this call")
+    wait_turn_end(page)
+    expect(call.locator(".tool-status")).to_have_text("not run")
+    expect(call.locator(".tool-result")).to_contain_text("denied this call")
+    expect(thread_item(page, victim)).to_have_count(1)
+    expect(thread_item(page, thread).locator(".approval-badge")).to_have_count(0)
+    assert server.metadata(victim, tab.resource)[0] == 200
+    # The conversation goes on.
+    ask(page, "Anything else?", text)
+
+
+def test_a_reload_while_a_request_waits(server, tabs):
+    """The request survives a reload: drawn once (the store and the followed
+    turn's replay are the same call), marked in the sidebar, and Allow works."""
+    tab = tabs()
+    page = open_page(tab, server)
+    ask(page, "Delete me after a reload")
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    thread = current_thread(page)
+
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+    expect(call).to_have_count(1)
+    expect(call.get_by_role("button", name="Allow")).to_be_visible()
+    expect(call.get_by_role("button", name="Deny")).to_be_visible()
+    expect(thread_item(page, thread).locator(".approval-badge")).to_be_visible()
+    expect(page.locator("#messages .message.user")).to_have_count(1)
+    expect(page.locator("#messages .message.assistant")).to_have_count(1)
+    expect(last_text(page)).to_have_text("Calling mcp__omni__delete_conversation.")
+
+    call.get_by_role("button", name="Allow").click()
+    expect(call.locator(".approval-decision")).to_have_text(f"Allowed by {tab.resource}")
+    expect(last_text(page)).to_have_text(deleted_reply(victim, text))
+    wait_turn_end(page)
+    expect(thread_item(page, victim)).to_have_count(0)
+    expect(call).to_have_count(1)
+    assert texts(page)[0] == ("user", text)
+
+
+def test_a_second_tab_sees_the_request_and_decides_it(server, tabs):
+    resource = new_id("user")
+    first, second = tabs(resource), tabs(resource)
+    page = open_page(first, server)
+    ask(page, "Shared victim")
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    thread = current_thread(page)
+
+    other = open_page(second, server)
+    expect(thread_item(other, thread).locator(".approval-badge")).to_be_visible()
+    thread_item(other, thread).locator(".thread-open").click()
+    other_call = other.locator("#messages .tool-call")
+    expect(other_call).to_have_count(1)
+    other_call.get_by_role("button", name="Allow").click()
+    # Both tabs see the decision and the rest of the reply.
+    for tab_page, block in ((other, other_call), (page, call)):
+        expect(block.locator(".approval-decision")).to_have_text(f"Allowed by {resource}")
+        expect(block.get_by_role("button")).to_have_count(0)
+        expect(last_text(tab_page)).to_have_text(deleted_reply(victim, text))
+        wait_turn_end(tab_page)
+    expect(thread_item(page, victim)).to_have_count(0)
+    # A second decision from the first tab's stale view is not possible: no buttons left.
+    assert first.dialogs == second.dialogs == []
+
+
+def test_a_request_survives_a_dropped_connection(server, tabs):
+    """The socket drops while the call waits: the page reconnects, follows
+    the turn from where it was (turnId, afterSeq) and Allow still works."""
+    proxy = DroppingProxy(server.port)
+    try:
+        tab = tabs()
+        page = tab.page
+        page.goto(proxy.url())
+        connection = page.locator("#connection")
+        expect(connection).to_have_attribute("data-state", "open")
+        ask(page, "Dropped victim")
+        victim = current_thread(page)
+        page.get_by_role("button", name="New chat").click()
+        text, call = ask_to_delete(page, victim)
+        proxy.drop()
+        expect(connection).to_have_attribute("data-state", "down")
+        expect(connection).to_have_attribute("data-state", "open")
+        expect(call.get_by_role("button", name="Allow")).to_be_visible()
+        call.get_by_role("button", name="Allow").click()
+        expect(last_text(page)).to_have_text(deleted_reply(victim, text))
+        wait_turn_end(page)
+        follows = [json.loads(f) for f in tab.sent if '"follow"' in f]
+        assert any(f.get("turnId") and "afterSeq" in f for f in follows), follows
+        expect(call).to_have_count(1)
+        expect(thread_item(page, victim)).to_have_count(0)
+    finally:
+        proxy.close()
+
+
+def test_tool_input_and_results_are_text_and_long_ones_collapse(server, tabs):
+    """A call that needs no approval: shown as it runs, its (model- and
+    user-controlled) result drawn as text, collapsed when long."""
+    tab = tabs()
+    page = open_page(tab, server)
+    payload = "Echo <img src=x onerror=alert(1)> <script>alert(2)</script> " + "padding " * 40
+    send(page, payload)
+    wait_turn_end(page)
+    seeded = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text = "Read it " + tool_marker("read_conversation", threadId=seeded)
+    send(page, text)
+    call = page.locator("#messages .tool-call")
+    expect(call.locator(".tool-name")).to_have_text("read_conversation")
+    expect(last_text(page)).to_contain_text("Offline model got from mcp__omni__read_conversation")
+    wait_turn_end(page)
+    expect(call).to_have_count(1)
+    expect(call.locator(".approval")).to_have_count(0)
+    expect(call.locator(".tool-input")).to_have_js_property("open", True)  # short: open
+    result = call.locator(".tool-result")
+    expect(result).to_have_js_property("open", False)  # long: collapsed
+    expect(result.locator("summary")).to_contain_text("characters")
+    expect(result).to_contain_text("<img src=x onerror=alert(1)>")
+    result.locator("summary").click()
+    expect(result.locator("pre")).to_be_visible()
+    assert page.locator("main img, main script").count() == 0
+    assert tab.dialogs == []

@@ -11,7 +11,7 @@ export class ApiError extends Error {
   }
 }
 
-/** REST: /api/sessions, /api/sessions/metadata, /api/sessions/messages. */
+/** REST: /api/sessions, /api/sessions/metadata, /api/sessions/messages, /api/chat/approval. */
 export class Api {
   /**
    * @param {object} opts
@@ -79,7 +79,7 @@ export class Api {
     return this.request("POST", "/sessions/metadata", { body: this.withResource({ threadId }) });
   }
 
-  /** {threadId, sessionId, messages: [{role, text, uuid}]} */
+  /** {threadId, sessionId, messages: [{role, text, uuid, toolCalls?}]} */
   messages(threadId) {
     return this.request("GET", "/sessions/messages", { query: this.withResource({ threadId }) });
   }
@@ -87,6 +87,17 @@ export class Api {
   /** {success, threadId, resourceId} */
   deleteSession(threadId) {
     return this.request("DELETE", "/sessions", { body: this.withResource({ threadId }) });
+  }
+
+  /**
+   * Decide a tool call that waits for a person (POST /api/chat/approval):
+   * decision "allow" or "deny", message (optional) told to the model.
+   * {approvalId, decision}; ApiError 404 (unknown or expired), 409 (already_decided).
+   */
+  decide(threadId, approvalId, decision, message = null) {
+    const body = this.withResource({ threadId, approvalId, decision });
+    if (message) body.message = message;
+    return this.request("POST", "/chat/approval", { body });
   }
 }
 
@@ -103,10 +114,13 @@ export function newThreadId(prefix = "thread") {
  * Dispatches (an EventTarget):
  *   "state"      detail {state: "connecting"|"open"|"down", retryIn (ms, when down), attempt}
  *   "turn"       detail {threadId, event}: an event of a thread's turn (session, text,
- *                chunk, done, error); threadId may be null for an error the page
- *                cannot place (shown wherever the person is)
+ *                chunk, tool_use, approval_request, approval, tool_result, done,
+ *                error); threadId may be null for an error the page cannot place
+ *                (shown wherever the person is)
  *   "gone"       detail {threadId}: a turn the page was following is no longer
  *                running on the server (it ended while the socket was down)
+ *   "idle"       detail {threadId}: a follow found no turn running on the thread
+ *                (after "gone" when the page was following one)
  *   "unauthenticated"  the server closed the socket with 4401 (logged out,
  *                token revoked, user deactivated): no reconnect
  *
@@ -287,6 +301,7 @@ export class ChatSocket extends EventTarget {
         const wasRunning = Boolean(state && state.running);
         if (state) Object.assign(state, { running: false, turnId: null, lastSeq: null });
         if (wasRunning) this.dispatchEvent(new CustomEvent("gone", { detail: { threadId } }));
+        this.dispatchEvent(new CustomEvent("idle", { detail: { threadId } }));
         return;
       }
       if (this.dropPending(threadId, "start") && state) {

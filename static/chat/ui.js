@@ -2,7 +2,8 @@
 // api.js (Api for REST, ChatSocket for the websocket). Plain ES module.
 //
 // Everything a person or a model typed is put in the page with textContent
-// (see renderText): no HTML from a message ever reaches innerHTML.
+// (see renderText, renderToolCall): no HTML from a message, a tool's input
+// or its result ever reaches innerHTML.
 
 import { Api, ChatSocket, newThreadId } from "./api.js";
 
@@ -44,7 +45,7 @@ const state = {
   sessions: new Map(), // threadId -> Session, from GET /api/sessions
   nextCursor: null, // the next page of the thread list
   forkFrom: null, // {threadId, uuid, label}: the next message forks
-  streaming: null, // {threadId, li, text}: the assistant reply being drawn
+  streaming: null, // {threadId, li}: the assistant reply being drawn (its parts in `replies`)
   stopped: false,
 };
 
@@ -55,8 +56,44 @@ function resourceId() {
 }
 
 // The running turns' replies so far, by thread (drawn again when a thread
-// whose turn is running is opened again).
+// whose turn is running is opened again): a list of parts, the text between
+// tool calls ({kind: "text", text}) and the calls ({kind: "tool", toolUseId}).
 const replies = new Map();
+
+function replyOf(threadId) {
+  let parts = replies.get(threadId);
+  if (!parts) {
+    parts = [{ kind: "text", text: "" }];
+    replies.set(threadId, parts);
+  }
+  return parts;
+}
+
+/** The reply's text since its last tool call (what the store keeps as its last message). */
+function lastText(parts) {
+  const last = parts && parts[parts.length - 1];
+  return last && last.kind === "text" ? last.text : "";
+}
+
+// The tool calls the page knows of, by thread, then by toolUseId: {toolUseId,
+// tool, input, result (string or null), isError, approval}, approval being
+// null (no person asked), {approvalId, expiresAt, decision: null} (waiting)
+// or {decision: "allow"|"deny"|"expired", by}. Filled from the stream and
+// from /api/sessions/messages, whichever is newer.
+const calls = new Map();
+
+function callsOf(threadId) {
+  let known = calls.get(threadId);
+  if (!known) {
+    known = new Map();
+    calls.set(threadId, known);
+  }
+  return known;
+}
+
+// Threads whose waiting call was decided here while the page followed no
+// turn on them: threadId -> until when (ms) to look for the turn that goes on.
+const continuing = new Map();
 
 function logInAgain() {
   // The session ended (logged out in another tab, expired): back to the login.
@@ -131,13 +168,16 @@ function showError(message) {
 
 const ERROR_TEXT = {
   thread_busy: "This conversation is still answering; wait for it or press Stop.",
+  thread_waiting: "This conversation waits for a decision on a tool call: Allow or Deny it first.",
   rate_limited: "Too many messages for now.",
   server_busy: "The server is at its limit of running conversations.",
   model_unavailable: "The model could not be reached.",
   network_error: "The server cannot be reached.",
 };
 
-function describeError({ code, message, retryAfter }) {
+function describeError({ code, message, retryAfter }, threadId = null) {
+  const session = threadId ? state.sessions.get(threadId) : null;
+  if (code === "thread_busy" && session && session.pendingApprovalId) code = "thread_waiting";
   let text = ERROR_TEXT[code] ? `${ERROR_TEXT[code]} (${message})` : message || code;
   if (retryAfter) text += ` Try again in ${retryAfter} s.`;
   return text;
@@ -145,9 +185,13 @@ function describeError({ code, message, retryAfter }) {
 
 // --- the thread list -------------------------------------------------------------------
 
+let listing = 0; // the latest loadThreads call: an older answer that comes later is dropped
+
 async function loadThreads({ more = false } = {}) {
+  const call = ++listing;
   try {
     const data = await api.listSessions({ cursor: more ? state.nextCursor : null });
+    if (call !== listing) return;
     const sessions = more ? [...state.sessions.values(), ...data.sessions] : data.sessions;
     state.sessions = new Map(sessions.map((s) => [s.threadId, s]));
     state.nextCursor = data.nextCursor;
@@ -185,10 +229,33 @@ function drawThreads(sessions) {
       badge.title = "Open the conversation this one was forked from";
       li.append(badge);
     }
+    drawWaiting(li, session);
     return li;
   });
   el.threads.replaceChildren(...items);
   el.threadsEmpty.hidden = items.length > 0;
+}
+
+/** The sidebar's mark on a thread whose tool call waits for a person's decision. */
+function drawWaiting(li, session) {
+  li.querySelector(".approval-badge")?.remove();
+  li.classList.toggle("waiting", Boolean(session.pendingApprovalId));
+  if (!session.pendingApprovalId) return;
+  const badge = document.createElement("a");
+  badge.className = "approval-badge";
+  badge.href = "#thread=" + encodeURIComponent(session.threadId);
+  badge.textContent = "Needs your approval";
+  badge.title = "A tool call of this conversation waits for your decision";
+  li.append(badge);
+}
+
+/** Mark (approvalId) or unmark (null) a thread as waiting, before the list is read again. */
+function setWaiting(threadId, approvalId) {
+  const session = state.sessions.get(threadId);
+  if (!session) return;
+  session.pendingApprovalId = approvalId;
+  const li = el.threads.querySelector(`[data-thread-id="${CSS.escape(threadId)}"]`);
+  if (li) drawWaiting(li, session);
 }
 
 function markCurrentThread() {
@@ -200,7 +267,7 @@ function markCurrentThread() {
 
 // --- the conversation ----------------------------------------------------------------
 
-function appendMessage(role, text, uuid = null) {
+function appendMessage(role, text, uuid = null, toolCalls = []) {
   const li = document.createElement("li");
   li.className = `message ${role}`;
   if (uuid) li.dataset.uuid = uuid;
@@ -211,6 +278,10 @@ function appendMessage(role, text, uuid = null) {
   body.className = "text";
   renderText(body, text);
   li.append(who, body);
+  for (const stored of toolCalls || []) {
+    if (!stored || typeof stored.toolUseId !== "string") continue;
+    li.append(renderToolCall(state.threadId, rememberCall(state.threadId, stored)));
+  }
   if (uuid && state.threadId) {
     const fork = document.createElement("button");
     fork.type = "button";
@@ -229,8 +300,278 @@ function startStreaming(threadId) {
   const li = appendMessage("assistant", "");
   li.classList.add("streaming");
   li.setAttribute("aria-busy", "true");
-  state.streaming = { threadId, li, text: "" };
+  state.streaming = { threadId, li };
   return state.streaming;
+}
+
+/** Draw the streaming reply's parts (text and tool calls) into its element. */
+function drawReply(streaming) {
+  const threadId = streaming.threadId;
+  const nodes = [];
+  for (const part of replyOf(threadId)) {
+    if (part.kind === "tool") {
+      const call = callsOf(threadId).get(part.toolUseId);
+      if (call) nodes.push(renderToolCall(threadId, call));
+    } else {
+      const node = document.createElement("div");
+      node.className = "text";
+      renderText(node, part.text);
+      nodes.push(node);
+    }
+  }
+  streaming.li.replaceChildren(streaming.li.querySelector(".who"), ...nodes);
+  dropStoredCopies();
+}
+
+/**
+ * A followed turn is replayed from its start (a reload, another tab): what
+ * the store already kept of it (its tool calls, the text before them) is
+ * drawn by the stream now. Remove the stored copy: the stored message holding
+ * a call the streaming reply shows, the assistant messages before it (back to
+ * the person's message) and every stored message after it.
+ */
+function dropStoredCopies() {
+  const streaming = state.streaming;
+  if (!streaming || !streaming.li.isConnected) return;
+  for (const block of streaming.li.querySelectorAll(".tool-call")) {
+    const selector = `.tool-call[data-tool-use-id="${CSS.escape(block.dataset.toolUseId)}"]`;
+    for (const copy of el.messages.querySelectorAll(selector)) {
+      if (streaming.li.contains(copy)) continue;
+      const stored = copy.closest(".message");
+      if (!stored) continue;
+      while (stored.previousElementSibling && stored.previousElementSibling.classList.contains("assistant")) {
+        stored.previousElementSibling.remove();
+      }
+      while (stored.nextElementSibling && stored.nextElementSibling !== streaming.li) {
+        stored.nextElementSibling.remove();
+      }
+      stored.remove();
+    }
+  }
+}
+
+// --- tool calls ------------------------------------------------------------------------
+
+const LONG_TEXT = 240; // characters: a longer input or result starts collapsed
+const LONG_LINES = 8;
+
+/** Record what is known of a call (from an event or the store), newest wins. */
+function rememberCall(threadId, incoming) {
+  const known = callsOf(threadId);
+  let call = known.get(incoming.toolUseId);
+  if (!call) {
+    call = { toolUseId: incoming.toolUseId, tool: "", input: null, result: null, isError: false, approval: null };
+    known.set(call.toolUseId, call);
+  }
+  if (typeof incoming.tool === "string") call.tool = incoming.tool;
+  if (incoming.input !== undefined) call.input = incoming.input;
+  if (typeof incoming.result === "string") {
+    call.result = incoming.result;
+    call.isError = Boolean(incoming.isError);
+  }
+  const approval = incoming.approval;
+  // A decision is never undone by an older view of the call still waiting.
+  if (approval && (approval.decision || !call.approval || !call.approval.decision)) {
+    call.approval = { ...approval };
+  }
+  return call;
+}
+
+function callByApproval(threadId, approvalId) {
+  for (const call of callsOf(threadId).values()) {
+    if (call.approval && call.approval.approvalId === approvalId) return call;
+  }
+  return null;
+}
+
+/** Input or result as text: JSON pretty-printed (a string holding JSON too). */
+function pretty(value) {
+  if (typeof value === "string") {
+    try {
+      const parsed = JSON.parse(value);
+      if (parsed !== null && typeof parsed === "object") return JSON.stringify(parsed, null, 2);
+    } catch (err) {
+      // not JSON: as it is
+    }
+    return value;
+  }
+  if (value === undefined || value === null) return "";
+  try {
+    return JSON.stringify(value, null, 2);
+  } catch (err) {
+    return String(value);
+  }
+}
+
+/** A <details> with `text` in a <pre>: open when short, collapsed when long. */
+function collapsible(className, label, text) {
+  const details = document.createElement("details");
+  details.className = className;
+  const summary = document.createElement("summary");
+  const long = text.length > LONG_TEXT || text.split("\n").length > LONG_LINES;
+  summary.textContent = long ? `${label} (${text.length.toLocaleString()} characters)` : label;
+  const pre = document.createElement("pre");
+  pre.textContent = text;
+  details.append(summary, pre);
+  details.open = !long;
+  return details;
+}
+
+/** "mcp__omni__delete_conversation" -> {name: "delete_conversation", server: "omni"} */
+function toolName(tool) {
+  const match = /^mcp__(.+?)__(.+)$/.exec(tool || "");
+  return match ? { name: match[2], server: match[1] } : { name: tool || "tool", server: null };
+}
+
+function callStatus(call) {
+  const approval = call.approval;
+  if (approval && !approval.decision) return ["waiting", "waiting for your decision"];
+  if (approval && approval.decision !== "allow") return ["refused", "not run"];
+  if (call.result === null) return ["running", "running…"];
+  return call.isError ? ["error", "failed"] : ["done", "done"];
+}
+
+function decisionText({ decision, by }) {
+  if (decision === "expired") return "Expired: no decision in time, not run";
+  if (by === "interrupt") return "Denied: the reply was stopped";
+  const verb = decision === "allow" ? "Allowed" : "Denied";
+  return by ? `${verb} by ${by}` : verb;
+}
+
+/** A tool call as a block of DOM nodes: name, input, approval, result. */
+function renderToolCall(threadId, call) {
+  const box = document.createElement("div");
+  box.className = "tool-call";
+  box.dataset.toolUseId = call.toolUseId;
+  const [status, statusText] = callStatus(call);
+  box.dataset.state = status;
+
+  const head = document.createElement("div");
+  head.className = "tool-head";
+  const { name, server } = toolName(call.tool);
+  const label = document.createElement("span");
+  label.className = "tool-label";
+  label.textContent = "Tool";
+  const code = document.createElement("code");
+  code.className = "tool-name";
+  code.textContent = name;
+  code.title = call.tool;
+  head.append(label, code);
+  if (server) {
+    const from = document.createElement("span");
+    from.className = "tool-server";
+    from.textContent = `(${server})`;
+    head.append(from);
+  }
+  const statusNode = document.createElement("span");
+  statusNode.className = "tool-status";
+  statusNode.textContent = statusText;
+  head.append(statusNode);
+  box.append(head, collapsible("tool-input", "Input", pretty(call.input)));
+
+  if (call.approval) box.append(renderApproval(threadId, call, name));
+  if (call.result !== null) {
+    box.append(collapsible("tool-result", call.isError ? "Result (error)" : "Result", pretty(call.result)));
+  }
+  return box;
+}
+
+function renderApproval(threadId, call, name) {
+  const approval = call.approval;
+  const box = document.createElement("div");
+  box.className = "approval";
+  if (approval.approvalId) box.dataset.approvalId = approval.approvalId;
+  if (approval.decision) {
+    box.dataset.decision = approval.decision;
+    const said = document.createElement("p");
+    said.className = "approval-decision";
+    said.textContent = decisionText(approval);
+    box.append(said);
+    return box;
+  }
+  box.setAttribute("role", "group");
+  box.setAttribute("aria-label", `Approve ${name}`);
+  const ask = document.createElement("p");
+  ask.className = "approval-ask";
+  ask.append("This call needs your approval.");
+  if (approval.expiresAt) {
+    const time = document.createElement("time");
+    time.dateTime = approval.expiresAt;
+    time.textContent = formatTime(approval.expiresAt);
+    ask.append(" It expires at ", time, " (then it is denied).");
+  }
+  const buttons = document.createElement("div");
+  buttons.className = "approval-buttons";
+  for (const [decision, text, cls] of [["allow", "Allow", "allow"], ["deny", "Deny", "deny danger"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = cls;
+    button.textContent = approval.sending === decision ? `${text}…` : text;
+    button.disabled = Boolean(approval.sending);
+    button.setAttribute("aria-label", `${text} ${name}`);
+    button.addEventListener("click", () => decide(threadId, call.toolUseId, decision));
+    buttons.append(button);
+  }
+  box.append(ask, buttons);
+  return box;
+}
+
+/** Draw a call again wherever the open conversation shows it (keeping what was opened). */
+function redrawCall(threadId, toolUseId) {
+  if (threadId !== state.threadId) return;
+  const call = callsOf(threadId).get(toolUseId);
+  if (!call) return;
+  const selector = `.tool-call[data-tool-use-id="${CSS.escape(toolUseId)}"]`;
+  for (const old of el.messages.querySelectorAll(selector)) {
+    const fresh = renderToolCall(threadId, call);
+    for (const cls of ["tool-input", "tool-result"]) {
+      const was = old.querySelector(`.${cls}`);
+      const now = fresh.querySelector(`.${cls}`);
+      if (was && now) now.open = was.open;
+    }
+    const focused = old.contains(document.activeElement);
+    old.replaceWith(fresh);
+    if (focused) { // the button pressed is gone: keep the focus in the call
+      fresh.tabIndex = -1;
+      fresh.focus({ preventScroll: true });
+    }
+  }
+}
+
+/** Allow or deny a waiting call (POST /api/chat/approval). */
+async function decide(threadId, toolUseId, decision) {
+  const call = callsOf(threadId).get(toolUseId);
+  if (!call || !call.approval || call.approval.decision || call.approval.sending || !call.approval.approvalId) return;
+  call.approval.sending = decision;
+  redrawCall(threadId, toolUseId);
+  try {
+    await api.decide(threadId, call.approval.approvalId, decision);
+    // (the approval event, which says who decided, may have come first)
+    if (!call.approval.decision) call.approval = { ...call.approval, decision, by: null };
+    setWaiting(threadId, null);
+    // Not following a turn there (reloaded after its worker restarted...):
+    // the conversation goes on in a turn to follow.
+    if (!socket.isRunning(threadId)) followContinuation(threadId);
+  } catch (err) {
+    if (err.status === 404 || err.status === 409) {
+      showError(err.status === 409
+        ? "This tool call was already decided."
+        : "This tool call no longer waits for a decision (it expired, or its conversation is gone).");
+      if (threadId === state.threadId && !socket.isRunning(threadId)) drawConversation(threadId);
+    } else {
+      showError(`Could not send the decision: ${describeError(err)}`);
+    }
+  } finally {
+    if (call.approval) call.approval.sending = null;
+    redrawCall(threadId, toolUseId);
+    loadThreads();
+  }
+}
+
+/** Follow the thread until the turn that goes on after a decision shows up (within a few seconds). */
+function followContinuation(threadId) {
+  continuing.set(threadId, Date.now() + 6000);
+  socket.follow(threadId, resourceId());
 }
 
 function addNote(li, note) {
@@ -244,10 +585,12 @@ function addNote(li, note) {
 function endStreaming(note = null) {
   const streaming = state.streaming;
   if (!streaming) return;
-  streaming.li.classList.remove("streaming");
-  streaming.li.removeAttribute("aria-busy");
-  if (note) addNote(streaming.li, note);
-  if (!streaming.text && !note) streaming.li.remove();
+  const li = streaming.li;
+  li.classList.remove("streaming");
+  li.removeAttribute("aria-busy");
+  if (note) addNote(li, note);
+  const empty = ![...li.querySelectorAll(".text")].some((node) => node.textContent) && !li.querySelector(".tool-call");
+  if (empty && !note) li.remove();
   state.streaming = null;
 }
 
@@ -306,11 +649,7 @@ async function openThread(threadId, { focus = true } = {}) {
   if (state.threadId !== threadId) return;
   if (socket.isRunning(threadId)) {
     // Its turn runs on this page's socket: draw the reply so far.
-    if (!state.streaming) {
-      const streaming = startStreaming(threadId);
-      streaming.text = replies.get(threadId) || "";
-      renderText(streaming.li.querySelector(".text"), streaming.text);
-    }
+    if (!state.streaming) drawReply(startStreaming(threadId));
   } else {
     // A turn may still be running (a reload, another tab): receive the rest.
     socket.follow(threadId, resourceId());
@@ -362,9 +701,14 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
     const streaming = state.streaming && state.streaming.threadId === threadId ? state.streaming : null;
     el.messages.replaceChildren();
     let li = null;
-    for (const message of data.messages) li = appendMessage(message.role, message.text, message.uuid);
+    for (const message of data.messages) {
+      li = appendMessage(message.role, message.text, message.uuid, message.toolCalls);
+    }
     if (note && ended && ended.text && li) addNote(li, note);
-    if (streaming) el.messages.append(streaming.li);
+    if (streaming) {
+      el.messages.append(streaming.li);
+      dropStoredCopies();
+    }
     return;
   }
 }
@@ -469,6 +813,23 @@ async function deleteThread() {
 
 // --- events of turns ----------------------------------------------------------------
 
+/** The streaming reply of the open thread `threadId` (started if need be), or null. */
+function streamingOf(threadId) {
+  if (threadId !== state.threadId) return null;
+  return state.streaming || startStreaming(threadId);
+}
+
+/** Make sure the reply shows the call (a turn that goes on after a decision starts with it). */
+function showCall(threadId, toolUseId) {
+  const parts = replyOf(threadId);
+  if (parts.some((part) => part.kind === "tool" && part.toolUseId === toolUseId)) return;
+  if (threadId === state.threadId
+      && el.messages.querySelector(`.tool-call[data-tool-use-id="${CSS.escape(toolUseId)}"]`)) return;
+  parts.push({ kind: "tool", toolUseId });
+  const streaming = streamingOf(threadId);
+  if (streaming) drawReply(streaming);
+}
+
 socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
   const current = threadId !== null && threadId === state.threadId;
   if (threadId === null) {
@@ -476,33 +837,74 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
     if (event.code !== "not_found") showError(describeError(event));
     return;
   }
+  continuing.delete(threadId);
   if (event.type === "session") {
-    replies.set(threadId, "");
+    replies.set(threadId, [{ kind: "text", text: "" }]);
     if (event.notice && current) showError(event.notice);
     loadThreads().then(() => current && state.threadId === threadId && drawHeader());
-    if (current && !state.streaming) startStreaming(threadId);
+    if (current) drawReply(state.streaming || startStreaming(threadId));
   } else if (event.type === "text") {
-    replies.set(threadId, (replies.get(threadId) || "") + event.text);
-    if (!current) return;
-    const streaming = state.streaming || startStreaming(threadId);
-    streaming.text = replies.get(threadId);
-    renderText(streaming.li.querySelector(".text"), streaming.text);
+    const parts = replyOf(threadId);
+    let last = parts[parts.length - 1];
+    if (last.kind !== "text") {
+      last = { kind: "text", text: "" };
+      parts.push(last);
+    }
+    last.text += event.text;
+    const streaming = streamingOf(threadId);
+    if (!streaming) return;
+    const node = streaming.li.lastElementChild;
+    if (node && node.classList.contains("text")) renderText(node, last.text);
+    else drawReply(streaming);
     streaming.li.scrollIntoView({ block: "end" });
+  } else if (event.type === "tool_use" && typeof event.toolUseId === "string") {
+    rememberCall(threadId, { toolUseId: event.toolUseId, tool: event.tool, input: event.input });
+    const parts = replyOf(threadId);
+    if (!parts.some((part) => part.kind === "tool" && part.toolUseId === event.toolUseId)) {
+      parts.push({ kind: "tool", toolUseId: event.toolUseId });
+    }
+    const streaming = streamingOf(threadId);
+    if (streaming) {
+      drawReply(streaming);
+      streaming.li.scrollIntoView({ block: "end" });
+    }
+  } else if (event.type === "approval_request" && typeof event.toolUseId === "string") {
+    const call = rememberCall(threadId, {
+      toolUseId: event.toolUseId, tool: event.tool, input: event.input,
+      approval: { approvalId: event.approvalId, expiresAt: event.expiresAt, decision: null, by: null },
+    });
+    showCall(threadId, call.toolUseId);
+    redrawCall(threadId, call.toolUseId);
+    if (!call.approval.decision) setWaiting(threadId, event.approvalId);
+    if (current) state.streaming?.li.scrollIntoView({ block: "end" });
+  } else if (event.type === "approval") {
+    const call = callByApproval(threadId, event.approvalId);
+    if (call) {
+      call.approval = { ...call.approval, decision: event.decision, by: event.by, sending: null };
+      redrawCall(threadId, call.toolUseId);
+    }
+    setWaiting(threadId, null);
+    loadThreads();
+  } else if (event.type === "tool_result" && typeof event.toolUseId === "string") {
+    rememberCall(threadId, { toolUseId: event.toolUseId, result: String(event.text ?? ""), isError: event.isError });
+    showCall(threadId, event.toolUseId);
+    redrawCall(threadId, event.toolUseId);
+    loadThreads(); // a tool may have changed the threads (deleted one)
   } else if (event.type === "done" || event.type === "error") {
+    const ended = current && state.streaming ? { text: lastText(replies.get(threadId)) } : null;
     replies.delete(threadId);
     if (current) {
       const stopped = state.stopped;
       state.stopped = false;
       let note = null;
       if (event.type === "error") {
-        showError(describeError(event));
+        showError(describeError(event, threadId));
         note = "failed";
       } else if (stopped) {
         note = "stopped";
       } else if (event.result && event.result.isError) {
         note = "ended with an error";
       }
-      const ended = state.streaming;
       endStreaming(note);
       drawRunning();
       await Promise.all([loadThreads(), drawConversation(threadId, { ended, note })]);
@@ -516,13 +918,34 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
 
 socket.addEventListener("gone", async ({ detail: { threadId } }) => {
   // The turn ended while the socket was down: show what the server kept.
+  const parts = replies.get(threadId);
+  replies.delete(threadId);
   if (threadId !== state.threadId) return;
-  const ended = state.streaming;
-  const note = "interrupted: the connection to the server was lost";
+  const ended = state.streaming ? { text: lastText(parts) } : null;
+  // A call that still waits for a decision is not lost: the store shows it, to be decided.
+  const waiting = (parts || []).some((part) => {
+    const call = part.kind === "tool" && callsOf(threadId).get(part.toolUseId);
+    return call && call.approval && !call.approval.decision;
+  });
+  const note = waiting ? null : "interrupted: the connection to the server was lost";
   endStreaming(note);
   drawRunning();
   await Promise.all([loadThreads(), drawConversation(threadId, { ended, note })]);
   if (state.threadId === threadId) drawHeader();
+});
+
+socket.addEventListener("idle", ({ detail: { threadId } }) => {
+  // No turn on the thread (yet): after a decision, the one that goes on starts within moments.
+  const until = continuing.get(threadId);
+  if (until === undefined) return;
+  if (Date.now() < until) {
+    setTimeout(() => {
+      if (continuing.has(threadId) && !socket.isRunning(threadId)) socket.follow(threadId, resourceId());
+    }, 400);
+    return;
+  }
+  continuing.delete(threadId);
+  if (threadId === state.threadId) drawConversation(threadId); // what the store has
 });
 
 socket.addEventListener("state", ({ detail }) => {
