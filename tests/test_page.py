@@ -826,3 +826,40 @@ def test_tool_input_and_results_are_text_and_long_ones_collapse(server, tabs):
     expect(result.locator("pre")).to_be_visible()
     assert page.locator("main img, main script").count() == 0
     assert tab.dialogs == []
+
+
+def test_a_request_decided_after_the_server_restarted(server, tabs):
+    """The worker that ran the turn stops while its call waits: the page
+    reconnects and shows the request from the store (no "interrupted"
+    note); Allow then continues the conversation in a new turn, which the
+    page follows and draws."""
+    tab = tabs()
+    page = open_page(tab, server)
+    ask(page, "Victim of a restart")
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    connection = page.locator("#connection")
+    port = server.port
+
+    server.stop()
+    expect(connection).to_have_attribute("data-state", "down")
+    server.start(port=port)
+    expect(connection).to_have_attribute("data-state", "open")
+    expect(page.locator("#stop")).to_be_hidden()  # no turn runs now; the call still waits
+    expect(call).to_have_count(1)
+    allow = call.get_by_role("button", name="Allow")
+    expect(allow).to_be_visible()
+    expect(page.locator("#messages .note")).to_have_count(0)
+    # A new message meanwhile: the thread waits for the decision, and the page says so.
+    send(page, "Meanwhile?")
+    expect(page.get_by_role("alert")).to_contain_text("waits for a decision")
+    expect(allow).to_be_visible()
+
+    allow.click()
+    expect(call.locator(".approval-decision")).to_have_text(f"Allowed by {tab.resource}")
+    expect(last_text(page)).to_have_text(deleted_reply(victim, text))
+    wait_turn_end(page)
+    expect(call.locator(".tool-status")).to_have_text("done")
+    expect(thread_item(page, victim)).to_have_count(0)
+    assert server.metadata(victim, tab.resource)[0] == 404
