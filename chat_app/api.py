@@ -2,7 +2,6 @@
 (contract §5)."""
 
 import asyncio
-import json
 import re
 
 from django.conf import settings
@@ -55,10 +54,11 @@ SSE_DOC = {
 HEARTBEAT = ": keep-alive\n\n"
 
 
-async def with_heartbeat(events, interval: float):
-    """``events`` as SSE text, with a comment line after every ``interval``
-    seconds of quiet (a proxy's idle timeout must not cut a quiet turn)."""
-    iterator = aiter(events)
+async def with_heartbeat(stream, interval: float):
+    """``stream``'s events as SSE text, with a comment line after every
+    ``interval`` seconds of quiet (a proxy's idle timeout must not cut a
+    quiet turn)."""
+    iterator = aiter(stream.texts())
     try:
         while True:
             step = asyncio.ensure_future(anext(iterator))
@@ -69,19 +69,19 @@ async def with_heartbeat(events, interval: float):
                     if done:
                         break
                     yield HEARTBEAT
-                event = step.result()
+                event, text = step.result()
             except StopAsyncIteration:
                 return
             finally:
                 if not step.done():
                     step.cancel()
-            yield f"id: {event['turnId']}:{event['seq']}\ndata: {json.dumps(event)}\n\n"
+            yield f"id: {event['turnId']}:{event['seq']}\ndata: {text}\n\n"
     finally:
         if (close := getattr(iterator, "aclose", None)) is not None:
             await close()
 
 
-def sse_response(events) -> StreamingHttpResponse:
+def sse_response(events: "streams.Stream") -> StreamingHttpResponse:
     """A turn's events (an async iterator) as ``id: <turnId>:<seq>`` +
     ``data: <json>``, with heartbeats (``OMNI_SSE_HEARTBEAT_SECONDS``)."""
 
@@ -98,13 +98,13 @@ def sse_response(events) -> StreamingHttpResponse:
 async def chat(request, body: ChatIn):
     """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one."""
     approvals.ensure_sweeper()
-    return sse_response((await start_turn(await request_user(request), body)).listen())
+    return sse_response(streams.Stream.of(await start_turn(await request_user(request), body)))
 
 
 @router.post("/chat/fork", response=ERRORS, openapi_extra=SSE_DOC, summary="Fork a thread (SSE)")
 async def fork(request, body: ForkIn):
     """Starts `threadId` as a branch of `forkFromThreadId` (optionally at `atMessageUuid`)."""
-    return sse_response((await start_turn(await request_user(request), body, fork=True)).listen())
+    return sse_response(streams.Stream.of(await start_turn(await request_user(request), body, fork=True)))
 
 
 class StreamQuery(Schema):

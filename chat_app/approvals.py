@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 
 from asgiref.sync import sync_to_async
@@ -101,7 +102,9 @@ def ensure_sweeper() -> None:
         return
     if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
         return
-    _sweeper = loop.create_task(_sweep_forever())
+    # A context of its own: started from a request, it must not use (and
+    # keep a database connection on) that request's executor thread.
+    _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
 
 
 async def stop_sweeper() -> None:

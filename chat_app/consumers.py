@@ -135,7 +135,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.type in ("message", "fork"):
             turn = await start_turn(user, frame, fork=frame.type == "fork")
             self.own_turns[turn.spec.thread_id] = turn
-            self.forward(streams.Stream(turn.turn_id, turn.listen(), turn.spec.thread_id), own=turn,
+            self.forward(streams.Stream.of(turn), own=turn,
                          resource=turn.spec.resource_id)
         elif frame.type == "interrupt":
             turn = self.own_turns.get(frame.threadId)
@@ -162,10 +162,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
         async def pump():
             last = None
-            async for event in stream:
+            async for event, text in stream.texts():  # each event's JSON made once for all
                 if not await self.may_forward(resource, stream.thread_id):
                     return
-                await self.send_json(event)
+                await self.send(text_data=text)
                 last = event
             if own is None and (last is None or last["type"] not in ("done", "error")):
                 # a cursor at or past the turn's end: nothing more will come

@@ -380,7 +380,9 @@ class ProcessPool:
             return
         if self._filling is None or self._filling.done():
             self._bind_loop()
-            self._filling = asyncio.get_running_loop().create_task(self._fill())
+            # A context of its own (not the turn's or request's that asked: a
+            # spare outlives both, and its log lines name no turn).
+            self._filling = asyncio.get_running_loop().create_task(self._fill(), context=contextvars.Context())
 
     async def _fill(self) -> None:
         from .sdk import agent_preset, build_options, session_store

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from django.conf import settings
 from ninja import Schema
 from pydantic import (
-    AfterValidator, Field, StrictInt, StrictStr, StringConstraints, ValidationError, WithJsonSchema,
+    AfterValidator, Field, StrictBool, StrictInt, StrictStr, StringConstraints, ValidationError, WithJsonSchema,
     model_validator,
 )
 
@@ -41,11 +41,16 @@ Agent = Annotated[
 ]
 
 
+Chunks = Annotated[StrictBool, Field(description="false: leave out this turn's chunk events (the raw SDK "
+                                                 "messages); the other events are unchanged")]
+
+
 class ChatIn(Schema):
     message: Message
     threadId: Id | None = None
     resourceId: Id | None = None
     agent: Agent = None
+    chunks: Chunks = True
 
 
 class ForkIn(Schema):
@@ -54,6 +59,7 @@ class ForkIn(Schema):
     threadId: Id
     resourceId: Id | None = None
     agent: Agent = None
+    chunks: Chunks = True
     atMessageUuid: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -101,14 +102,34 @@ class TurnLost(Unavailable):
 @dataclass
 class Stream:
     """A turn's events for one listener: ``turn_id`` and an async iterator
-    (which ends after the turn's last event, or at once for a cursor past it)."""
+    (which ends after the turn's last event, or at once for a cursor past it).
+    A local turn's stream reads its log from ``start`` (:meth:`texts` gives
+    each event's JSON made once for every listener); a remote one the
+    follower's iterator."""
 
     turn_id: str
-    events: AsyncIterator[dict]
+    events: AsyncIterator[dict] | None = None
     thread_id: str = ""
+    log: object | None = None  # the turn's EventLog, for a turn of this process
+    start: int = 0
+
+    @classmethod
+    def of(cls, turn, start: int = 0) -> "Stream":
+        return cls(turn.turn_id, None, turn.spec.thread_id, turn.log, start)
 
     def __aiter__(self):
+        if self.events is None:
+            self.events = self.log.listen(self.start)
         return self.events
+
+    async def texts(self) -> AsyncIterator[tuple[dict, str]]:
+        """Each event with its JSON."""
+        if self.log is not None:
+            async for pair in self.log.listen_json(self.start):
+                yield pair
+        else:
+            async for event in self:
+                yield event, json.dumps(event)
 
 
 # --- the owner's side ------------------------------------------------------------
@@ -290,7 +311,7 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
                        else f"turn {turn_id!r} of thread {thread_id!r} is not running any more")
     turn = registry.by_id(turn_id) if turn_id else registry.get(*key)
     if turn is not None and turn.spec.key == key:
-        return None if turn.turn_id in exclude else Stream(turn.turn_id, turn.listen(start + 1), thread_id)
+        return None if turn.turn_id in exclude else Stream.of(turn, start + 1)
     if turn_id is None:
         row = await leases.active(resource_id, thread_id)
     else:
@@ -304,7 +325,7 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
         return None
     if (local := registry.by_id(row.turn_id)) is not None:  # ended here meanwhile
         if local.spec.key == key:
-            return Stream(local.turn_id, local.listen(start + 1), thread_id)
+            return Stream.of(local, start + 1)
         raise missing
     return Stream(row.turn_id, await RemoteFollow.open(row.turn_id, thread_id, start, missing), thread_id)
 

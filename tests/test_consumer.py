@@ -169,3 +169,28 @@ async def test_foreign_origin_is_refused(offline_chat):
     assert not connected
     ok = await connect(headers=[(b"host", b"localhost"), (b"origin", b"http://localhost")])
     await ok.disconnect()
+
+
+async def test_a_client_that_reads_no_chunks_gets_none(offline_chat):
+    """"chunks": false leaves out the chunk events; the rest is unchanged."""
+    comm = await connect()
+    try:
+        await comm.send_json_to({"type": "message", "message": "Lean please", "threadId": "lean",
+                                 "resourceId": "alice", "chunks": False})
+        lean = await until_end(comm)
+        await comm.send_json_to({"type": "message", "message": "Lean please", "threadId": "full",
+                                 "resourceId": "alice"})
+        full = await until_end(comm)
+    finally:
+        await comm.disconnect()
+    assert "chunk" not in {e["type"] for e in lean} and "chunk" in {e["type"] for e in full}
+    assert [e["type"] for e in lean] == [e["type"] for e in full if e["type"] != "chunk"]
+    assert [e["seq"] for e in lean] == list(range(len(lean)))
+    assert reply_text(lean) == reply_text(full)
+    bad = await connect()
+    try:
+        await bad.send_json_to({"type": "message", "message": "x", "threadId": "lean", "resourceId": "alice",
+                                "chunks": "no"})
+        assert (await bad.receive_json_from(timeout=5))["code"] == "bad_request"
+    finally:
+        await bad.disconnect()

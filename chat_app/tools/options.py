@@ -41,6 +41,8 @@ from claude_agent_sdk import (
     tool,
 )
 
+from omni import logs
+
 from . import SERVER, Caller, Tool, ToolContext, calls, get, qualified
 
 log = logging.getLogger("omni.chat")
@@ -65,6 +67,7 @@ def _sdk_tool(spec: Tool, context: ToolContext):
         caller = context.caller
         if caller is None:  # no turn runs on this client: fail closed
             return {"content": [{"type": "text", "text": "no conversation is running"}], "is_error": True}
+        logs.bind_caller(caller)
         try:
             return _result(await spec.handler(args or {}, caller))
         except Exception:
@@ -144,6 +147,7 @@ def approval_hook(context: ToolContext):
         name = hook_input.get("tool_name", "")
         if caller is None or not tool_use_id:
             return _deny_hook("no conversation is running")
+        logs.bind_caller(caller)
         session_id = hook_input.get("session_id") or caller.session_id
         try:
             call = await sync_to_async(calls.get_sync)(session_id, tool_use_id)
@@ -183,6 +187,7 @@ def permission_callback(context: ToolContext):
         tool_use_id = permission.tool_use_id
         if caller is None or name not in context.approvals or not tool_use_id:
             return PermissionResultDeny(message="This agent may not use that tool.")
+        logs.bind_caller(caller)
         try:
             session_id = caller.session_id
             allowed = await sync_to_async(calls.claim_run_sync)(session_id, tool_use_id)

@@ -11,6 +11,7 @@ on this worker), and ``on_event`` hooks get each new one as it is added
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import AsyncIterator, Callable
 
 TERMINAL = ("done", "error")
@@ -21,6 +22,7 @@ class EventLog:
         self.turn_id = turn_id
         self.thread_id = thread_id
         self.events: list[dict] = []
+        self._texts: list[str | None] = []  # each event's JSON, made once, when first read
         self.finished = False
         self._wake = asyncio.Event()
         self.on_event: list[Callable[[dict], None]] = []
@@ -34,6 +36,7 @@ class EventLog:
         event["turnId"] = self.turn_id
         event.setdefault("threadId", self.thread_id)
         self.events.append(event)
+        self._texts.append(None)
         if last:
             self.finished = True
         self._wake.set()
@@ -41,6 +44,26 @@ class EventLog:
         for hook in self.on_event:
             hook(event)
         return event
+
+    def text(self, index: int) -> str:
+        """Event ``index`` as JSON: serialized once, however many listeners
+        and transports read it (and not at all if nobody does)."""
+        text = self._texts[index]
+        if text is None:
+            text = self._texts[index] = json.dumps(self.events[index])
+        return text
+
+    async def listen_json(self, start: int = 0) -> AsyncIterator[tuple[dict, str]]:
+        """As :meth:`listen`, each event with its JSON."""
+        index = max(start, 0)
+        while True:
+            wake = self._wake
+            while index < len(self.events):
+                yield self.events[index], self.text(index)
+                index += 1
+            if self.finished:
+                return
+            await wake.wait()
 
     async def listen(self, start: int = 0) -> AsyncIterator[dict]:
         """Every event from ``start`` on, as they come, until the last one."""

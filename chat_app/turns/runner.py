@@ -86,6 +86,7 @@ class TurnSpec:
     version: int | None = None  # the mapping's version at turn start (warm-client staleness)
     new_thread: bool = True  # no mapping at turn start: its first save creates it
     continuation: object | None = None  # a decided ToolCall this turn continues after (no message)
+    chunks: bool = True  # False: no chunk events (a client that reads none)
 
     def __post_init__(self):
         self.turn_id = self.turn_id or new_turn_id()
@@ -220,6 +221,11 @@ class Turn:
         if event.get("type") == "session" and self._approval_event is not None:
             self.log.append(self._approval_event)  # a continuation: the decision right after
             self._approval_event = None
+
+    def _chunk(self, message) -> None:
+        """A ``chunk`` event for an SDK message, unless the client said ``chunks: false``."""
+        if self.spec.chunks:
+            self._publish(events.chunk_event(self.session_id, message))
 
     def publish_final(self) -> None:
         if self.finished:
@@ -366,6 +372,7 @@ class Turn:
                 async with silence():
                     await pool.room()  # never more CLIs than the budget, exiting ones included
                     await client.connect()
+            logs.bind(pid=warm.pid)  # the turn's log lines name its CLI
             self._stopped()
             if not continuing:
                 await client.query(spec.message)
@@ -384,13 +391,13 @@ class Turn:
                     for earlier in pending:  # (a resumed session may answer a tool call first)
                         self._emit_text(earlier, streamed, reply)
                         await self._emit_tools(earlier, context)
-                        self._publish(events.chunk_event(sid, earlier))
+                        self._chunk(earlier)
                 elif (sid := events.init_session_id(message)) and sid != self.session_id:
                     self.session_id = sid
                     context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
                 self._emit_text(message, streamed, reply)
                 await self._emit_tools(message, context)
-                self._publish(events.chunk_event(self.session_id, message))
+                self._chunk(message)
                 if isinstance(message, ResultMessage):
                     result = message
                     self._count(result, warm)

@@ -48,7 +48,7 @@ async def _start_turn(user, body, *, fork: bool = False) -> Turn:
     resource = resolve_resource(user, body.resourceId)
     agent, preset = agent_preset(body.agent)
     thread_id = body.threadId or f"thread-{uuid.uuid4().hex}"
-    spec = TurnSpec(resource, thread_id, body.message, agent, preset)
+    spec = TurnSpec(resource, thread_id, body.message, agent, preset, chunks=getattr(body, "chunks", True))
     if registry.draining:
         raise ServerBusy("the server is shutting down; try again (another worker will answer)",
                          retry_after=1)
