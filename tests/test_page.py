@@ -713,6 +713,22 @@ def test_deny_keeps_the_thread_and_the_reply_says_so(server, tabs):
     ask(page, "Anything else?", text)
 
 
+def test_stop_while_a_request_waits_denies_it(server, tabs):
+    tab = tabs()
+    page = open_page(tab, server)
+    ask(page, "Spare me")
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    page.get_by_role("button", name="Stop").click()
+    expect(call.locator(".approval-decision")).to_have_text("Denied: the reply was stopped")
+    expect(call.get_by_role("button")).to_have_count(0)
+    wait_turn_end(page)
+    expect(call.locator(".tool-status")).to_have_text("not run")
+    expect(thread_item(page, victim)).to_have_count(1)
+    assert server.metadata(victim, tab.resource)[0] == 200
+
+
 def test_a_reload_while_a_request_waits(server, tabs):
     """The request survives a reload: drawn once (the store and the followed
     turn's replay are the same call), marked in the sidebar, and Allow works."""

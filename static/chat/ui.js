@@ -47,6 +47,7 @@ const state = {
   forkFrom: null, // {threadId, uuid, label}: the next message forks
   streaming: null, // {threadId, li}: the assistant reply being drawn (its parts in `replies`)
   stopped: false,
+  redrawOnReconnect: null, // a thread whose drawing could not reach the server
 };
 
 function resourceId() {
@@ -67,6 +68,14 @@ function replyOf(threadId) {
     replies.set(threadId, parts);
   }
   return parts;
+}
+
+/** Whether a call of the thread's reply still waits for a person's decision. */
+function replyWaits(threadId) {
+  return (replies.get(threadId) || []).some((part) => {
+    const call = part.kind === "tool" && callsOf(threadId).get(part.toolUseId);
+    return Boolean(call && call.approval && !call.approval.decision);
+  });
 }
 
 /** The reply's text since its last tool call (what the store keeps as its last message). */
@@ -688,9 +697,14 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
       if (err.status === 404 && (ended || socket.isRunning(threadId))) return; // not stored yet
       if (err.status === 404) showError(`There is no conversation ${threadId}.`);
       else showError(`Could not load the conversation: ${describeError(err)}`);
+      if (err.status === 0) state.redrawOnReconnect = threadId; // the server is away: again once it is back
       return;
     }
     if (state.threadId !== threadId || call !== drawing) return;
+    if (state.redrawOnReconnect === threadId) {
+      state.redrawOnReconnect = null;
+      showError(null); // the "could not load" of before
+    }
     const last = data.messages[data.messages.length - 1];
     const stored = !ended || !ended.text || (last && last.role === "assistant" && last.text === ended.text);
     if (!stored) {
@@ -892,12 +906,17 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
     loadThreads(); // a tool may have changed the threads (deleted one)
   } else if (event.type === "done" || event.type === "error") {
     const ended = current && state.streaming ? { text: lastText(replies.get(threadId)) } : null;
+    // The server process running the turn stops while a call waits: the call
+    // still waits (in the store) and can be decided; a new turn goes on after.
+    const lost = event.type === "error" && event.code === "turn_lost" && replyWaits(threadId);
     replies.delete(threadId);
     if (current) {
       const stopped = state.stopped;
       state.stopped = false;
       let note = null;
-      if (event.type === "error") {
+      if (lost) {
+        note = null;
+      } else if (event.type === "error") {
         showError(describeError(event, threadId));
         note = "failed";
       } else if (stopped) {
@@ -918,15 +937,12 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
 
 socket.addEventListener("gone", async ({ detail: { threadId } }) => {
   // The turn ended while the socket was down: show what the server kept.
+  // A call that still waits for a decision is not lost: the store shows it, to be decided.
+  const waiting = replyWaits(threadId);
   const parts = replies.get(threadId);
   replies.delete(threadId);
   if (threadId !== state.threadId) return;
   const ended = state.streaming ? { text: lastText(parts) } : null;
-  // A call that still waits for a decision is not lost: the store shows it, to be decided.
-  const waiting = (parts || []).some((part) => {
-    const call = part.kind === "tool" && callsOf(threadId).get(part.toolUseId);
-    return call && call.approval && !call.approval.decision;
-  });
   const note = waiting ? null : "interrupted: the connection to the server was lost";
   endStreaming(note);
   drawRunning();
@@ -1024,6 +1040,7 @@ socket.addEventListener("state", ({ detail }) => {
   // Connected (first time or again): receive the open thread's running turn, if any.
   if (detail.state === "open" && state.threadId && !socket.isRunning(state.threadId)) {
     socket.follow(state.threadId, resourceId());
+    if (state.redrawOnReconnect === state.threadId) Promise.all([loadThreads(), drawConversation(state.threadId)]);
   }
 });
 socket.connect();
