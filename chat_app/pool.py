@@ -479,7 +479,8 @@ class ProcessPool:
     def _close(self, warm: WarmClient, thread_id: str | None, reason: str) -> None:
         log.info("[POOL] Closing client thread=%s pid=%s: %s", thread_id or "-", warm.pid, reason)
         metrics.evicted(reason)
-        task = asyncio.get_running_loop().create_task(_disconnect(warm.client))
+        task = asyncio.get_running_loop().create_task(
+            _retire(warm, erase=reason in ERASING_REASONS), context=contextvars.Context())
         self._closing.add(task)
         task.add_done_callback(self._on_exit)
 
@@ -542,6 +543,29 @@ def _current_sessions(keys: list[Key]) -> dict[Key, str]:
         "resource_id", "thread_id", "session_id")
     return {(resource, thread): session for resource, thread, session in rows
             if (resource, thread) in wanted}
+
+
+# A client closed for these reasons held a deleted conversation: its CLI's
+# local files are erased, not only dropped once stored.
+ERASING_REASONS = frozenset({"thread deleted", "deleted"})
+
+
+async def _retire(warm: WarmClient, *, erase: bool = False) -> None:
+    """Close a warm client and, with the transcript store on, remove its CLI's
+    local copy of the conversation (a cache of what the database holds; a warm
+    client's turns keep it while the client lives)."""
+    await _disconnect(warm.client)
+    if warm.session_id is None or not settings.OMNI_SESSION_STORE:
+        return
+    from asgiref.sync import sync_to_async
+
+    from sessions_app import services
+
+    drop = services.erase_local_transcript if erase else services.drop_mirrored_local_transcript
+    try:
+        await sync_to_async(drop)(warm.session_id)
+    except Exception:
+        log.warning("[POOL] Could not remove the local transcript of %s", warm.session_id, exc_info=True)
 
 
 async def _disconnect(client: ClaudeSDKClient) -> None:

@@ -191,6 +191,42 @@ def _write_mapping(thread_id, resource_id, session_id, agent, user_message, assi
     return mapping
 
 
+def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent: str | None = None,
+                     user_message: str | None = None, assistant_message: str | None = None,
+                     turn_record: dict | None = None) -> None:
+    """A turn's last write of its mapping (update only: raises
+    :class:`ThreadDeleted` if the thread is gone) with its record
+    (:mod:`sessions_app.usage`) and cost: two statements, no read."""
+    from django.db.models import Case, Value, When
+
+    from .models import TurnRecord
+    from .usage import record_fields
+
+    added = (user_message is not None) + bool(assistant_message)
+    preview = assistant_message or user_message
+    changes = {"session_id": session_id, "updated_at": timezone.now(),
+               "message_count": F("message_count") + added, "version": F("version") + 1}
+    if agent:
+        changes["agent"] = agent
+    if preview:
+        changes["last_message"] = _clip(preview, PREVIEW_CHARS)
+    if user_message:
+        changes["title"] = Case(When(title="", then=Value(_clip(user_message, TITLE_CHARS))),
+                                default=F("title"))
+    record = record_fields(turn_record) if turn_record is not None else None
+    if record is not None and record["cost_usd"]:
+        changes["cost_usd"] = F("cost_usd") + record["cost_usd"]
+    updated = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).update(**changes)
+    if not updated:
+        raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
+    if record is not None:
+        TurnRecord.objects.bulk_create([TurnRecord(**record)], ignore_conflicts=True)
+    log.info(
+        "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
+        thread_id, resource_id, session_id,
+    )
+
+
 async def add_approvals(mapping: SessionMapping, messages: list[dict]) -> None:
     """Put each tool call's decision (from the audit) into ``messages``'
     ``toolCalls``: ``{"decision", "by"}``, or for a call that still waits

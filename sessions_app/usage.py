@@ -57,14 +57,20 @@ def money(value) -> float:
 
 # --- writing ---------------------------------------------------------------------------
 
+def record_fields(record: dict) -> dict:
+    """A turn's record as TurnRecord fields (its cost a Decimal, its UTC day)."""
+    return {**record, "cost_usd": Decimal(str(record.get("cost_usd") or 0)),
+            "day": record["started_at"].astimezone(UTC).date()}
+
+
 def record_turn_sync(record: dict) -> None:
     """Write a turn's record (once: a second write of the same turn is ignored)
     and add its cost to its thread's total."""
     if TurnRecord.objects.filter(turn_id=record["turn_id"]).exists():
         return
-    cost = Decimal(str(record.get("cost_usd") or 0))
-    started = record["started_at"]
-    TurnRecord.objects.create(**{**record, "cost_usd": cost, "day": started.astimezone(UTC).date()})
+    fields = record_fields(record)
+    cost = fields["cost_usd"]
+    TurnRecord.objects.create(**fields)
     if cost:
         SessionMapping.objects.filter(resource_id=record["resource_id"], thread_id=record["thread_id"]).update(
             cost_usd=F("cost_usd") + cost)

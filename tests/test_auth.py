@@ -473,8 +473,11 @@ def test_a_database_down_is_503_json_for_chat_calls_too(client):
 
     from django.db import OperationalError
 
+    from chat_app import leases
+
     token = issue("alice")
-    with mock.patch.object(services, "get_mapping", side_effect=OperationalError("refused")):
+    with mock.patch.object(services, "get_mapping", side_effect=OperationalError("refused")), \
+            mock.patch.object(leases, "acquire_sync", side_effect=OperationalError("refused")):
         for path, payload in (
             ("/api/chat", {"message": "hi", "threadId": "t1"}),
             ("/api/chat/fork", {"message": "hi", "forkFromThreadId": "a", "threadId": "b"}),

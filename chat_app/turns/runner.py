@@ -114,7 +114,8 @@ class Turn:
         self.task: asyncio.Task | None = None
         self._kept: WarmClient | None = None  # the client to keep warm after the turn
         self._version: int | None = None  # the mapping's version after this turn's writes
-        self._first_save: asyncio.Future | None = None  # a follow-up's save at its session event
+        self._message_unsaved = False  # a follow-up: its message goes in with the turn's last save
+        self._finished = False  # the last save (and the lease's release) happened
         self._client: ClaudeSDKClient | None = None
         self._interrupted = False
         self._aborted: Aborted | None = None
@@ -320,10 +321,12 @@ class Turn:
         finally:
             on_free(self)
             # Like a request's end: a turn runs outside any request, so close
-            # its database connection if it is past CONN_MAX_AGE or broken.
+            # its database connection if it is past CONN_MAX_AGE or broken
+            # (done in the last save's trip when there was one).
             try:
-                with contextlib.suppress(Exception):
-                    await sync_to_async(close_old_connections)()
+                if not self._finished:
+                    with contextlib.suppress(Exception):
+                        await sync_to_async(close_old_connections)()
             finally:
                 self.publish_final()
 
@@ -428,9 +431,6 @@ class Turn:
         self._stopped()
         if self.session_id is None:
             raise ApiError("the CLI ended without starting a session", code="turn_failed")
-        if self._first_save is not None:
-            await self._first_save
-            self._first_save = None
         if deferred is not None:
             return deferred  # saved when the conversation goes on
         # A failed model call's "API Error" text is not a message of the thread.
@@ -448,18 +448,24 @@ class Turn:
                                       usage=dict(self._usage), duration_ms=self._elapsed_ms())
         else:
             final = events.error_event("turn_failed", "the turn ended without a result")
-        if self.lease is not None:
-            await self.lease.check()  # a worker that lost the thread saves nothing more
         self._stopped()
-        mapping = await store.save(
-            spec, self.session_id, create=False,
+        # The turn's last save, in ONE trip to the database thread: the lease
+        # still ours (a worker that lost the thread saves nothing more), the
+        # mapping (with a follow-up's message), the turn's record and cost,
+        # the CLI's local copy dropped (unless the client stays warm), and the
+        # lease let go.
+        unsaved = self._message_unsaved
+        record = self._record(self._outcome(final))
+        await store.finish(
+            spec, self.session_id, self.lease,
+            user_message=spec.message if unsaved else None, agent=spec.agent if unsaved else None,
             assistant_message="".join(reply) if answered else None,
-            turn_record=(record := self._record(self._outcome(final))),  # in the same trip
+            turn_record=record, drop_local=self._kept is None,
         )
-        self._recorded = True
+        self._message_unsaved = False
+        self._recorded = self._finished = True
+        self._version = (self._version or 0) + 1
         metrics.turn_finished(record)
-        self._version = mapping.version
-        await store.drop_local_copy(self.session_id)
         self._publish(final)
         return None
 
@@ -603,22 +609,24 @@ class Turn:
         spec = self.spec
         self.session_id = session_id
         self._stopped()
-        # Saved as soon as it is known, so a turn cut short still resumes.
-        # Only a turn that found no mapping may create one.
-        save = store.save(
-            spec, session_id, create=spec.new_thread,
-            agent=spec.agent,
-            user_message=spec.message,
-            forked_from_thread_id=spec.fork_from_thread_id,
-        )
+        if self._version is None:
+            self._version = spec.version
         if session_id == spec.resume_session_id and not spec.fork_from_thread_id:
-            # A follow-up: the mapping exists and names this session already,
-            # so the text need not wait for the write (the turn's last save
-            # waits for it).
-            self._first_save = asyncio.ensure_future(save)
-            self._first_save.add_done_callback(_log_failed_save)
+            # A follow-up: the mapping exists and names this session already
+            # (a turn cut short still resumes, and its transcript holds the
+            # message): the message is counted in the turn's last save.
+            self._message_unsaved = spec.message is not None
         else:
-            await save  # a new mapping: its insert may find the thread taken
+            # A new thread, a fork, or a fresh session: saved as soon as it is
+            # known, so a turn cut short still resumes. Only a turn that found
+            # no mapping may create one (its insert may find the thread taken).
+            mapping = await store.save(
+                spec, session_id, create=spec.new_thread,
+                agent=spec.agent,
+                user_message=spec.message,
+                forked_from_thread_id=spec.fork_from_thread_id,
+            )
+            self._version = mapping.version
         self._publish(
             events.session_event(
                 spec.thread_id, spec.resource_id, session_id, resumed,
@@ -638,16 +646,6 @@ class Turn:
         elif (text := events.assistant_text(message)) and message.message_id not in streamed:
             reply.append(text)
             self._publish(events.text_event(self.session_id, text))
-
-
-def _log_failed_save(future: asyncio.Future) -> None:
-    if future.cancelled():
-        return
-    exc = future.exception()
-    if isinstance(exc, ThreadDeleted):
-        return  # the turn learns it at its last save
-    if exc is not None:
-        log.error("[CHAT] Could not save the session mapping: %s", exc)
 
 
 class Detached(Exception):

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from sessions_app import services, usage
 from sessions_app.errors import ApiError, Conflict, NotFound, ServerBusy, TooLarge
+from sessions_app.models import SessionMapping
 from sessions_app.resources import resolve_resource
 
 from .. import leases, limits, metrics
@@ -56,13 +57,22 @@ async def _start_turn(user, body, *, fork: bool = False) -> Turn:
         raise leases.busy_error(thread_id, running.retry_after())
     if fork:  # the cheap refusals first: no lease row for a fork that cannot be
         await _check_fork(spec, body)
-    await usage.check_budget(resource)  # 429 budget_exceeded, across workers (the database)
-    # One turn per thread across every process, from here to the turn's end:
-    # the checks below and everything the turn does to the stored session.
-    lease = await leases.acquire(resource, thread_id, spec.turn_id)
+        await usage.check_budget(resource)  # 429 budget_exceeded, across workers (the database)
+        # One turn per thread across every process, from here to the turn's end:
+        # the checks below and everything the turn does to the stored session.
+        lease = await leases.acquire(resource, thread_id, spec.turn_id)
+        admission = None
+    else:
+        # A message: the lease, the thread, its waiting calls, the budget and
+        # the limits in ONE trip to the database thread (the warm path).
+        backend = limits.backend()
+        local = isinstance(backend, limits.DatabaseBackend)
+        lease, admission = await sync_to_async(_begin_sync)(spec, body, backend if local else None)
     try:
-        await _resolve_thread(spec, body, fork=fork)
-        admission = await limits.admit(resource, spec.turn_id)  # 429 rate_limited
+        if fork:
+            await _resolve_thread(spec, body, fork=True)
+        if admission is None:
+            admission = await limits.admit(resource, spec.turn_id)  # 429 rate_limited
         try:
             return registry.start(spec, lease)
         except BaseException:
@@ -71,6 +81,50 @@ async def _start_turn(user, body, *, fork: bool = False) -> Turn:
     except BaseException:
         await asyncio.shield(lease.discard())  # refused: the thread as it was, no new row
         raise
+
+
+def _begin_sync(spec: TurnSpec, body, backend) -> tuple:
+    """A message's checks under its new lease, in one trip: the lease (409),
+    the thread's mapping, a call of it waiting for a decision (409), the
+    budget (429) and, with the database backend, the limits (429). A refusal
+    gives the lease back (no row left for a thread that never ran)."""
+    taken = leases.acquire_sync(spec.resource_id, spec.thread_id, spec.turn_id)
+    if isinstance(taken, leases.Busy):
+        raise leases.busy_error(spec.thread_id, taken.retry_after)
+    try:
+        mapping = SessionMapping.objects.filter(thread_id=spec.thread_id, resource_id=spec.resource_id).first()
+        if mapping is not None:
+            if mapping.pending_approval_id:
+                _check_waiting_call_sync(spec, spec.thread_id)
+            _resume(spec, mapping, body)
+        usage.check_budget_sync(spec.resource_id)
+        admission = backend.admit_sync(spec.resource_id, spec.turn_id) if backend is not None else None
+    except BaseException:
+        taken.discard_sync()
+        raise
+    return taken, admission
+
+
+def _resume(spec: TurnSpec, mapping, body) -> None:
+    """The thread exists: the turn resumes its session."""
+    spec.new_thread = False
+    spec.resume_session_id = mapping.session_id
+    spec.forked_from_thread_id = mapping.forked_from_thread_id
+    spec.version = mapping.version
+    if body.agent is None:
+        spec.agent, spec.preset = agent_preset(mapping.agent)
+
+
+def _check_waiting_call_sync(spec: TurnSpec, thread_id: str) -> None:
+    call = calls.pending_for_thread_sync(spec.resource_id, thread_id)
+    if call is None:
+        return
+    if call.status == call.PENDING and call.expires_at is not None:
+        left = (call.expires_at - timezone.now()).total_seconds()
+        if left > 0:
+            raise leases.busy_error(thread_id, left)
+        calls.decide_sync(call, "expired", "timeout")
+    raise leases.busy_error(thread_id, 2)  # the conversation goes on after the decision first
 
 
 async def _check_waiting_call(spec: TurnSpec, thread_id: str | None = None) -> None:
@@ -117,10 +171,5 @@ async def _resolve_thread(spec: TurnSpec, body, *, fork: bool) -> None:
     elif mapping := await services.get_mapping(thread_id, resource):
         if mapping.pending_approval_id:
             await _check_waiting_call(spec)
-        spec.new_thread = False
-        spec.resume_session_id = mapping.session_id
-        spec.forked_from_thread_id = mapping.forked_from_thread_id
-        spec.version = mapping.version
-        if body.agent is None:
-            spec.agent, spec.preset = agent_preset(mapping.agent)
+        _resume(spec, mapping, body)
 

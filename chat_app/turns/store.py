@@ -23,9 +23,12 @@ import logging
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from django.db import close_old_connections, transaction
+
 from sessions_app import services
 from sessions_app.errors import BadRequest
 
+from .. import leases
 from ..sdk import workspace_dir
 
 log = logging.getLogger("omni.chat")
@@ -65,6 +68,35 @@ async def save(spec, session_id: str, *, create: bool, **fields):
     :class:`~sessions_app.services.ThreadDeleted`."""
     return await services.save_session(
         spec.thread_id, spec.resource_id, session_id, create=create, **fields)
+
+
+def _finish_sync(spec, session_id: str, lease, *, user_message, agent, assistant_message,
+                 turn_record, drop_local: bool) -> None:
+    try:
+        with transaction.atomic():  # the mapping, the record and the lease's end together
+            if lease is not None and not lease.held_sync():
+                raise leases.LeaseLost(f"the lease of thread {spec.thread_id!r} (token {lease.token}) was lost")
+            services.finish_turn_sync(
+                spec.thread_id, spec.resource_id, session_id, agent=agent, user_message=user_message,
+                assistant_message=assistant_message, turn_record=turn_record)
+            if lease is not None:
+                lease.release_sync()
+        if drop_local and settings.OMNI_SESSION_STORE:
+            try:
+                services.drop_mirrored_local_transcript(session_id)
+            except OSError:
+                log.warning("could not drop the local transcript of %s", session_id, exc_info=True)
+    finally:
+        close_old_connections()  # as at a request's end: a broken connection goes
+
+
+async def finish(spec, session_id: str, lease, **fields) -> None:
+    """A turn's last save in one trip to the database thread: the lease still
+    held (else :class:`~chat_app.leases.LeaseLost`), the mapping updated
+    (:func:`sessions_app.services.finish_turn_sync`, with the turn's record),
+    the CLI's local copy dropped (``drop_local``: its client is not kept),
+    the lease let go."""
+    await sync_to_async(_finish_sync)(spec, session_id, lease, **fields)
 
 
 async def drop_local_copy(session_id: str) -> None:
