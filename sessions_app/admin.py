@@ -1,18 +1,31 @@
 import json
+from datetime import timedelta
+from decimal import Decimal
+from urllib.parse import urlencode
 
 from asgiref.sync import async_to_sync
+from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
-from django.urls import reverse
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.db.models import DecimalField, OuterRef, Subquery, Sum, Value
+from django.db.models.functions import Coalesce
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
-from . import services, transcripts
-from .errors import NotFound
-from .models import ApiToken, SessionMapping, ToolCall
+from . import services, transcripts, usage
+from .errors import BadRequest, NotFound
+from .models import ApiToken, ResourceBudget, SessionMapping, ToolCall, TurnRecord
 
 # The thread's page shows its latest calls; the audit list has them all.
 THREAD_CALLS_SHOWN = 100
+# ... and its latest turns' usage records; the records' list has them all.
+THREAD_TURNS_SHOWN = 20
 PREVIEW_CHARS = 200
 
 
@@ -44,6 +57,18 @@ def _calls_list_url(mapping_id) -> str:
     return reverse("admin:sessions_app_toolcall_changelist") + f"?mapping__id__exact={mapping_id}"
 
 
+def _usd(value) -> str:
+    """An amount in USD as the usage pages show it (six decimals: a turn can
+    cost a fraction of a cent)."""
+    return f"${Decimal(value or 0):.6f}"
+
+
+def _records_url(**lookups) -> str:
+    """The usage records' list filtered by plain field lookups (no date
+    functions: ``day`` is a stored column)."""
+    return reverse("admin:sessions_app_turnrecord_changelist") + "?" + urlencode(lookups)
+
+
 @admin.register(SessionMapping)
 class SessionMappingAdmin(admin.ModelAdmin):
     list_display = (
@@ -54,7 +79,7 @@ class SessionMappingAdmin(admin.ModelAdmin):
     ordering = ("-updated_at", "-id")
     readonly_fields = (
         "thread_id", "resource_id", "session_id", "created_at", "updated_at",
-        "forked_from", "message_count", "conversation", "tool_calls",
+        "forked_from", "message_count", "cost", "turn_records", "conversation", "tool_calls",
     )
     fields = readonly_fields[:3] + ("agent", "title", "last_message") + readonly_fields[3:]
     list_per_page = 50
@@ -73,6 +98,52 @@ class SessionMappingAdmin(admin.ModelAdmin):
             return f"{obj.forked_from_thread_id} (deleted)"
         url = reverse("admin:sessions_app_sessionmapping_change", args=[parent.pk])
         return format_html('<a href="{}">{}</a>', url, parent.thread_id)
+
+    @admin.display(description="Cost (USD)")
+    def cost(self, obj):
+        """What the thread's turns cost (their records' sum, kept on the mapping)."""
+        return _usd(obj.cost_usd)
+
+    @admin.display(description="Turns")
+    def turn_records(self, obj):
+        """The usage records of the thread's latest turns, newest first; the
+        records' list has them all. (Records outlive their thread: a thread
+        deleted and made again under the same id shows the old ones too.)"""
+        records = list(
+            TurnRecord.objects.filter(resource_id=obj.resource_id, thread_id=obj.thread_id)
+            .order_by("-started_at", "-id")[:THREAD_TURNS_SHOWN + 1]
+        )
+        if not records:
+            return "No turns recorded."
+        all_url = _records_url(resource_id=obj.resource_id, thread_id=obj.thread_id)
+        if len(records) > THREAD_TURNS_SHOWN:
+            records = records[:THREAD_TURNS_SHOWN]
+            more = format_html(
+                '<p>Only the latest {} are shown: <a href="{}">all of this thread\'s turns</a>.</p>',
+                THREAD_TURNS_SHOWN, all_url,
+            )
+        else:
+            more = format_html('<p><a href="{}">These turns in the usage records</a></p>', all_url)
+        rows = format_html_join(
+            "",
+            '<tr data-turn-record="{}"><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    r.turn_id, reverse("admin:sessions_app_turnrecord_change", args=[r.pk]),
+                    _when(r.started_at), r.agent or "—", r.model or "—", r.outcome,
+                    _duration(r.duration_ms), _duration(r.first_text_ms),
+                    r.input_tokens, r.output_tokens, _usd(r.cost_usd),
+                )
+                for r in records
+            ),
+        )
+        return format_html(
+            '{}<table class="omni-turn-records"><thead><tr><th>Started</th><th>Agent</th><th>Model</th>'
+            "<th>Outcome</th><th>Duration</th><th>First text</th><th>Input tokens</th>"
+            "<th>Output tokens</th><th>Cost</th></tr></thead><tbody>{}</tbody></table>",
+            more, rows,
+        )
 
     @admin.display(description="Conversation")
     def conversation(self, obj):
@@ -232,3 +303,313 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset):
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)
+
+
+# --- usage: records, spend per resource and day, budgets (contract §10) ---------------------
+#
+# Everything here filters on the stored ``day`` (equality and ranges) and sums
+# with Sum and Count: no SQL date function (no __date, Trunc or
+# date_hierarchy), which a remote libSQL database lacks.
+
+SPEND_PER_PAGE = 100
+CHART_RESOURCES = 5  # the chart stacks the selection's top spenders; the rest is "others"
+CHART_COLORS = ("#417690", "#e0a030", "#70a050", "#b05070", "#8070c0")
+CHART_OTHERS_COLOR = "#b0b0b0"
+# The spend page's columns: (key in ?o=, heading, what rows are sorted by).
+SPEND_COLUMNS = (
+    ("day", "Day", "day"),
+    ("resource", "Resource", "resource_id"),
+    ("turns", "Turns", "turns"),
+    ("input", "Input tokens", "input"),
+    ("output", "Output tokens", "output"),
+    ("cost", "Cost (USD)", "cost"),
+)
+SPEND_DEFAULT_ORDER = "-day"
+
+
+@admin.register(TurnRecord)
+class TurnRecordAdmin(admin.ModelAdmin):
+    """One record per finished turn, written by the turns: read-only, never
+    deleted here (the spend was real and budgets count it). Its list links
+    to the spend per resource and day (``spend/``)."""
+
+    list_display = (
+        "started_at", "resource_id", "thread_id", "agent", "model", "outcome", "duration",
+        "first_text", "input_tokens", "output_tokens", "cost",
+    )
+    list_filter = ("outcome", "agent")
+    search_fields = ("resource_id", "thread_id", "turn_id")
+    ordering = ("-started_at", "-id")
+    list_per_page = 100
+    fields = (
+        "turn_id", "resource_id", "thread", "agent", "model", "started_at", "day", "duration",
+        "first_text", "outcome", "worker", "input_tokens", "output_tokens", "cache_read_tokens",
+        "cache_write_tokens", "cost",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False  # written by the turns
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # budgets count them; they outlive their thread
+
+    def get_urls(self):
+        spend = self.admin_site.admin_view(self.spend_view)
+        return [path("spend/", spend, name="sessions_app_turnrecord_spend"), *super().get_urls()]
+
+    @admin.display(description="Duration", ordering="duration_ms")
+    def duration(self, obj):
+        return _duration(obj.duration_ms)
+
+    @admin.display(description="First text", ordering="first_text_ms")
+    def first_text(self, obj):
+        return _duration(obj.first_text_ms)
+
+    @admin.display(description="Cost (USD)", ordering="cost_usd")
+    def cost(self, obj):
+        return _usd(obj.cost_usd)
+
+    @admin.display(description="Thread")
+    def thread(self, obj):
+        mapping = SessionMapping.objects.filter(
+            resource_id=obj.resource_id, thread_id=obj.thread_id).only("pk").first()
+        if mapping is None:
+            return f"{obj.thread_id} (deleted)"
+        return _thread_link(mapping.pk, obj.thread_id)
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}),
+                         "spend_url": reverse("admin:sessions_app_turnrecord_spend")}
+        return super().changelist_view(request, extra_context)
+
+    # --- the spend page ---
+
+    def spend_view(self, request):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            frm, to = usage.parse_range(request.GET.get("from") or None, request.GET.get("to") or None)
+        except BadRequest as exc:
+            frm, to = usage.parse_range(None, None)
+            messages.error(request, f"{exc.message}; showing the last {usage.DEFAULT_DAYS} days instead.")
+        q = request.GET.get("q", "").strip()
+        order = request.GET.get("o", SPEND_DEFAULT_ORDER)
+        keys = {key: field for key, _, field in SPEND_COLUMNS}
+        if order.lstrip("-") not in keys:
+            order = SPEND_DEFAULT_ORDER
+        descending = order.startswith("-")
+        sort_field = ("-" if descending else "") + keys[order.lstrip("-")]
+
+        records = TurnRecord.objects.filter(day__gte=frm, day__lte=to)
+        if q:
+            records = records.filter(resource_id__icontains=q)
+        rows = (records.order_by().values("day", "resource_id").annotate(**usage.SUMS)
+                .order_by(sort_field, "-day", "resource_id"))
+        page = Paginator(rows, SPEND_PER_PAGE).get_page(request.GET.get("p"))
+        params = {"from": frm.isoformat(), "to": to.isoformat(), **({"q": q} if q else {})}
+        today = usage.today()
+        budgets: dict[str, Decimal | None] = {}
+        shown = []
+        for row in page:
+            over = False
+            if row["day"] == today:
+                if row["resource_id"] not in budgets:
+                    budgets[row["resource_id"]] = usage.budget_for_sync(row["resource_id"])
+                budget = budgets[row["resource_id"]]
+                over = budget is not None and (row["cost"] or 0) >= budget
+            shown.append({
+                "day": row["day"].isoformat(), "resource_id": row["resource_id"],
+                "turns": row["turns"], "input": row["input"] or 0, "output": row["output"] or 0,
+                "cost": _usd(row["cost"]), "over_budget": over,
+                "records_url": _records_url(resource_id=row["resource_id"], day=row["day"].isoformat()),
+            })
+        total = records.aggregate(**usage.SUMS)
+        columns = []
+        for key, heading, _ in SPEND_COLUMNS:
+            current = order.lstrip("-") == key
+            # A click sorts by the column, descending first; a second click flips it.
+            flip = key if current and descending else f"-{key}"
+            columns.append({
+                "key": key, "heading": heading, "sorted": current, "descending": current and descending,
+                "url": "?" + urlencode({**params, "o": flip}),
+            })
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Spend per resource and day",
+            "subtitle": None,
+            "q": q, "from": frm.isoformat(), "to": to.isoformat(), "order": order,
+            "max_days": usage.MAX_RANGE_DAYS,
+            "columns": columns, "rows": shown, "page": page,
+            "page_query": urlencode({**params, "o": order}),
+            "total": {"turns": total["turns"] or 0, "input": total["input"] or 0,
+                      "output": total["output"] or 0, "cost": _usd(total["cost"])},
+            "chart": spend_chart(records, frm, to),
+            "records_url": reverse("admin:sessions_app_turnrecord_changelist"),
+            "budgets_url": reverse("admin:sessions_app_resourcebudget_changelist"),
+            "default_budget": _default_budget(),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/sessions_app/turnrecord/spend.html", context)
+
+
+def spend_chart(records, frm, to) -> dict | None:
+    """A stacked bar per day of the range: the cost of the selection's top
+    spenders and of the others, as numbers for an inline SVG that the
+    template draws (escaping every label). None when nothing was spent."""
+    per_day = {row["day"]: row["cost"] or Decimal(0)
+               for row in records.order_by().values("day").annotate(cost=Sum("cost_usd"))}
+    peak = max(per_day.values(), default=Decimal(0))
+    if peak <= 0:
+        return None
+    top = [row["resource_id"] for row in records.order_by().values("resource_id")
+           .annotate(cost=Sum("cost_usd")).order_by("-cost", "resource_id")[:CHART_RESOURCES]
+           if (row["cost"] or 0) > 0]
+    split: dict = {}
+    for row in (records.filter(resource_id__in=top).order_by().values("day", "resource_id")
+                .annotate(cost=Sum("cost_usd"))):
+        split[(row["day"], row["resource_id"])] = row["cost"] or Decimal(0)
+
+    days = (to - frm).days + 1
+    width, left, right, top_margin, plot_height = 760, 70, 10, 10, 160
+    plot_width = width - left - right
+    step = plot_width / days
+    bar = max(step * 0.8, 0.5)
+    scale = plot_height / float(peak)
+    bottom = top_margin + plot_height
+    series = [(name, CHART_COLORS[i]) for i, name in enumerate(top)] + [("others", CHART_OTHERS_COLOR)]
+    bars = []
+    for i in range(days):
+        day = frm + timedelta(days=i)
+        day_total = per_day.get(day, Decimal(0))
+        if day_total <= 0:
+            continue
+        y = float(bottom)
+        segments = []
+        costs = [split.get((day, name), Decimal(0)) for name in top]
+        costs.append(day_total - sum(costs))  # the others
+        for (name, color), cost in zip(series, costs):
+            if cost <= 0:
+                continue
+            height = float(cost) * scale
+            y -= height
+            segments.append({"y": f"{y:.2f}", "height": f"{height:.2f}", "color": color,
+                             "title": f"{day.isoformat()} {name}: {_usd(cost)}"})
+        bars.append({"x": f"{left + i * step + (step - bar) / 2:.2f}", "width": f"{bar:.2f}",
+                     "title": f"{day.isoformat()}: {_usd(day_total)}", "segments": segments})
+    # Day labels: the first and last days, and a few between.
+    marks = sorted({0, days - 1, *range(0, days, max(1, days // 6))})
+    if len(marks) > 1 and marks[-1] - marks[-2] < max(1, days // 12):
+        marks.pop(-2)  # too close to the last one
+    labels = []
+    for i in marks:
+        # The ends are aligned inside the plot, so no label is cut off.
+        anchor, x = ("middle", left + (i + 0.5) * step) if days == 1 or 0 < i < days - 1 else \
+            ("start", left + i * step) if i == 0 else ("end", left + (i + 1) * step)
+        labels.append({"x": f"{x:.2f}", "anchor": anchor, "text": (frm + timedelta(days=i)).isoformat()})
+    has_others = any(s["color"] == CHART_OTHERS_COLOR for b in bars for s in b["segments"])
+    legend = [{"name": name, "color": color, "x": 10 + 150 * (n % 5), "y": bottom + 42 + 18 * (n // 5)}
+              for n, (name, color) in enumerate(s for s in series if s[0] != "others" or has_others)]
+    return {
+        "width": width, "height": bottom + 42 + 18 * ((len(legend) + 4) // 5) + 4,
+        "left": left, "right": width - right, "top": top_margin, "bottom": bottom,
+        "label_y": bottom + 16, "mid_y": f"{top_margin + plot_height / 2:.2f}",
+        "peak": f"${peak:.4f}", "half": f"${peak / 2:.4f}", "bars": bars, "labels": labels, "legend": legend,
+    }
+
+
+def _default_budget() -> str:
+    default = Decimal(str(settings.OMNI_DAILY_BUDGET_USD or 0))
+    return f"${default:.2f} per UTC day (OMNI_DAILY_BUDGET_USD)" if default > 0 else \
+        "no cap (OMNI_DAILY_BUDGET_USD is 0)"
+
+
+class ResourceBudgetForm(forms.ModelForm):
+    class Meta:
+        model = ResourceBudget
+        fields = ("resource_id", "daily_usd", "note")
+
+    def clean_daily_usd(self):
+        amount = self.cleaned_data.get("daily_usd")
+        if amount is None:
+            return None
+        if amount < 0:
+            raise forms.ValidationError("A budget cannot be negative.")
+        if amount == 0:
+            # The budget check reads 0 as "no cap" (like OMNI_DAILY_BUDGET_USD=0):
+            # say so instead of storing a 0 that looks like a block.
+            raise forms.ValidationError(
+                "0 would mean no cap: leave the amount empty for no cap, or give an amount above 0.")
+        return amount
+
+
+@admin.register(ResourceBudget)
+class ResourceBudgetAdmin(admin.ModelAdmin):
+    """A resource's own daily budget, over OMNI_DAILY_BUDGET_USD (contract
+    §10); an empty amount is no cap for that resource. Workers cache whether
+    any override exists for a few seconds; a change here clears this
+    process's cache (the others see it within OVERRIDE_CACHE_SECONDS)."""
+
+    form = ResourceBudgetForm
+    list_display = ("resource_id", "budget", "spent", "status", "note", "updated_at")
+    search_fields = ("resource_id", "note")
+    ordering = ("resource_id",)
+    fields = ("resource_id", "daily_usd", "note", "spent", "updated_at")
+    readonly_fields = ("spent", "updated_at")
+    list_per_page = 100
+
+    def get_queryset(self, request):
+        spent = (TurnRecord.objects.filter(resource_id=OuterRef("resource_id"), day=usage.today())
+                 .order_by().values("resource_id").annotate(total=Sum("cost_usd")).values("total"))
+        money = DecimalField(max_digits=14, decimal_places=8)
+        # 0 (not NULL) for no spend, so it sorts the same on every engine.
+        return super().get_queryset(request).annotate(spent_today=Coalesce(
+            Subquery(spent, output_field=money), Value(Decimal(0)), output_field=money))
+
+    @admin.display(description="Daily budget (USD)", ordering="daily_usd")
+    def budget(self, obj):
+        return "no cap" if not obj.daily_usd else f"${obj.daily_usd:.2f}"
+
+    @admin.display(description="Spent today (UTC)", ordering="spent_today")
+    def spent(self, obj):
+        if obj.pk is None:
+            return "—"
+        amount = obj.spent_today if hasattr(obj, "spent_today") else usage.spent_sync(obj.resource_id)
+        url = reverse("admin:sessions_app_turnrecord_spend") + "?" + urlencode({"q": obj.resource_id})
+        return format_html('<a href="{}">{}</a>', url, _usd(amount))
+
+    @admin.display(description="Today")
+    def status(self, obj):
+        amount = obj.spent_today or Decimal(0)
+        if not obj.daily_usd:
+            return "—"
+        if amount >= obj.daily_usd:
+            return format_html('<strong class="{}">over budget</strong>', "omni-over-budget")
+        return f"{_usd(obj.daily_usd - amount)} left"
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "default_budget": _default_budget(),
+                         "spend_url": reverse("admin:sessions_app_turnrecord_spend")}
+        return super().changelist_view(request, extra_context)
+
+    @staticmethod
+    def _changed():
+        usage.forget_overrides()
+        # Again once committed: a check in between may have cached the old state.
+        transaction.on_commit(usage.forget_overrides)
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        self._changed()
+
+    def delete_model(self, request, obj):
+        super().delete_model(request, obj)
+        self._changed()
+
+    def delete_queryset(self, request, queryset):
+        super().delete_queryset(request, queryset)
+        self._changed()
