@@ -197,6 +197,7 @@ class ProcessPool:
         self.busy = 0  # processes held by running turns (or being started for them)
         self.starting = 0  # spares being started
         self._closing: set[asyncio.Task] = set()  # closed, their CLI not yet exited
+        self._closing_clients: dict[asyncio.Task, WarmClient] = {}
         self._exited = asyncio.Event()  # set (and replaced) whenever one has
         self._filling: asyncio.Task | None = None
         self._janitor: asyncio.Task | None = None
@@ -482,10 +483,12 @@ class ProcessPool:
         task = asyncio.get_running_loop().create_task(
             _retire(warm, erase=reason in ERASING_REASONS), context=contextvars.Context())
         self._closing.add(task)
+        self._closing_clients[task] = warm
         task.add_done_callback(self._on_exit)
 
     def _on_exit(self, task: asyncio.Task) -> None:
         self._closing.discard(task)
+        self._closing_clients.pop(task, None)
         self._exited.set()  # wake the turns waiting for room ...
         self._exited = asyncio.Event()  # ... and the next exit wakes the next
 
@@ -498,9 +501,11 @@ class ProcessPool:
             self._loop = loop
 
     def reset(self) -> None:
-        """Forget everything, killing the idle clients and spares (their
-        loop is gone, so they cannot be disconnected)."""
-        leftovers = [*self.idle.values(), *(s for spares in self.spares.values() for s in spares)]
+        """Forget everything, killing the idle clients, the spares and the
+        clients still closing (their loop is gone, so they cannot be
+        disconnected)."""
+        leftovers = [*self.idle.values(), *(s for spares in self.spares.values() for s in spares),
+                     *self._closing_clients.values()]
         if leftovers:
             log.warning("[POOL] Reset: killing %d idle clients", len(leftovers))
         for warm in leftovers:
@@ -514,6 +519,12 @@ class ProcessPool:
         """Close every idle client and spare and wait for their CLIs to exit
         (running turns are the registry's to stop first)."""
         self.stopping = True
+        # A spare being started finishes its start (its connect sets up the
+        # CLI and the tools' MCP session: cut short, their tasks can outlive
+        # the loop) and is closed by the filler itself; only a start that
+        # hangs is cancelled.
+        if self._filling is not None and not self._filling.done():
+            await asyncio.wait({self._filling}, timeout=float(settings.OMNI_CLI_START_SECONDS))
         for task in (self._filling, self._janitor):
             if task is not None and not task.done():
                 task.cancel()
@@ -568,13 +579,32 @@ async def _retire(warm: WarmClient, *, erase: bool = False) -> None:
         log.warning("[POOL] Could not remove the local transcript of %s", warm.session_id, exc_info=True)
 
 
+EXIT_GRACE_SECONDS = 2.0  # after a disconnect, the CLI has this long to exit before a SIGKILL
+
+
 async def _disconnect(client: ClaudeSDKClient) -> None:
+    """Close a client; its CLI is gone afterwards (a CLI still running a
+    moment after the SDK's disconnect is killed: a closed client must not
+    leave a process behind)."""
+    pid = client_pid(client, quiet=True)
+    started = (process_state(pid) or (None, None))[1] if pid is not None else None
     try:
         await client.disconnect()
     except Exception:
         log.debug("disconnect failed", exc_info=True)
     finally:
         _forget_pid(client)
+    if pid is None or started is None:
+        return
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    # the same process (its start time), still running
+    while (state := process_state(pid)) is not None and state[1] == started and state[0] not in ("Z", "X"):
+        if time.monotonic() > deadline:
+            log.warning("[POOL] A closed client's CLI pid=%s still ran: killed", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _abort(client: ClaudeSDKClient, connecting: asyncio.Task) -> None:

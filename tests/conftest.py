@@ -19,6 +19,11 @@ def offline_chat(settings, tmp_path):
     """Turns in this process run the real SDK and CLI against the offline
     model, with a data dir (workspace, CLI config) of their own."""
     settings.OMNI_OFFLINE_MODEL = True
+    # No spare CLIs in the background unless a test asks for them: on 2 cores
+    # they slow every turn, and one still connecting when the test's event
+    # loop closes leaves its tools' MCP session tasks behind (the server's
+    # shutdown waits for a spare's start; a test's loop cannot).
+    settings.OMNI_SPARE_CLIENTS = 0
     settings.DATA_DIR = tmp_path / "data"
     settings.CLAUDE_CONFIG_DIR = tmp_path / "data" / "claude"
     settings.OMNI_WORKSPACE_DIR = tmp_path / "data" / "workspace"

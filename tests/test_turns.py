@@ -102,3 +102,28 @@ async def test_a_failing_turn_tells_the_client_no_exception_text(offline_chat, m
     events = await events_of(await start_turn(None, body("Hello", thread="pipe-7")))
     assert events[-1]["type"] == "error" and events[-1]["code"] == "turn_failed"
     assert "db.internal" not in json.dumps(events) and events[-1]["turnId"] in events[-1]["message"]
+
+
+async def test_a_warm_follow_up_costs_few_sql_statements(offline_chat, monkeypatch):
+    """The warm path's database work (issue 18): the thread's lease, its
+    mapping and the limits before the turn; the lease check, the mapping, the
+    turn's record and the lease's release after it, in one transaction.
+    (The SDK's own transcript append comes on top: the store's business.)"""
+    from django.db.backends import utils
+
+    statements = []
+    original = utils.CursorWrapper.execute
+
+    def execute(self, sql, params=None):
+        statements.append(sql)
+        return original(self, sql, params)
+
+    await events_of(await start_turn(None, body("First", thread="few-sql")))
+    monkeypatch.setattr(utils.CursorWrapper, "execute", execute)
+    events = await events_of(await start_turn(None, body("Again", thread="few-sql")))
+    assert events[-1]["type"] == "done"
+    # BEGINs open transactions (one is the store's append): not statements of their own
+    ours = [s for s in statements if "transcript" not in s and not s.startswith("BEGIN")]
+    assert len(ours) <= 7, ours
+    reads = [s for s in ours if s.startswith("SELECT") and "sessionmapping" in s]
+    assert len(reads) == 1, "the mapping is read once, before the turn"
