@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-BENCHMARKS = ["store", "turns", "pool", "scale"]
+BENCHMARKS = ["store", "turns", "record", "pool", "resume", "scale"]
 
 
 def setup_django():

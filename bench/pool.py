@@ -190,7 +190,9 @@ class Peak:
 async def ws_turn(ws, thread: str, resource: str, message: str) -> tuple[str, float | None]:
     """One turn over an open websocket: (last event's type or error code, ms to first text)."""
     started, first = time.perf_counter(), None
-    await ws.send_json({"type": "message", "message": message, "threadId": thread, "resourceId": resource})
+    # chunks: false, as the page sends: it reads none of the raw SDK messages
+    await ws.send_json({"type": "message", "message": message, "threadId": thread, "resourceId": resource,
+                        "chunks": False})
     while True:
         event = json.loads((await ws.receive(timeout=120)).data)
         if event["type"] == "text" and first is None:
@@ -241,6 +243,36 @@ async def paired(server, options: dict) -> dict[str, list[float]]:
         return {"fresh": fresh, "spare": spare, "warm": warm, "follow": follow}
     finally:
         await raw.disconnect()
+        await ws.close()
+        await http.close()
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_turn(server, turns: int = 100) -> dict:
+    """daphne's CPU per warm follow-up over ``turns`` turns (the model in
+    another process), next to its warm CLI's CPU per turn."""
+    from tests.e2e import _ppid, descendants, is_cli
+
+    http, ws = await connect(server)
+    try:
+        thread = f"cpu-{uuid.uuid4().hex[:8]}"
+        await ws_turn(ws, thread, "cpu", "hello")
+        await ws_turn(ws, thread, "cpu", "warm up")
+        await asyncio.sleep(1)  # spares started meanwhile have settled
+        clis = [p for p in descendants(server.proc.pid) if _ppid(p) == server.proc.pid and is_cli(p)]
+        daphne0, cli0 = cpu_ms(server.proc.pid), {p: cpu_ms(p) for p in clis}
+        for i in range(turns):
+            status, _ = await ws_turn(ws, thread, "cpu", f"turn {i}")
+            assert status == "done", status
+        daphne = (cpu_ms(server.proc.pid) - daphne0) / turns
+        cli = max(cpu_ms(p) - before for p, before in cli0.items() if Path(f"/proc/{p}").exists()) / turns
+        return {"daphne": daphne, "cli": cli}
+    finally:
         await ws.close()
         await http.close()
 
@@ -368,6 +400,7 @@ async def measure_with(model_url: str) -> dict:
         out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
         out["raw"]["paused"] = await raw_concurrent(options, CONCURRENT, TURNS, paused=True)
         out["paused"] = await conversations(server, CONCURRENT, TURNS, paused=True)
+        out["cpu"] = await cpu_per_turn(server)
     finally:
         server.stop()
     server = start_server("cold", model_url, OMNI_SPARE_CLIENTS="0", OMNI_WARM_CLIENTS="0")
@@ -422,6 +455,11 @@ def rows_of(m: dict) -> list[tuple[str, float, str]]:
         (f"burst of {BURST} new conversations: peak CLI processes (budget {m['budget']})",
          b["peak_cli"], "processes"),
         ("after the burst: a new turn", 1.0 if b["after"] == "done" else 0.0, "1 = done"),
+        ("daphne's CPU per warm follow-up (100 turns, the model in another process)", m["cpu"]["daphne"], "ms"),
+        ("the warm CLI's CPU per follow-up (same turns)", m["cpu"]["cli"], "ms"),
+        ("spare vs a raw client's first message", p50(m["defaults"]["spare"]) / p50(m["raw"]["fresh"]), "x"),
+        (f"{CONCURRENT} at once: project vs raw, follow-up p50",
+         p50(conc["follow"]) / p50(m["raw"]["concurrent"]), "x"),
     ]
 
 

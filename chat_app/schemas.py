@@ -14,7 +14,11 @@ from sessions_app.errors import BadRequest, describe_validation
 from sessions_app.schemas import Id
 
 
-NOT_BLANK = re.compile(r"\S")
+# Blank: only the characters JSON Schema's (ECMAScript's) \s matches, so the
+# documented pattern and this check agree on every message (Python's \s
+# also counts the ASCII separators \x1c-\x1f, which ECMAScript's does not).
+ECMA_SPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NOT_BLANK = re.compile(f"[^{ECMA_SPACE}]")
 
 
 def not_blank(text: str) -> str:

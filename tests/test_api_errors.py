@@ -47,3 +47,18 @@ def test_session_cookie_callers_need_a_csrf_token(settings):
     assert accepted.json()["session"]["resourceId"] == "dora"
     # Reads need no token.
     assert client.get("/api/sessions").status_code == 200
+
+
+def test_blank_means_the_same_to_the_document_and_the_server():
+    """The message's documented pattern (JSON Schema, ECMAScript regexes) and
+    the server's check agree: Python's \\s also counts \\x1c-\\x1f."""
+    from chat_app.schemas import NOT_BLANK, not_blank
+
+    for text in ("\x1f", "\x1c hi", "a"):
+        assert not_blank(text) == text and NOT_BLANK.search(text)
+    for text in (" ", "\n\t\r", "\u00a0\u2003\ufeff"):
+        try:
+            not_blank(text)
+        except ValueError:
+            continue
+        raise AssertionError(f"{text!r} passed as not blank")
