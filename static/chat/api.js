@@ -11,7 +11,7 @@ export class ApiError extends Error {
   }
 }
 
-/** REST: /api/sessions, /api/sessions/metadata, /api/sessions/messages, /api/chat/approval. */
+/** REST: /api/sessions, /api/sessions/metadata, /api/sessions/messages, /api/usage, /api/chat/approval. */
 export class Api {
   /**
    * @param {object} opts
@@ -90,6 +90,18 @@ export class Api {
   }
 
   /**
+   * What the resource's turns cost (GET /api/usage), by UTC day from `from`
+   * to `to` (YYYY-MM-DD, inclusive; default the server's last 30 days):
+   * {resourceId, from, to, total, days, budget: {dailyUsd (null: no cap), spentTodayUsd, resetsAt}}.
+   */
+  usage({ from = null, to = null } = {}) {
+    const query = this.withResource({});
+    if (from) query.from = from;
+    if (to) query.to = to;
+    return this.request("GET", "/usage", { query });
+  }
+
+  /**
    * Decide a tool call that waits for a person (POST /api/chat/approval):
    * decision "allow" or "deny", message (optional) told to the model.
    * {approvalId, decision}; ApiError 404 (unknown or expired), 409 (already_decided).
@@ -114,8 +126,9 @@ export function newThreadId(prefix = "thread") {
  * Dispatches (an EventTarget):
  *   "state"      detail {state: "connecting"|"open"|"down", retryIn (ms, when down), attempt}
  *   "turn"       detail {threadId, event}: an event of a thread's turn (session, text,
- *                chunk, tool_use, approval_request, approval, tool_result, done,
- *                error); threadId may be null for an error the page cannot place
+ *                tool_use, approval_request, approval, tool_result, done, error;
+ *                chunk too, unless the frame that started it said "chunks": false);
+ *                threadId may be null for an error the page cannot place
  *                (shown wherever the person is)
  *   "gone"       detail {threadId}: a turn the page was following is no longer
  *                running on the server (it ended while the socket was down)
@@ -232,7 +245,10 @@ export class ChatSocket extends EventTarget {
     return Boolean(state && state.running);
   }
 
-  /** Start a turn: frame is a "message" or "fork" frame (with its threadId). */
+  /**
+   * Start a turn: frame is a "message" or "fork" frame (with its threadId).
+   * A client that reads no chunk events says "chunks": false in it (the page does).
+   */
   startTurn(frame) {
     if (!this.send(frame)) return false;
     const state = this.thread(frame.threadId);
