@@ -15,6 +15,7 @@ const ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 const $ = (id) => document.getElementById(id);
 const el = {
   connection: $("connection"),
+  spend: $("spend"),
   resource: $("resource-id"),
   newChat: $("new-chat"),
   agent: $("agent"),
@@ -22,6 +23,7 @@ const el = {
   threadsEmpty: $("threads-empty"),
   moreThreads: $("more-threads"),
   title: $("thread-title"),
+  threadCost: $("thread-cost"),
   origin: $("thread-origin"),
   forkThread: $("fork-thread"),
   deleteThread: $("delete-thread"),
@@ -48,6 +50,7 @@ const state = {
   streaming: null, // {threadId, li}: the assistant reply being drawn (its parts in `replies`)
   stopped: false,
   redrawOnReconnect: null, // a thread whose drawing could not reach the server
+  usage: null, // the resource's GET /api/usage answer (today's spend, the budget)
 };
 
 function resourceId() {
@@ -160,6 +163,35 @@ function formatTime(iso) {
   return Number.isNaN(date.getTime()) ? "" : date.toLocaleString();
 }
 
+/** An amount in USD: cents above a dollar, else up to 4 decimals ("$0.0042", "$0.50", "$0.00"). */
+export function formatUsd(value) {
+  const amount = Number(value) || 0;
+  if (amount >= 1 || amount === 0) return `$${amount.toFixed(2)}`;
+  if (amount < 0.0001) return "<$0.0001";
+  return `$${amount.toFixed(4).replace(/(\.\d\d\d??)0+$/, "$1")}`;
+}
+
+/** When a wait of `seconds` ends, as local time: "today at 19:00 (in 5 h 12 min)". */
+function whenResets(seconds) {
+  const at = new Date(Math.round((Date.now() + seconds * 1000) / 60_000) * 60_000); // (a UTC midnight)
+  const now = new Date();
+  const tomorrow = new Date(now.getFullYear(), now.getMonth(), now.getDate() + 1);
+  const day = at.toDateString() === now.toDateString() ? "today"
+    : at.toDateString() === tomorrow.toDateString() ? "tomorrow" : at.toLocaleDateString();
+  const time = at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const minutes = Math.max(1, Math.round(seconds / 60));
+  const hours = Math.floor(minutes / 60);
+  const wait = hours ? `${hours} h${minutes % 60 ? ` ${minutes % 60} min` : ""}` : `${minutes} min`;
+  return `${day} at ${time} your time (in ${wait})`;
+}
+
+/** Seconds until the budget resets: the refusal's retryAfter, else the last usage's resetsAt. */
+function secondsToReset(retryAfter) {
+  if (retryAfter) return Number(retryAfter);
+  const resetsAt = state.usage && Date.parse(state.usage.budget.resetsAt);
+  return resetsAt ? Math.max(60, (resetsAt - Date.now()) / 1000) : null;
+}
+
 function threadLabel(threadId) {
   const session = state.sessions.get(threadId);
   return (session && session.title) || threadId;
@@ -185,6 +217,11 @@ const ERROR_TEXT = {
 };
 
 function describeError({ code, message, retryAfter }, threadId = null) {
+  if (code === "budget_exceeded") {
+    const seconds = secondsToReset(retryAfter);
+    return "Today's budget is spent: no new messages until it resets"
+      + (seconds ? ` ${whenResets(seconds)}.` : " at midnight UTC.");
+  }
   const session = threadId ? state.sessions.get(threadId) : null;
   if (code === "thread_busy" && session && session.pendingApprovalId) code = "thread_waiting";
   let text = ERROR_TEXT[code] ? `${ERROR_TEXT[code]} (${message})` : message || code;
@@ -209,6 +246,47 @@ async function loadThreads({ more = false } = {}) {
   } catch (err) {
     showError(`Could not list conversations: ${describeError(err)}`);
   }
+}
+
+// --- today's spend ----------------------------------------------------------------------
+
+let reading = 0; // the latest loadUsage call: an older answer that comes later is dropped
+let newDay = null; // the timer that reads the spend again when the UTC day ends
+
+/** Today's spend and the budget (GET /api/usage for today), drawn in the header. */
+async function loadUsage() {
+  const call = ++reading;
+  const today = new Date().toISOString().slice(0, 10); // the UTC day
+  try {
+    const data = await api.usage({ from: today, to: today });
+    if (call !== reading) return;
+    state.usage = data;
+  } catch (err) {
+    if (call !== reading) return;
+    state.usage = null; // (not shown rather than stale; the page works without it)
+  }
+  drawSpend();
+}
+
+function drawSpend() {
+  const budget = state.usage && state.usage.budget;
+  el.spend.hidden = !budget;
+  if (!budget) return;
+  const spent = budget.spentTodayUsd;
+  const capped = typeof budget.dailyUsd === "number";
+  el.spend.textContent = capped
+    ? `Today ${formatUsd(spent)} of ${formatUsd(budget.dailyUsd)}`
+    : `Today ${formatUsd(spent)} (no cap)`;
+  el.spend.dataset.over = String(capped && spent >= budget.dailyUsd);
+  const resets = formatTime(budget.resetsAt);
+  el.spend.title = capped
+    ? `Spent today (UTC day) against the daily budget; it resets at ${resets}`
+    : `Spent today (UTC day); no daily budget. The day ends at ${resets}`;
+  // A page left open overnight: a new day starts at zero (read again then;
+  // in a minute at the soonest, should this clock be ahead of the server's).
+  const wait = (Date.parse(budget.resetsAt) || 0) - Date.now() + 2000;
+  clearTimeout(newDay);
+  newDay = setTimeout(loadUsage, Math.min(Math.max(wait, 60_000), 2 ** 31 - 1));
 }
 
 function drawThreads(sessions) {
@@ -619,7 +697,18 @@ function drawHeader() {
     el.origin.hidden = true;
   }
   if (session && session.agent) el.agent.value = session.agent;
+  drawCost();
   drawRunning();
+}
+
+/** The open thread's cost so far (its Session's costUsd). */
+function drawCost() {
+  const session = state.threadId ? state.sessions.get(state.threadId) : null;
+  const known = Boolean(session) && typeof session.costUsd === "number";
+  el.threadCost.hidden = !known;
+  if (!known) return;
+  el.threadCost.textContent = formatUsd(session.costUsd);
+  el.threadCost.title = "What this conversation has cost so far";
 }
 
 function drawRunning() {
@@ -762,7 +851,8 @@ function send() {
   }
   if (state.threadId && socket.isRunning(state.threadId)) return;
   showError(null);
-  const frame = { message: text, agent: el.agent.value };
+  // The page reads no chunk events (the raw SDK messages): the server leaves them out.
+  const frame = { message: text, agent: el.agent.value, chunks: false };
   const resource = resourceId();
   if (resource) frame.resourceId = resource;
 
@@ -905,6 +995,13 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
     redrawCall(threadId, event.toolUseId);
     loadThreads(); // a tool may have changed the threads (deleted one)
   } else if (event.type === "done" || event.type === "error") {
+    loadUsage(); // what today's spend is now (the turn's record is written before its last event)
+    const session = state.sessions.get(threadId);
+    if (event.type === "done" && session && typeof session.costUsd === "number") {
+      // at once; the list read below has the stored total
+      session.costUsd += Number(event.result && event.result.costUsd) || 0;
+      if (current) drawCost();
+    }
     const ended = current && state.streaming ? { text: lastText(replies.get(threadId)) } : null;
     // The server process running the turn stops while a call waits: the call
     // still waits (in the store) and can be decided; a new turn goes on after.
@@ -1033,10 +1130,16 @@ if (!authRequired) {
     localStorage.setItem(RESOURCE_KEY, value);
     newChat();
     loadThreads();
+    loadUsage();
   });
 }
 
+let connectedBefore = false;
 socket.addEventListener("state", ({ detail }) => {
+  if (detail.state === "open") {
+    if (connectedBefore) loadUsage(); // turns may have ended meanwhile (read at load the first time)
+    connectedBefore = true;
+  }
   // Connected (first time or again): receive the open thread's running turn, if any.
   if (detail.state === "open" && state.threadId && !socket.isRunning(state.threadId)) {
     socket.follow(state.threadId, resourceId());
@@ -1044,5 +1147,6 @@ socket.addEventListener("state", ({ detail }) => {
   }
 });
 socket.connect();
+loadUsage();
 await loadThreads();
 await openThread(threadFromHash(), { focus: true });
