@@ -2,7 +2,8 @@
 against a live daphne with the real SDK and CLI and the offline model.
 
 One browser and one server (``OMNI_AUTH=off``) for the module; the login test
-has a second server with ``OMNI_AUTH=required``. Every test opens a fresh
+has a second server with ``OMNI_AUTH=required``, the budget test a third with
+a daily budget (``OMNI_DAILY_BUDGET_USD``). Every test opens a fresh
 browser context with a resource id of its own and fails on any uncaught page
 error. Debian's Chromium (``/usr/bin/chromium``, ``make browser`` installs it):
 missing, the tests skip, or fail under ``CI=true``.
@@ -51,12 +52,12 @@ except ImportError:  # pragma: no cover - requirements.txt pins it
 class PageServer(Server):
     """A daphne server in a given ``OMNI_AUTH`` mode."""
 
-    def __init__(self, data_dir, database_url, auth: str = "off"):
+    def __init__(self, data_dir, database_url, auth: str = "off", env: dict[str, str] | None = None):
         # no shutdown grace: a stopped server goes away mid-turn, as the
         # reconnect test needs
         # the websocket's caller checked again on every frame (logout test)
         super().__init__(data_dir, database_url, {"OMNI_AUTH": auth, "OMNI_SHUTDOWN_GRACE_SECONDS": "0",
-                                                  "OMNI_WS_RECHECK_SECONDS": "0"})
+                                                  "OMNI_WS_RECHECK_SECONDS": "0", **(env or {})})
         self.auth = auth
 
     def url(self, path: str = "/") -> str:
@@ -126,8 +127,8 @@ class DroppingProxy:
         self.drop()
 
 
-def serve(tmp_path_factory, auth: str):
-    yield from serving(tmp_path_factory, PageServer, auth=auth)
+def serve(tmp_path_factory, auth: str, env: dict[str, str] | None = None):
+    yield from serving(tmp_path_factory, PageServer, auth=auth, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,15 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     yield from serve(tmp_path_factory, "required")
+
+
+# A turn of the offline model costs more than this: one turn goes through, the next is refused.
+DAILY_BUDGET = "0.0005"
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory):
+    yield from serve(tmp_path_factory, "off", {"OMNI_DAILY_BUDGET_USD": DAILY_BUDGET})
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +169,10 @@ class Tab:
     """A page in a fresh browser context, with its uncaught errors and
     dialogs (alert, confirm...) recorded."""
 
-    def __init__(self, browser, resource: str | None, viewport=None):
-        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
+    def __init__(self, browser, resource: str | None, viewport=None, **context_options):
+        # context_options: Playwright's, e.g. timezone_id, locale
+        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800},
+                                           **context_options)
         self.context.set_default_timeout(TIMEOUT_MS)
         if resource:
             self.context.add_init_script(f"localStorage.setItem('omni.resourceId', {resource!r});")
@@ -208,7 +220,7 @@ def no_cli_left(request):
     """After every test, every CLI process below the servers it used is one
     their pool accounts for (a warm client or spare), none left over."""
     yield
-    for name in ("server", "auth_server"):
+    for name in ("server", "auth_server", "budget_server"):
         if name in request.fixturenames:
             live = request.getfixturevalue(name)
             assert live.unaccounted_cli(timeout=15) == [], "a CLI process the pool does not know of"
@@ -266,6 +278,30 @@ def thread_item(page, thread_id: str):
     return page.locator(f'#threads [data-thread-id="{thread_id}"]')
 
 
+def usd(amount: float) -> str:
+    """An amount as the page writes it (ui.js formatUsd)."""
+    if amount >= 1 or amount == 0:
+        return f"${amount:.2f}"
+    if amount < 0.0001:
+        return "<$0.0001"
+    return "$" + re.sub(r"(\.\d\d\d??)0+$", r"\1", f"{amount:.4f}")
+
+
+def thread_cost(server, thread_id: str, resource: str) -> float:
+    status, data = server.metadata(thread_id, resource)
+    assert status == 200, data
+    return data["session"]["costUsd"]
+
+
+def no_chunks(tab: Tab) -> None:
+    """The page's turn frames say "chunks": false, and no chunk event came."""
+    starts = [json.loads(f) for f in tab.sent if '"message"' in f or '"fork"' in f]
+    starts = [f for f in starts if f.get("type") in ("message", "fork")]
+    assert starts and all(f.get("chunks") is False for f in starts), starts
+    kinds = [json.loads(f).get("type") for f in tab.frames]
+    assert "done" in kinds and "chunk" not in kinds, kinds
+
+
 def stored_messages(server, thread_id: str, resource: str) -> list[tuple[str, str]]:
     status, data = server.get_json("/api/sessions/messages", threadId=thread_id, resourceId=resource)
     assert status == 200, data
@@ -308,6 +344,12 @@ def test_send_streams_and_a_follow_up_remembers(server, tabs):
     ]
     assert [(s["threadId"], s["messageCount"], s["agent"])
             for s in server.sessions(tab.resource)["sessions"]] == [(thread, 4, "datadog")]
+    # The thread's cost and the day's spend (no budget on this server); no chunk events.
+    cost = thread_cost(server, thread, tab.resource)
+    assert cost > 0
+    expect(page.locator("#thread-cost")).to_have_text(usd(cost))
+    expect(page.locator("#spend")).to_have_text(f"Today {usd(cost)} (no cap)")
+    no_chunks(tab)
 
 
 def test_reload_restores_and_follows_a_running_turn(server, tabs):
@@ -574,6 +616,9 @@ def test_login_required(auth_server, tabs):
     ask(page, "Who am I?")  # the websocket runs as alice (session cookie)
     thread = current_thread(page)
     expect(thread_item(page, thread)).to_have_count(1)
+    # Her own usage (GET /api/usage without a resourceId).
+    expect(page.locator("#spend")).to_have_text(re.compile(r"^Today \$0\.\d+ \(no cap\)$"))
+    expect(page.locator("#thread-cost")).to_have_text(re.compile(r"^\$0\.\d+$"))
 
     # Logged out in another tab: the page's next call sends her to log in,
     # and back to the thread.
@@ -879,3 +924,60 @@ def test_a_request_decided_after_the_server_restarted(server, tabs):
     expect(call.locator(".tool-status")).to_have_text("done")
     expect(thread_item(page, victim)).to_have_count(0)
     assert server.metadata(victim, tab.resource)[0] == 404
+
+
+# --- usage and budgets -------------------------------------------------------------------
+
+def test_the_cost_the_days_spend_and_a_spent_budget(budget_server, tabs):
+    """The open thread's cost and today's spend against the budget, after a
+    turn and on load; the next turn (and a fork) refused with when the
+    budget resets, in the person's time (Tokyo: a UTC midnight is 09:00)."""
+    server = budget_server
+    tab = tabs(timezone_id="Asia/Tokyo", locale="en-GB")
+    page = open_page(tab, server)
+    spend, cost_label = page.locator("#spend"), page.locator("#thread-cost")
+    budget = usd(float(DAILY_BUDGET))
+    expect(spend).to_have_text(f"Today $0.00 of {budget}")
+    expect(spend).to_have_attribute("data-over", "false")
+    expect(cost_label).to_be_hidden()  # a new conversation
+
+    first = "What does this cost?"
+    ask(page, first)
+    thread = current_thread(page)
+    cost = thread_cost(server, thread, tab.resource)
+    assert cost > float(DAILY_BUDGET), cost
+    expect(cost_label).to_have_text(usd(cost))
+    expect(spend).to_have_text(f"Today {usd(cost)} of {budget}")
+    expect(spend).to_have_attribute("data-over", "true")
+    done = [json.loads(f) for f in tab.frames if '"done"' in f]
+    assert [d["result"]["costUsd"] for d in done if d["type"] == "done"] == [pytest.approx(cost)]
+
+    # Over budget: the next message is refused, and the page says when that ends.
+    resets = re.compile(r"Today's budget is spent: no new messages until it resets "
+                        r"(today|tomorrow) at 09:00 your time \(in (\d+ h( \d+ min)?|\d+ min)\)\.")
+    alert = page.get_by_role("alert")
+    send(page, "And again?")
+    expect(alert).to_have_text(resets)
+    wait_turn_end(page)
+    refusal = [json.loads(f) for f in tab.frames if '"budget_exceeded"' in f]
+    assert len(refusal) == 1 and refusal[0]["threadId"] == thread and refusal[0]["retryAfter"] > 0, refusal
+    assert stored_messages(server, thread, tab.resource) == [("user", first), ("assistant", reply(first))]
+    expect(cost_label).to_have_text(usd(cost))  # nothing more spent
+    expect(spend).to_have_text(f"Today {usd(cost)} of {budget}")
+
+    # A fork is a turn too.
+    page.get_by_role("button", name="Fork", exact=True).click()
+    send(page, "On a branch?")
+    expect(alert).to_have_text(resets)
+    wait_turn_end(page)
+    assert len([f for f in tab.frames if '"budget_exceeded"' in f]) == 2
+
+    # On load: the thread's cost and the day's spend.
+    page.goto(server.url(f"/#thread={thread}"))
+    expect(page.locator("#messages .message")).to_have_count(2)
+    expect(cost_label).to_have_text(usd(cost))
+    expect(spend).to_have_text(f"Today {usd(cost)} of {budget}")
+    expect(spend).to_have_attribute("data-over", "true")
+    no_chunks(tab)
+    starts = [json.loads(f)["type"] for f in tab.sent if '"chunks"' in f]
+    assert starts == ["message", "message", "fork"], starts
