@@ -130,6 +130,9 @@ class Turn:
         # What the turn used and cost (its own figures: a warm process's totals run on).
         self.started_at = timezone.now()
         self._started = time.monotonic()
+        # When the turn reached each step (seconds after it started): where a
+        # turn's time goes, for the benchmarks and a DEBUG log line at its end.
+        self.marks: dict[str, float] = {}
         self._first_text_ms: int | None = None
         self._cost = 0.0
         self._usage = dict.fromkeys(events.TOKEN_KINDS, 0)
@@ -217,6 +220,7 @@ class Turn:
                 self._final = event
             return
         if event.get("type") == "text" and self._first_text_ms is None:
+            self._mark("first_text")
             self._first_text_ms = int((time.monotonic() - self._started) * 1000)
         self.log.append(event)
         if event.get("type") == "session" and self._approval_event is not None:
@@ -379,6 +383,7 @@ class Turn:
             self._stopped()
             if not continuing:
                 await client.query(spec.message)
+                self._mark("sent")
                 if self._interrupted:  # asked for before the CLI was up
                     await client.interrupt()
             async for message in until_silent(client.receive_response()):
@@ -389,7 +394,9 @@ class Turn:
                     if sid is None:
                         pending.append(message)
                         continue
+                    self._mark("init")
                     await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
+                    self._mark("session")
                     context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
                     for earlier in pending:  # (a resumed session may answer a tool call first)
                         self._emit_text(earlier, streamed, reply)
@@ -468,6 +475,9 @@ class Turn:
         metrics.turn_finished(record)
         self._publish(final)
         return None
+
+    def _mark(self, step: str) -> None:
+        self.marks.setdefault(step, time.monotonic() - self._started)
 
     # --- usage -----------------------------------------------------------------------------
     def _count(self, result: ResultMessage, warm: WarmClient) -> None:
