@@ -29,7 +29,10 @@ def as_api_error(request, response):
     return response
 
 
-class ApiErrorMiddleware:
+class _SyncAndAsync:
+    """A middleware for both sync and async stacks (Django's pattern);
+    subclasses say what they do in :meth:`before` and :meth:`after`."""
+
     sync_capable = True
     async_capable = True
 
@@ -38,13 +41,25 @@ class ApiErrorMiddleware:
         if iscoroutinefunction(get_response):
             markcoroutinefunction(self)
 
+    def before(self, request):
+        """A response that answers the request instead of the view, or None."""
+        return None
+
+    def after(self, request, response):
+        return response
+
     def __call__(self, request):
         if iscoroutinefunction(self):
             return self.__acall__(request)
-        return as_api_error(request, self.get_response(request))
+        return self.before(request) or self.after(request, self.get_response(request))
 
     async def __acall__(self, request):
-        return as_api_error(request, await self.get_response(request))
+        return self.before(request) or self.after(request, await self.get_response(request))
+
+
+class ApiErrorMiddleware(_SyncAndAsync):
+    def after(self, request, response):
+        return as_api_error(request, response)
 
 
 # --- 415: an /api/ body must be JSON (contract §4) ---------------------------------
@@ -85,19 +100,6 @@ def unsupported_media_type(request):
     )
 
 
-class JsonBodyMiddleware:
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request):
-        if iscoroutinefunction(self):
-            return self.__acall__(request)
-        return unsupported_media_type(request) or self.get_response(request)
-
-    async def __acall__(self, request):
-        return unsupported_media_type(request) or await self.get_response(request)
+class JsonBodyMiddleware(_SyncAndAsync):
+    def before(self, request):
+        return unsupported_media_type(request)

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 from django.core.management import call_command
 from django.db import OperationalError
 from django.utils import timezone
@@ -17,7 +16,7 @@ from chat_app import leases, streams
 from chat_app.models import ThreadLease
 from chat_app.pool import pool
 from chat_app.turns import registry, start_turn
-from omni.asgi import application
+from tests.test_consumer import connect, until_end
 from sessions_app import services
 from sessions_app.models import SessionMapping, TranscriptEntry
 
@@ -100,21 +99,6 @@ async def test_a_delete_from_another_process_stops_the_turn_through_its_lease(of
 
 
 # --- error events name their turn and thread -----------------------------------------
-
-async def connect():
-    comm = WebsocketCommunicator(application, "/ws/chat/")
-    assert (await comm.connect())[0]
-    return comm
-
-
-async def until_end(comm, timeout=30):
-    out = []
-    while True:
-        event = await comm.receive_json_from(timeout=timeout)
-        out.append(event)
-        if event["type"] in ("done", "error"):
-            return out
-
 
 async def test_error_events_name_their_thread_and_turn(offline_chat):
     comm = await connect()

@@ -131,16 +131,7 @@ async def _check_waiting_call(spec: TurnSpec, thread_id: str | None = None) -> N
     """409 ``thread_busy`` while a tool call of the thread waits for a person's
     decision, or for the turn that goes on after it (a new message must not
     run into that continuation)."""
-    thread_id = thread_id or spec.thread_id
-    call = await sync_to_async(calls.pending_for_thread_sync)(spec.resource_id, thread_id)
-    if call is None:
-        return
-    if call.status == call.PENDING and call.expires_at is not None:
-        left = (call.expires_at - timezone.now()).total_seconds()
-        if left > 0:
-            raise leases.busy_error(thread_id, left)
-        await calls.decide(call, "expired", "timeout")
-    raise leases.busy_error(thread_id, 2)  # the conversation goes on after the decision first
+    await sync_to_async(_check_waiting_call_sync)(spec, thread_id or spec.thread_id)
 
 
 async def _check_fork(spec: TurnSpec, body) -> None:
