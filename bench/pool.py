@@ -400,6 +400,13 @@ async def measure_with(model_url: str) -> dict:
         out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
         out["raw"]["paused"] = await raw_concurrent(options, CONCURRENT, TURNS, paused=True)
         out["paused"] = await conversations(server, CONCURRENT, TURNS, paused=True)
+    finally:
+        server.stop()
+    # Warm turns only: a server of its own (none of the 16 conversations'
+    # CLIs around), whose client is not recycled (OMNI_WARM_MAX_TURNS, 100
+    # by default) within the 100 turns counted.
+    server = start_server("cpu", model_url, OMNI_SPARE_CLIENTS="1", OMNI_WARM_MAX_TURNS="1000")
+    try:
         out["cpu"] = await cpu_per_turn(server)
     finally:
         server.stop()

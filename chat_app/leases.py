@@ -121,8 +121,15 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        # Read each time: a forked worker (gunicorn-style) has its own pid.
-        return cls(HOST_ID, os.getpid(), process_start(os.getpid()))
+        # Kept per pid: a forked worker (gunicorn-style) has its own.
+        global _me
+        pid = os.getpid()
+        if _me is None or _me.pid != pid:
+            _me = cls(HOST_ID, pid, process_start(pid))
+        return _me
+
+
+_me: Holder | None = None
 
 
 def holder_is_dead(row: ThreadLease) -> bool:
@@ -176,6 +183,14 @@ class Lease:
         they name the thread's last turn for a client reconnecting to it)."""
         self.released = True  # first: a renewal racing the release is not a loss
         self._row().update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    def release_if_held_sync(self) -> bool:
+        """One ``UPDATE``: let the lease lapse now if it is still ours and
+        live; False if it was lost. For a caller's transaction (a turn's last
+        save): the caller marks it ``released`` once that commits."""
+        now = timezone.now()
+        return self._row().filter(token=self.token, expires_at__gt=now).update(
+            expires_at=now - timedelta(seconds=1)) == 1
 
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()

@@ -87,6 +87,12 @@ class WarmClient:
     def pid(self) -> int | None:
         return client_pid(self.client)
 
+    @property
+    def known_pid(self) -> int | None:
+        """Its CLI's pid as read before (for log lines): no check that it still runs."""
+        ident = _pids.get(self.client)
+        return ident[0] if ident is not None else self.pid
+
 
 def client_pid(client: ClaudeSDKClient, *, quiet: bool = False) -> int | None:
     """The CLI process id of a connected client; None if its CLI is not
@@ -165,13 +171,17 @@ def rss_mb(pid: int | None) -> float:
     if pid is None:
         return 0.0
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 16384)
+        finally:
+            os.close(fd)
     except OSError:
-        pass
-    return 0.0
+        return 0.0
+    start = status.find(b"\nVmRSS:")
+    if start < 0:
+        return 0.0
+    return int(status[start + 7:status.index(b"\n", start + 1)].split()[0]) / 1024
 
 
 class Slot:

@@ -379,40 +379,41 @@ class Turn:
                 async with silence():
                     await pool.room()  # never more CLIs than the budget, exiting ones included
                     await client.connect()
-            logs.bind(pid=warm.pid)  # the turn's log lines name its CLI
+            logs.bind(pid=warm.known_pid)  # the turn's log lines name its CLI
             self._stopped()
             if not continuing:
                 await client.query(spec.message)
                 self._mark("sent")
                 if self._interrupted:  # asked for before the CLI was up
                     await client.interrupt()
-            async for message in until_silent(client.receive_response()):
-                if not self._model and (model := events.init_model(message)):
-                    self._model = model
-                if self.session_id is None:
-                    sid = events.init_session_id(message)
-                    if sid is None:
-                        pending.append(message)
-                        continue
-                    self._mark("init")
-                    await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
-                    self._mark("session")
-                    context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
-                    for earlier in pending:  # (a resumed session may answer a tool call first)
-                        self._emit_text(earlier, streamed, reply)
-                        await self._emit_tools(earlier, context)
-                        self._chunk(earlier)
-                elif (sid := events.init_session_id(message)) and sid != self.session_id:
-                    self.session_id = sid
-                    context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
-                self._emit_text(message, streamed, reply)
-                await self._emit_tools(message, context)
-                self._chunk(message)
-                if isinstance(message, ResultMessage):
-                    result = message
-                    self._count(result, warm)
-                elif isinstance(message, AssistantMessage) and message.error:
-                    api_error = message.error
+            async with contextlib.aclosing(until_silent(replies(client))) as messages:
+                async for message in messages:
+                    if not self._model and (model := events.init_model(message)):
+                        self._model = model
+                    if self.session_id is None:
+                        sid = events.init_session_id(message)
+                        if sid is None:
+                            pending.append(message)
+                            continue
+                        self._mark("init")
+                        await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
+                        self._mark("session")
+                        context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
+                        for earlier in pending:  # (a resumed session may answer a tool call first)
+                            self._emit_text(earlier, streamed, reply)
+                            await self._emit_tools(earlier, context)
+                            self._chunk(earlier)
+                    elif (sid := events.init_session_id(message)) and sid != self.session_id:
+                        self.session_id = sid
+                        context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
+                    self._emit_text(message, streamed, reply)
+                    await self._emit_tools(message, context)
+                    self._chunk(message)
+                    if isinstance(message, ResultMessage):
+                        result = message
+                        self._count(result, warm)
+                    elif isinstance(message, AssistantMessage) and message.error:
+                        api_error = message.error
         except Silent:
             hung = True
             raise
@@ -680,19 +681,38 @@ async def silence():
         async with asyncio.timeout(settings.OMNI_TURN_SILENCE_SECONDS):
             yield
     except TimeoutError:
-        raise Silent(
-            f"the Claude process sent nothing for {settings.OMNI_TURN_SILENCE_SECONDS:g} s; "
-            "the turn was stopped"
-        ) from None
+        raise silent() from None
+
+
+def silent() -> Silent:
+    return Silent(
+        f"the Claude process sent nothing for {settings.OMNI_TURN_SILENCE_SECONDS:g} s; "
+        "the turn was stopped"
+    )
+
+
+async def replies(client):
+    """The client's messages up to its turn's ``ResultMessage`` (the SDK's
+    ``receive_response``), each generator closed as the turn ends, not later
+    by the event loop's async-generator finalizer (a cross-thread wake-up of
+    the loop per generator)."""
+    async with contextlib.aclosing(client.receive_messages()) as messages:
+        async for message in messages:
+            yield message
+            if isinstance(message, ResultMessage):
+                return
 
 
 async def until_silent(messages):
-    """``messages``, each within the silence timeout."""
-    iterator = aiter(messages)
-    while True:
-        try:
-            async with silence():
-                message = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        yield message
+    """``messages``, each within the silence timeout (:class:`Silent`
+    otherwise); ``messages`` is closed when this generator is."""
+    async with contextlib.aclosing(messages) as iterator:
+        while True:
+            try:
+                async with asyncio.timeout(settings.OMNI_TURN_SILENCE_SECONDS):
+                    message = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise silent() from None
+            yield message

@@ -73,14 +73,14 @@ async def save(spec, session_id: str, *, create: bool, **fields):
 def _finish_sync(spec, session_id: str, lease, *, user_message, agent, assistant_message,
                  turn_record, drop_local: bool) -> None:
     try:
-        with transaction.atomic():  # the mapping, the record and the lease's end together
-            if lease is not None and not lease.held_sync():
+        with transaction.atomic():  # the lease's end, the mapping and the record together
+            if lease is not None and not lease.release_if_held_sync():
                 raise leases.LeaseLost(f"the lease of thread {spec.thread_id!r} (token {lease.token}) was lost")
             services.finish_turn_sync(
                 spec.thread_id, spec.resource_id, session_id, agent=agent, user_message=user_message,
                 assistant_message=assistant_message, turn_record=turn_record)
-            if lease is not None:
-                lease.release_sync()
+        if lease is not None:
+            lease.released = True
         if drop_local and settings.OMNI_SESSION_STORE:
             try:
                 services.drop_mirrored_local_transcript(session_id)
@@ -91,11 +91,11 @@ def _finish_sync(spec, session_id: str, lease, *, user_message, agent, assistant
 
 
 async def finish(spec, session_id: str, lease, **fields) -> None:
-    """A turn's last save in one trip to the database thread: the lease still
-    held (else :class:`~chat_app.leases.LeaseLost`), the mapping updated
-    (:func:`sessions_app.services.finish_turn_sync`, with the turn's record),
-    the CLI's local copy dropped (``drop_local``: its client is not kept),
-    the lease let go."""
+    """A turn's last save in one trip to the database thread and one
+    transaction: the lease let go if still held (else
+    :class:`~chat_app.leases.LeaseLost`), the mapping updated
+    (:func:`sessions_app.services.finish_turn_sync`, with the turn's record);
+    then the CLI's local copy dropped (``drop_local``: its client is not kept)."""
     await sync_to_async(_finish_sync)(spec, session_id, lease, **fields)
 
 
