@@ -188,9 +188,18 @@ class Lease:
         """One ``UPDATE``: let the lease lapse now if it is still ours and
         live; False if it was lost. For a caller's transaction (a turn's last
         save): the caller marks it ``released`` once that commits."""
+        connection = connections[router.db_for_write(ThreadLease)]
+        quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
+        column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
         now = timezone.now()
-        return self._row().filter(token=self.token, expires_at__gt=now).update(
-            expires_at=now - timedelta(seconds=1)) == 1
+        with connection.cursor() as cursor:  # plain SQL: once a turn, on the warm path
+            cursor.execute(
+                f"UPDATE {quote(ThreadLease._meta.db_table)} SET {column['expires_at']} = %s "
+                f"WHERE {column['resource_id']} = %s AND {column['thread_id']} = %s "
+                f"AND {column['turn_id']} = %s AND {column['token']} = %s AND {column['expires_at']} > %s",
+                [adapt(now - timedelta(seconds=1)), self.resource_id, self.thread_id, self.turn_id,
+                 self.token, adapt(now)])
+            return cursor.rowcount == 1
 
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -196,35 +196,70 @@ def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent
                      turn_record: dict | None = None) -> None:
     """A turn's last write of its mapping (update only: raises
     :class:`ThreadDeleted` if the thread is gone) with its record
-    (:mod:`sessions_app.usage`) and cost: two statements, no read."""
-    from django.db.models import Case, Value, When
+    (:mod:`sessions_app.usage`) and cost: two statements, no read.
 
+    Plain SQL, not the ORM: this runs once a turn on the warm path, where
+    building the ORM's queries cost more CPU (~0.8 ms) than running them.
+    The statements are what the ORM would send (``F()`` increments, the
+    title set only while empty, the record inserted once per turn)."""
     from .models import TurnRecord
     from .usage import record_fields
 
+    connection = connections[router.db_for_write(SessionMapping)]
+    quote = connection.ops.quote_name
+    column = _columns(SessionMapping, quote)
     added = (user_message is not None) + bool(assistant_message)
     preview = assistant_message or user_message
-    changes = {"session_id": session_id, "updated_at": timezone.now(),
-               "message_count": F("message_count") + added, "version": F("version") + 1}
+    sets = [f"{column['session_id']} = %s", f"{column['updated_at']} = %s",
+            f"{column['message_count']} = {column['message_count']} + %s",
+            f"{column['version']} = {column['version']} + 1"]
+    params = [session_id, _prep(SessionMapping, "updated_at", timezone.now(), connection), added]
     if agent:
-        changes["agent"] = agent
+        sets.append(f"{column['agent']} = %s")
+        params.append(agent)
     if preview:
-        changes["last_message"] = _clip(preview, PREVIEW_CHARS)
+        sets.append(f"{column['last_message']} = %s")
+        params.append(_clip(preview, PREVIEW_CHARS))
     if user_message:
-        changes["title"] = Case(When(title="", then=Value(_clip(user_message, TITLE_CHARS))),
-                                default=F("title"))
+        title = column["title"]
+        sets.append(f"{title} = CASE WHEN {title} = '' THEN %s ELSE {title} END")
+        params.append(_clip(user_message, TITLE_CHARS))
     record = record_fields(turn_record) if turn_record is not None else None
     if record is not None and record["cost_usd"]:
-        changes["cost_usd"] = F("cost_usd") + record["cost_usd"]
-    updated = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).update(**changes)
-    if not updated:
-        raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
-    if record is not None:
-        TurnRecord.objects.bulk_create([TurnRecord(**record)], ignore_conflicts=True)
+        sets.append(f"{column['cost_usd']} = {column['cost_usd']} + %s")
+        params.append(_prep(SessionMapping, "cost_usd", record["cost_usd"], connection))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {quote(SessionMapping._meta.db_table)} SET {', '.join(sets)} "
+            f"WHERE {column['thread_id']} = %s AND {column['resource_id']} = %s",
+            params + [thread_id, resource_id])
+        if cursor.rowcount == 0:
+            raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
+        if record is not None:
+            names = list(record)
+            cursor.execute(
+                f"INSERT INTO {quote(TurnRecord._meta.db_table)} "
+                f"({', '.join(column_of(TurnRecord, name, quote) for name in names)}) "
+                f"VALUES ({', '.join(['%s'] * len(names))}) "
+                f"ON CONFLICT ({column_of(TurnRecord, 'turn_id', quote)}) DO NOTHING",
+                [_prep(TurnRecord, name, record[name], connection) for name in names])
     log.info(
         "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
         thread_id, resource_id, session_id,
     )
+
+
+def column_of(model, name: str, quote) -> str:
+    return quote(model._meta.get_field(name).column)
+
+
+def _columns(model, quote) -> dict[str, str]:
+    return {f.name: quote(f.column) for f in model._meta.concrete_fields}
+
+
+def _prep(model, name: str, value, connection):
+    """``value`` as the database takes it for field ``name`` (the ORM's own adaptation)."""
+    return model._meta.get_field(name).get_db_prep_save(value, connection)
 
 
 async def add_approvals(mapping: SessionMapping, messages: list[dict]) -> None:
