@@ -161,12 +161,17 @@ async def raw_concurrent(options: dict, count: int, turns: int, paused: bool = F
 class Peak:
     """Peak RSS of a process and all its descendants, and peak count of the
     CLI processes it started (its children; not the CLIs' own helper
-    processes), sampled every 50 ms."""
+    processes), sampled every 0.25 s. ``clis_only``: only those CLIs and
+    their descendants (a raw SDK run: the bench process itself, its model
+    and servers are not counted). The raw runs at once are sampled too, so
+    both sides of a ratio carry the same sampling cost."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak_mb, self.peak_cli = pid, 0.0, 0
+    def __init__(self, pid: int, *, clis_only: bool = False, interval: float = 0.25):
+        self.pid, self.clis_only, self.interval = pid, clis_only, interval
+        self.peak_mb, self.peak_cli = 0.0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._cli: dict[int, bool] = {}
 
     def __enter__(self):
         self._thread.start()
@@ -176,15 +181,27 @@ class Peak:
         self._stop.set()
         self._thread.join()
 
+    def _is_cli(self, pid: int) -> bool:
+        from tests.e2e import is_cli
+
+        if pid not in self._cli:
+            self._cli[pid] = is_cli(pid)
+        return self._cli[pid]
+
     def _run(self):
         from chat_app.pool import rss_mb
-        from tests.e2e import _ppid, descendants, is_cli
+        from tests.e2e import _ppid, descendants
 
         while not self._stop.is_set():
-            pids = [self.pid, *descendants(self.pid)]
+            below = descendants(self.pid)
+            clis = [p for p in below if _ppid(p) == self.pid and self._is_cli(p)]
+            if self.clis_only:
+                pids = [*clis, *(d for p in clis for d in descendants(p))]
+            else:
+                pids = [self.pid, *below]
             self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in pids))
-            self.peak_cli = max(self.peak_cli, sum(1 for p in pids if _ppid(p) == self.pid and is_cli(p)))
-            self._stop.wait(0.05)
+            self.peak_cli = max(self.peak_cli, len(clis))
+            self._stop.wait(self.interval)
 
 
 async def ws_turn(ws, thread: str, resource: str, message: str) -> tuple[str, float | None]:
@@ -396,9 +413,12 @@ async def measure_with(model_url: str) -> dict:
         out["raw"].update(warm=out["defaults"]["warm"], fresh=out["defaults"]["fresh"])
         # The raw floor of 16 at once right before the project's (the server
         # idle meanwhile), so both see the machine in the same state.
-        out["raw"]["concurrent"] = await raw_concurrent(options, CONCURRENT, TURNS)
+        with Peak(os.getpid(), clis_only=True) as raw_peak:
+            out["raw"]["concurrent"] = await raw_concurrent(options, CONCURRENT, TURNS)
+        out["raw"]["concurrent_peak_mb"] = raw_peak.peak_mb
         out["concurrent"] = await conversations(server, CONCURRENT, TURNS)
-        out["raw"]["paused"] = await raw_concurrent(options, CONCURRENT, TURNS, paused=True)
+        with Peak(os.getpid(), clis_only=True):
+            out["raw"]["paused"] = await raw_concurrent(options, CONCURRENT, TURNS, paused=True)
         out["paused"] = await conversations(server, CONCURRENT, TURNS, paused=True)
     finally:
         server.stop()
@@ -467,6 +487,8 @@ def rows_of(m: dict) -> list[tuple[str, float, str]]:
         ("spare vs a raw client's first message", p50(m["defaults"]["spare"]) / p50(m["raw"]["fresh"]), "x"),
         (f"{CONCURRENT} at once: project vs raw, follow-up p50",
          p50(conc["follow"]) / p50(m["raw"]["concurrent"]), "x"),
+        (f"raw SDK: {CONCURRENT} warm clients x {TURNS} at once: peak RSS of their CLIs",
+         m["raw"]["concurrent_peak_mb"], "MB"),
     ]
 
 
