@@ -91,6 +91,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -197,6 +198,51 @@ def _insert_rows(connection, rows: list[tuple]) -> None:
             )
 
 
+@dataclass
+class _Summary:
+    id: int
+    mtime_ms: int
+    data: str
+
+
+def _summary_sql(connection) -> tuple[str, dict[str, str]]:
+    quote = connection.ops.quote_name
+    return (quote(TranscriptSummary._meta.db_table),
+            {f.name: quote(f.column) for f in TranscriptSummary._meta.concrete_fields})
+
+
+def _lock_summary(connection, project_key: str, session_id: str) -> _Summary:
+    """The session's summary row, locked until the transaction ends (``FOR
+    UPDATE`` where the engine has it; SQLite/libSQL write transactions are
+    exclusive already). A new session gets a placeholder row (``data ==
+    ""``) first, inserted with ``ON CONFLICT DO NOTHING`` so two first
+    appends cannot both create it. Plain SQL: this runs on every append (a
+    turn's), where compiling the ORM's queries cost more than running them."""
+    table, col = _summary_sql(connection)
+    select = (f"SELECT {col['id']}, {col['mtime_ms']}, {col['data']} FROM {table} "
+              f"WHERE {col['project_key']} = %s AND {col['session_id']} = %s"
+              + (" FOR UPDATE" if connection.features.has_select_for_update else ""))
+    with connection.cursor() as cursor:
+        cursor.execute(select, [project_key, session_id])
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(
+                f"INSERT INTO {table} ({col['project_key']}, {col['session_id']}, {col['mtime_ms']}, "
+                f"{col['data']}) VALUES (%s, %s, 0, '') "
+                f"ON CONFLICT ({col['project_key']}, {col['session_id']}) DO NOTHING",
+                [project_key, session_id])
+            cursor.execute(select, [project_key, session_id])
+            row = cursor.fetchone()
+    return _Summary(*row)
+
+
+def _update_summary(connection, pk: int, mtime_ms: int, data: str) -> None:
+    table, col = _summary_sql(connection)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET {col['mtime_ms']} = %s, {col['data']} = %s WHERE {col['id']} = %s",
+                       [mtime_ms, data, pk])
+
+
 class DjangoSessionStore(SessionStore):
     """:class:`~claude_agent_sdk.SessionStore` on the Django ORM (see the module
     docstring for the schema and the contract). ``using`` picks the database
@@ -241,13 +287,13 @@ class DjangoSessionStore(SessionStore):
         for entry in entries:
             uuid = entry.get("uuid") if isinstance(entry, dict) else None
             rows.append((uuid if isinstance(uuid, str) and uuid else None, _dumps(entry)))
+        connection = connections[self.using]
         with transaction.atomic(using=self.using):
-            summary = self._lock_summary(project_key, session_id) if subpath == MAIN else None
+            summary = _lock_summary(connection, project_key, session_id) if subpath == MAIN else None
             now_ms = _now_ms()
             if summary is not None and summary.data:
                 now_ms = max(now_ms, summary.mtime_ms + 1)
             created_at = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
-            connection = connections[self.using]
             stamp = connection.ops.adapt_datetimefield_value(created_at)
             _insert_rows(
                 connection,
@@ -262,29 +308,7 @@ class DjangoSessionStore(SessionStore):
                         "data": json.loads(summary.data),
                     }
                 folded = fold_session_summary(prev, key, entries)
-                summary.mtime_ms = now_ms
-                summary.data = _dumps(folded["data"])
-                summary.save(using=self.using, update_fields=["mtime_ms", "data"])
-
-    def _lock_summary(self, project_key: str, session_id: str) -> TranscriptSummary:
-        """The session's summary row, locked until the transaction ends. A new
-        session gets a placeholder row (``data == ""``) first, inserted with
-        ``ignore_conflicts`` so two first appends cannot both create it."""
-        rows = TranscriptSummary.objects.using(self.using).filter(
-            project_key=project_key, session_id=session_id
-        )
-        if connections[self.using].features.has_select_for_update:
-            rows = rows.select_for_update()
-        summary = rows.first()
-        if summary is None:
-            TranscriptSummary.objects.using(self.using).bulk_create(
-                [TranscriptSummary(
-                    project_key=project_key, session_id=session_id, mtime_ms=0, data=""
-                )],
-                ignore_conflicts=True,
-            )
-            summary = rows.get()
-        return summary
+                _update_summary(connection, summary.id, now_ms, _dumps(folded["data"]))
 
     async def delete(self, key: SessionKey) -> None:
         await sync_to_async(self._delete, thread_sensitive=True)(key)
