@@ -191,6 +191,33 @@ def _write_mapping(thread_id, resource_id, session_id, agent, user_message, assi
     return mapping
 
 
+@dataclass(frozen=True)
+class TurnMapping:
+    """What a turn reads of its thread's mapping before it starts."""
+
+    session_id: str
+    forked_from_thread_id: str | None
+    version: int
+    agent: str
+    pending_approval_id: str | None
+
+
+def turn_mapping_sync(thread_id: str, resource_id: str) -> TurnMapping | None:
+    """The thread's mapping as a turn needs it, or None: one ``SELECT`` of
+    five columns in plain SQL (every turn's; see :func:`finish_turn_sync`)."""
+    connection = connections[router.db_for_read(SessionMapping)]
+    quote = connection.ops.quote_name
+    column = _columns(SessionMapping, quote)
+    names = ("session_id", "forked_from_thread_id", "version", "agent", "pending_approval_id")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(column[name] for name in names)} FROM {quote(SessionMapping._meta.db_table)} "
+            f"WHERE {column['thread_id']} = %s AND {column['resource_id']} = %s",
+            [thread_id, resource_id])
+        row = cursor.fetchone()
+    return None if row is None else TurnMapping(*row)
+
+
 def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent: str | None = None,
                      user_message: str | None = None, assistant_message: str | None = None,
                      turn_record: dict | None = None) -> None:

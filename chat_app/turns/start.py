@@ -15,7 +15,6 @@ from django.utils import timezone
 
 from sessions_app import services, usage
 from sessions_app.errors import ApiError, Conflict, NotFound, ServerBusy, TooLarge
-from sessions_app.models import SessionMapping
 from sessions_app.resources import resolve_resource
 
 from .. import leases, limits, metrics
@@ -92,7 +91,7 @@ def _begin_sync(spec: TurnSpec, body, backend) -> tuple:
     if isinstance(taken, leases.Busy):
         raise leases.busy_error(spec.thread_id, taken.retry_after)
     try:
-        mapping = SessionMapping.objects.filter(thread_id=spec.thread_id, resource_id=spec.resource_id).first()
+        mapping = services.turn_mapping_sync(spec.thread_id, spec.resource_id)
         if mapping is not None:
             if mapping.pending_approval_id:
                 _check_waiting_call_sync(spec, spec.thread_id)
