@@ -50,6 +50,7 @@ const state = {
   streaming: null, // {threadId, li}: the assistant reply being drawn (its parts in `replies`)
   stopped: false,
   redrawOnReconnect: null, // a thread whose drawing could not reach the server
+  redrawOptions: null, // and its ended reply and note, for that redraw
   usage: null, // the resource's GET /api/usage answer (today's spend, the budget)
 };
 
@@ -786,12 +787,18 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
       if (err.status === 404 && (ended || socket.isRunning(threadId))) return; // not stored yet
       if (err.status === 404) showError(`There is no conversation ${threadId}.`);
       else showError(`Could not load the conversation: ${describeError(err)}`);
-      if (err.status === 0) state.redrawOnReconnect = threadId; // the server is away: again once it is back
+      if (err.status === 0) {
+        // the server is away: again once it is back, with the turn's note
+        // (the redraw replaces the list, and with it the note on the ended reply)
+        state.redrawOnReconnect = threadId;
+        state.redrawOptions = { ended, note };
+      }
       return;
     }
     if (state.threadId !== threadId || call !== drawing) return;
     if (state.redrawOnReconnect === threadId) {
       state.redrawOnReconnect = null;
+      state.redrawOptions = null;
       showError(null); // the "could not load" of before
     }
     const last = data.messages[data.messages.length - 1];
@@ -1143,7 +1150,9 @@ socket.addEventListener("state", ({ detail }) => {
   // Connected (first time or again): receive the open thread's running turn, if any.
   if (detail.state === "open" && state.threadId && !socket.isRunning(state.threadId)) {
     socket.follow(state.threadId, resourceId());
-    if (state.redrawOnReconnect === state.threadId) Promise.all([loadThreads(), drawConversation(state.threadId)]);
+    if (state.redrawOnReconnect === state.threadId) {
+      Promise.all([loadThreads(), drawConversation(state.threadId, state.redrawOptions || {})]);
+    }
   }
 });
 socket.connect();
