@@ -570,23 +570,15 @@ def test_the_usage_admin_on_a_libsql_server(tmp_path):
     """The spend page (sorts, search, range), the budgets and the records
     over a remote libSQL connection, which has no SQL date functions
     (README, "The libSQL engine")."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tests.hrana_server import start_hrana_server
+    from tests.test_engine_remote import output, run_django
 
-    root = Path(__file__).resolve().parent.parent
     server = start_hrana_server(tmp_path / "remote.db", token="t0k")
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "omni.settings", "PYTHONPATH": str(root),
-           "DATABASE_URL": f"{server.url}?authToken=t0k", "OMNI_DATA_DIR": str(tmp_path / "data"),
-           "OMNI_DAILY_BUDGET_USD": "0"}
     try:
-        for argv in ([sys.executable, "manage.py", "migrate", "--noinput"],
-                     [sys.executable, "-c", "import django\ndjango.setup()\n" + REMOTE_SCRIPT]):
-            proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        url = f"{server.url}?authToken=t0k"
+        for step in (["migrate", "--noinput"], REMOTE_SCRIPT):
+            proc = run_django(step, url, tmp_path / "data", timeout=300, OMNI_DAILY_BUDGET_USD="0")
+            assert proc.returncode == 0, output(proc)
     finally:
         server.stop()
     assert "REMOTE USAGE ADMIN OK" in proc.stdout

@@ -22,22 +22,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
 
 
-def run_django(code_or_args, url: str, data_dir: Path) -> subprocess.CompletedProcess:
+def run_django(code_or_args, url: str, data_dir: Path, *, timeout: float = 180,
+               **extra_env: str) -> subprocess.CompletedProcess:
     """Run ``manage.py ARGS`` (a list) or a Python snippet (a str) with
-    Django set up against ``url``."""
+    Django set up against ``url`` (and ``extra_env``)."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "omni.settings",
         "DATABASE_URL": url,
         "OMNI_DATA_DIR": str(data_dir),
         "PYTHONPATH": str(ROOT),
+        **extra_env,
     }
     if isinstance(code_or_args, str):
         code = "import django\ndjango.setup()\n" + textwrap.dedent(code_or_args)
         argv = [sys.executable, "-c", code]
     else:
         argv = [sys.executable, "manage.py", *code_or_args]
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:

@@ -691,6 +691,17 @@ def ask_to_delete(page, victim: str) -> tuple[str, object]:
     return text, call
 
 
+def a_call_to_delete(page, first: str) -> tuple[str, str, object]:
+    """A conversation (``first`` its message) and, in a new chat, a request
+    to delete it waiting for a decision: the victim's thread, the message
+    and the call's block."""
+    ask(page, first)
+    victim = current_thread(page)
+    page.get_by_role("button", name="New chat").click()
+    text, call = ask_to_delete(page, victim)
+    return victim, text, call
+
+
 def deleted_reply(victim: str, text: str) -> str:
     return f'Offline model got from mcp__omni__delete_conversation: "{{"deleted": "{victim}"}}". {reply(text)}'
 
@@ -698,10 +709,7 @@ def deleted_reply(victim: str, text: str) -> str:
 def test_a_tool_call_waits_for_allow_then_runs(server, tabs):
     tab = tabs()
     page = open_page(tab, server)
-    ask(page, "A conversation to delete")
-    victim = current_thread(page)
-    page.get_by_role("button", name="New chat").click()
-    text, call = ask_to_delete(page, victim)
+    victim, text, call = a_call_to_delete(page, "A conversation to delete")
     thread = current_thread(page)
 
     # The call as it happens: its name, input, the request with its expiry.
@@ -737,10 +745,7 @@ def test_a_tool_call_waits_for_allow_then_runs(server, tabs):
 def test_deny_keeps_the_thread_and_the_reply_says_so(server, tabs):
     tab = tabs()
     page = open_page(tab, server)
-    ask(page, "Keep this one")
-    victim = current_thread(page)
-    page.get_by_role("button", name="New chat").click()
-    text, call = ask_to_delete(page, victim)
+    victim, text, call = a_call_to_delete(page, "Keep this one")
     thread = current_thread(page)
 
     call.get_by_role("button", name="Deny").click()
@@ -761,10 +766,7 @@ def test_deny_keeps_the_thread_and_the_reply_says_so(server, tabs):
 def test_stop_while_a_request_waits_denies_it(server, tabs):
     tab = tabs()
     page = open_page(tab, server)
-    ask(page, "Spare me")
-    victim = current_thread(page)
-    page.get_by_role("button", name="New chat").click()
-    text, call = ask_to_delete(page, victim)
+    victim, text, call = a_call_to_delete(page, "Spare me")
     page.get_by_role("button", name="Stop").click()
     expect(call.locator(".approval-decision")).to_have_text("Denied: the reply was stopped")
     expect(call.get_by_role("button")).to_have_count(0)
@@ -779,10 +781,7 @@ def test_a_reload_while_a_request_waits(server, tabs):
     turn's replay are the same call), marked in the sidebar, and Allow works."""
     tab = tabs()
     page = open_page(tab, server)
-    ask(page, "Delete me after a reload")
-    victim = current_thread(page)
-    page.get_by_role("button", name="New chat").click()
-    text, call = ask_to_delete(page, victim)
+    victim, text, call = a_call_to_delete(page, "Delete me after a reload")
     thread = current_thread(page)
 
     page.reload()
@@ -808,10 +807,7 @@ def test_a_second_tab_sees_the_request_and_decides_it(server, tabs):
     resource = new_id("user")
     first, second = tabs(resource), tabs(resource)
     page = open_page(first, server)
-    ask(page, "Shared victim")
-    victim = current_thread(page)
-    page.get_by_role("button", name="New chat").click()
-    text, call = ask_to_delete(page, victim)
+    victim, text, call = a_call_to_delete(page, "Shared victim")
     thread = current_thread(page)
 
     other = open_page(second, server)
@@ -841,10 +837,7 @@ def test_a_request_survives_a_dropped_connection(server, tabs):
         page.goto(proxy.url())
         connection = page.locator("#connection")
         expect(connection).to_have_attribute("data-state", "open")
-        ask(page, "Dropped victim")
-        victim = current_thread(page)
-        page.get_by_role("button", name="New chat").click()
-        text, call = ask_to_delete(page, victim)
+        victim, text, call = a_call_to_delete(page, "Dropped victim")
         proxy.drop()
         expect(connection).to_have_attribute("data-state", "down")
         expect(connection).to_have_attribute("data-state", "open")
@@ -896,10 +889,7 @@ def test_a_request_decided_after_the_server_restarted(server, tabs):
     page follows and draws."""
     tab = tabs()
     page = open_page(tab, server)
-    ask(page, "Victim of a restart")
-    victim = current_thread(page)
-    page.get_by_role("button", name="New chat").click()
-    text, call = ask_to_delete(page, victim)
+    victim, text, call = a_call_to_delete(page, "Victim of a restart")
     connection = page.locator("#connection")
     port = server.port
 
