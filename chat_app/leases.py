@@ -60,6 +60,7 @@ from django.conf import settings
 from django.db import connections, router
 from django.utils import timezone
 
+from omni.db.sql import names
 from sessions_app.errors import Conflict
 
 from .models import ThreadLease
@@ -189,12 +190,12 @@ class Lease:
         live; False if it was lost. For a caller's transaction (a turn's last
         save): the caller marks it ``released`` once that commits."""
         connection = connections[router.db_for_write(ThreadLease)]
-        quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
-        column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
+        adapt = connection.ops.adapt_datetimefield_value
+        table, column = names(ThreadLease, connection)
         now = timezone.now()
         with connection.cursor() as cursor:  # plain SQL: once a turn, on the warm path
             cursor.execute(
-                f"UPDATE {quote(ThreadLease._meta.db_table)} SET {column['expires_at']} = %s "
+                f"UPDATE {table} SET {column['expires_at']} = %s "
                 f"WHERE {column['resource_id']} = %s AND {column['thread_id']} = %s "
                 f"AND {column['turn_id']} = %s AND {column['token']} = %s AND {column['expires_at']} > %s",
                 [adapt(now - timedelta(seconds=1)), self.resource_id, self.thread_id, self.turn_id,
@@ -235,9 +236,8 @@ class Lease:
 def _take(resource_id: str, thread_id: str, turn_id: str, holder: Holder, now, expires) -> int | None:
     """The atomic take (see the module doc): the new token, or None."""
     connection = connections[router.db_for_write(ThreadLease)]
-    quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
-    table = quote(ThreadLease._meta.db_table)
-    column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
+    adapt = connection.ops.adapt_datetimefield_value
+    table, column = names(ThreadLease, connection)
     written = ["turn_id", "expires_at", "host", "host_id", "pid", "pid_started"]
     with connection.cursor() as cursor:
         cursor.execute(
@@ -259,9 +259,8 @@ def _take(resource_id: str, thread_id: str, turn_id: str, holder: Holder, now, e
 def _take_from_dead(row: ThreadLease, turn_id: str, holder: Holder, expires) -> int | None:
     """Take a live lease whose holder died, if it is still that holder's."""
     connection = connections[router.db_for_write(ThreadLease)]
-    quote, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
-    table = quote(ThreadLease._meta.db_table)
-    column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
+    adapt = connection.ops.adapt_datetimefield_value
+    table, column = names(ThreadLease, connection)
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET {column['token']} = {column['token']} + 1, {column['turn_id']} = %s, "

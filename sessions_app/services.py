@@ -7,6 +7,7 @@ Mirrors the seed's store: save, get the session id, delete, list, metadata.
 
 import base64
 import binascii
+import dataclasses
 import glob
 import json
 import logging
@@ -20,6 +21,8 @@ from django.conf import settings
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+
+from omni.db.sql import db_value, names
 
 from .errors import ApiError, BadRequest, Conflict, NotFound
 from .models import SessionMapping
@@ -206,12 +209,11 @@ def turn_mapping_sync(thread_id: str, resource_id: str) -> TurnMapping | None:
     """The thread's mapping as a turn needs it, or None: one ``SELECT`` of
     five columns in plain SQL (every turn's; see :func:`finish_turn_sync`)."""
     connection = connections[router.db_for_read(SessionMapping)]
-    quote = connection.ops.quote_name
-    column = _columns(SessionMapping, quote)
-    names = ("session_id", "forked_from_thread_id", "version", "agent", "pending_approval_id")
+    table, column = names(SessionMapping, connection)
+    wanted = [field.name for field in dataclasses.fields(TurnMapping)]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT {', '.join(column[name] for name in names)} FROM {quote(SessionMapping._meta.db_table)} "
+            f"SELECT {', '.join(column[name] for name in wanted)} FROM {table} "
             f"WHERE {column['thread_id']} = %s AND {column['resource_id']} = %s",
             [thread_id, resource_id])
         row = cursor.fetchone()
@@ -233,14 +235,13 @@ def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent
     from .usage import record_fields
 
     connection = connections[router.db_for_write(SessionMapping)]
-    quote = connection.ops.quote_name
-    column = _columns(SessionMapping, quote)
+    table, column = names(SessionMapping, connection)
     added = (user_message is not None) + bool(assistant_message)
     preview = assistant_message or user_message
     sets = [f"{column['session_id']} = %s", f"{column['updated_at']} = %s",
             f"{column['message_count']} = {column['message_count']} + %s",
             f"{column['version']} = {column['version']} + 1"]
-    params = [session_id, _prep(SessionMapping, "updated_at", timezone.now(), connection), added]
+    params = [session_id, db_value(SessionMapping, "updated_at", timezone.now(), connection), added]
     if agent:
         sets.append(f"{column['agent']} = %s")
         params.append(agent)
@@ -254,39 +255,24 @@ def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent
     record = record_fields(turn_record) if turn_record is not None else None
     if record is not None and record["cost_usd"]:
         sets.append(f"{column['cost_usd']} = {column['cost_usd']} + %s")
-        params.append(_prep(SessionMapping, "cost_usd", record["cost_usd"], connection))
+        params.append(db_value(SessionMapping, "cost_usd", record["cost_usd"], connection))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {quote(SessionMapping._meta.db_table)} SET {', '.join(sets)} "
+            f"UPDATE {table} SET {', '.join(sets)} "
             f"WHERE {column['thread_id']} = %s AND {column['resource_id']} = %s",
             params + [thread_id, resource_id])
         if cursor.rowcount == 0:
             raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
         if record is not None:
-            names = list(record)
+            records, field = names(TurnRecord, connection)
             cursor.execute(
-                f"INSERT INTO {quote(TurnRecord._meta.db_table)} "
-                f"({', '.join(column_of(TurnRecord, name, quote) for name in names)}) "
-                f"VALUES ({', '.join(['%s'] * len(names))}) "
-                f"ON CONFLICT ({column_of(TurnRecord, 'turn_id', quote)}) DO NOTHING",
-                [_prep(TurnRecord, name, record[name], connection) for name in names])
+                f"INSERT INTO {records} ({', '.join(field[name] for name in record)}) "
+                f"VALUES ({', '.join(['%s'] * len(record))}) ON CONFLICT ({field['turn_id']}) DO NOTHING",
+                [db_value(TurnRecord, name, value, connection) for name, value in record.items()])
     log.info(
         "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
         thread_id, resource_id, session_id,
     )
-
-
-def column_of(model, name: str, quote) -> str:
-    return quote(model._meta.get_field(name).column)
-
-
-def _columns(model, quote) -> dict[str, str]:
-    return {f.name: quote(f.column) for f in model._meta.concrete_fields}
-
-
-def _prep(model, name: str, value, connection):
-    """``value`` as the database takes it for field ``name`` (the ORM's own adaptation)."""
-    return model._meta.get_field(name).get_db_prep_save(value, connection)
 
 
 async def add_approvals(mapping: SessionMapping, messages: list[dict]) -> None:

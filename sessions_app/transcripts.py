@@ -109,6 +109,8 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models.constants import OnConflict
 from django.db.models.functions import Length
 
+from omni.db.sql import names
+
 from .models import TranscriptEntry, TranscriptSummary
 
 __all__ = [
@@ -205,12 +207,6 @@ class _Summary:
     data: str
 
 
-def _summary_sql(connection) -> tuple[str, dict[str, str]]:
-    quote = connection.ops.quote_name
-    return (quote(TranscriptSummary._meta.db_table),
-            {f.name: quote(f.column) for f in TranscriptSummary._meta.concrete_fields})
-
-
 def _lock_summary(connection, project_key: str, session_id: str) -> _Summary:
     """The session's summary row, locked until the transaction ends (``FOR
     UPDATE`` where the engine has it; SQLite/libSQL write transactions are
@@ -218,7 +214,7 @@ def _lock_summary(connection, project_key: str, session_id: str) -> _Summary:
     ""``) first, inserted with ``ON CONFLICT DO NOTHING`` so two first
     appends cannot both create it. Plain SQL: this runs on every append (a
     turn's), where compiling the ORM's queries cost more than running them."""
-    table, col = _summary_sql(connection)
+    table, col = names(TranscriptSummary, connection)
     select = (f"SELECT {col['id']}, {col['mtime_ms']}, {col['data']} FROM {table} "
               f"WHERE {col['project_key']} = %s AND {col['session_id']} = %s"
               + (" FOR UPDATE" if connection.features.has_select_for_update else ""))
@@ -237,7 +233,7 @@ def _lock_summary(connection, project_key: str, session_id: str) -> _Summary:
 
 
 def _update_summary(connection, pk: int, mtime_ms: int, data: str) -> None:
-    table, col = _summary_sql(connection)
+    table, col = names(TranscriptSummary, connection)
     with connection.cursor() as cursor:
         cursor.execute(f"UPDATE {table} SET {col['mtime_ms']} = %s, {col['data']} = %s WHERE {col['id']} = %s",
                        [mtime_ms, data, pk])

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connections, router
 from django.utils import timezone
 
+from omni.db.sql import names
 from sessions_app.errors import RateLimited
 
 from ..models import ThreadLease
@@ -107,9 +108,7 @@ def lease_count_sql(connection) -> tuple[str, callable]:
     """``(SELECT count(*) ...)`` of a resource's live leases, and a function
     of ``resource_id`` giving its parameters. Uses the index
     ``(resource_id, expires_at)``."""
-    quote = connection.ops.quote_name
-    table = quote(ThreadLease._meta.db_table)
-    column = {f.name: quote(f.column) for f in ThreadLease._meta.concrete_fields}
+    table, column = names(ThreadLease, connection)
     sql = (f"(SELECT count(*) FROM {table} WHERE {column['resource_id']} = %s "
            f"AND {column['expires_at']} > %s)")
 

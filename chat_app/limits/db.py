@@ -51,6 +51,7 @@ import random
 from asgiref.sync import sync_to_async
 from django.db import connections, router
 
+from omni.db.sql import names
 from sessions_app.errors import RateLimited
 
 from ..models import TurnStart
@@ -68,12 +69,6 @@ class DatabaseBackend(Backend):
         self._next_prune_ms = 0
         self.lost_races = 0  # upserts that lost a free slot to another worker (retried)
 
-    # --- SQL ---
-    def _names(self, connection) -> tuple[str, dict[str, str]]:
-        quote = connection.ops.quote_name
-        return (quote(TurnStart._meta.db_table),
-                {f.name: quote(f.column) for f in TurnStart._meta.concrete_fields})
-
     # --- sync: one trip to the database thread ---
     def admit_sync(self, resource_id: str, turn_id: str) -> Admission:
         """Count the start of ``turn_id`` or raise :class:`RateLimited`."""
@@ -88,7 +83,7 @@ class DatabaseBackend(Backend):
                 if cursor.fetchone()[0] > most:
                     raise too_many_turns(resource_id, most)
                 return Admission(self, resource_id, turn_id)
-            table, col = self._names(connection)
+            table, col = names(TurnStart, connection)
             live = f"{col['resource_id']} = %s AND {col['started_ms']} > %s"
             upsert = (
                 # the slots from a random one on, wrapping around (racing
@@ -152,7 +147,7 @@ class DatabaseBackend(Backend):
     def uncount_sync(self, admission: Admission) -> None:
         """One ``DELETE`` (``QuerySet.delete()`` wraps it in a transaction: three)."""
         connection = connections[router.db_for_write(TurnStart)]
-        table, col = self._names(connection)
+        table, col = names(TurnStart, connection)
         with connection.cursor() as cursor:
             cursor.execute(
                 f"DELETE FROM {table} WHERE {col['resource_id']} = %s AND {col['slot']} = %s "
