@@ -64,6 +64,7 @@ from omni.db.sql import names
 from sessions_app.errors import Conflict
 
 from .models import ThreadLease
+from .sdk import process_state
 
 log = logging.getLogger("omni.chat")
 
@@ -85,13 +86,10 @@ def _read(path: str) -> str:
 def process_start(pid: int) -> int | None:
     """A process's start time (clock ticks after boot, ``/proc/<pid>/stat``
     field 22), or None if it does not run (a zombie does not run)."""
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
+    state = process_state(pid)
+    if state is None or state[0] in ("Z", "X"):
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces or ")"
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    return state[1]
 
 
 def _host_id() -> str:

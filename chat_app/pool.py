@@ -59,7 +59,7 @@ from django.conf import settings
 from sessions_app.errors import ServerBusy
 
 from . import metrics
-from .sdk import PIDFILE_ENV, cli_pidfile, process_state
+from .sdk import PIDFILE_ENV, cli_pidfile, process_state, read_proc
 
 log = logging.getLogger("omni.pool")
 
@@ -171,11 +171,7 @@ def rss_mb(pid: int | None) -> float:
     if pid is None:
         return 0.0
     try:
-        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            status = os.read(fd, 16384)
-        finally:
-            os.close(fd)
+        status = read_proc(f"/proc/{pid}/status")
     except OSError:
         return 0.0
     start = status.find(b"\nVmRSS:")

@@ -119,16 +119,21 @@ def process_state(pid: int) -> tuple[str, int] | None:
     3 and 22; the start time in clock ticks since boot names the process: a
     reused pid has another); None if there is no such process."""
     try:
-        # os.read, not open(): read on every checkout and checkin of a warm client
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        fields = stat.rsplit(b")", 1)[1].split()  # the name (field 2) may hold anything
+        # after the name (field 2), which may hold anything
+        fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
         return fields[0].decode(), int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def read_proc(path: str, size: int = 16384) -> bytes:
+    """A ``/proc`` file's bytes (raises OSError). ``os.read``, not ``open()``:
+    the pool reads a CLI's on every checkout and checkin of a warm client."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
 
 
 def runtime_dir() -> Path:
