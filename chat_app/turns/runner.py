@@ -130,10 +130,10 @@ class Turn:
         # What the turn used and cost (its own figures: a warm process's totals run on).
         self.started_at = timezone.now()
         self._started = time.monotonic()
-        # When the turn reached each step (seconds after it started): where a
-        # turn's time goes, for the benchmarks and a DEBUG log line at its end.
+        # When the turn reached each step (seconds after it started, the
+        # first each time): where a turn's time goes (bench/spare.py), and its
+        # time to first text (its record).
         self.marks: dict[str, float] = {}
-        self._first_text_ms: int | None = None
         self._cost = 0.0
         self._usage = dict.fromkeys(events.TOKEN_KINDS, 0)
         self._model = ""
@@ -219,9 +219,8 @@ class Turn:
             if self._final is None:
                 self._final = event
             return
-        if event.get("type") == "text" and self._first_text_ms is None:
+        if event.get("type") == "text":
             self._mark("first_text")
-            self._first_text_ms = int((time.monotonic() - self._started) * 1000)
         self.log.append(event)
         if event.get("type") == "session" and self._approval_event is not None:
             self.log.append(self._approval_event)  # a continuation: the decision right after
@@ -480,6 +479,10 @@ class Turn:
     def _mark(self, step: str) -> None:
         self.marks.setdefault(step, time.monotonic() - self._started)
 
+    def _first_text_ms(self) -> int | None:
+        first = self.marks.get("first_text")
+        return None if first is None else int(first * 1000)
+
     # --- usage -----------------------------------------------------------------------------
     def _count(self, result: ResultMessage, warm: WarmClient) -> None:
         """Add a result's own tokens and cost (the difference from its
@@ -512,7 +515,7 @@ class Turn:
         return {
             "turn_id": self.turn_id, "resource_id": spec.resource_id, "thread_id": spec.thread_id,
             "agent": spec.agent, "model": self._model[:128], "started_at": self.started_at,
-            "duration_ms": self._elapsed_ms(), "first_text_ms": self._first_text_ms,
+            "duration_ms": self._elapsed_ms(), "first_text_ms": self._first_text_ms(),
             "outcome": outcome[:64], "worker": WORKER,
             "input_tokens": self._usage["input_tokens"], "output_tokens": self._usage["output_tokens"],
             "cache_read_tokens": self._usage["cache_read_input_tokens"],
