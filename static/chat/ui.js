@@ -49,8 +49,9 @@ const state = {
   forkFrom: null, // {threadId, uuid, label}: the next message forks
   streaming: null, // {threadId, li}: the assistant reply being drawn (its parts in `replies`)
   stopped: false,
-  redrawOnReconnect: null, // a thread whose drawing could not reach the server
-  redrawOptions: null, // and its ended reply and note, for that redraw
+  // {threadId, ended, note}: a drawing that could not reach the server, to do
+  // again once the socket is back (with the ended reply and its note)
+  redrawOnReconnect: null,
   usage: null, // the resource's GET /api/usage answer (today's spend, the budget)
 };
 
@@ -790,15 +791,13 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
       if (err.status === 0) {
         // the server is away: again once it is back, with the turn's note
         // (the redraw replaces the list, and with it the note on the ended reply)
-        state.redrawOnReconnect = threadId;
-        state.redrawOptions = { ended, note };
+        state.redrawOnReconnect = { threadId, ended, note };
       }
       return;
     }
     if (state.threadId !== threadId || call !== drawing) return;
-    if (state.redrawOnReconnect === threadId) {
+    if (state.redrawOnReconnect && state.redrawOnReconnect.threadId === threadId) {
       state.redrawOnReconnect = null;
-      state.redrawOptions = null;
       showError(null); // the "could not load" of before
     }
     const last = data.messages[data.messages.length - 1];
@@ -1150,8 +1149,9 @@ socket.addEventListener("state", ({ detail }) => {
   // Connected (first time or again): receive the open thread's running turn, if any.
   if (detail.state === "open" && state.threadId && !socket.isRunning(state.threadId)) {
     socket.follow(state.threadId, resourceId());
-    if (state.redrawOnReconnect === state.threadId) {
-      Promise.all([loadThreads(), drawConversation(state.threadId, state.redrawOptions || {})]);
+    const redraw = state.redrawOnReconnect;
+    if (redraw && redraw.threadId === state.threadId) {
+      Promise.all([loadThreads(), drawConversation(state.threadId, redraw)]);
     }
   }
 });
