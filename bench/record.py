@@ -3,8 +3,8 @@ at p50).
 
 The record is written in the turn's last save, after its reply streamed, so
 it cannot move the time to first text; what it can cost is that save's
-trip: here the same trip (``chat_app.turns.store._finish_sync``: the lease
-check, the mapping's update, the lease's release, in one transaction) with
+trip: here the same trip (``chat_app.turns.store._finish_sync``: the
+lease's end if still held, the mapping's update, in one transaction) with
 and without the record's insert and cost, alternated, on the bench's
 database (the embedded file, or ``DATABASE_URL``).
 """
