@@ -22,11 +22,10 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from omni.db.sql import db_value, names
-
 from .errors import ApiError, BadRequest, Conflict, NotFound
 from .models import SessionMapping
 from .signals import thread_deleted
+from .sql import db_value, names
 
 log = logging.getLogger("omni.chat")
 

@@ -109,9 +109,8 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models.constants import OnConflict
 from django.db.models.functions import Length
 
-from omni.db.sql import names
-
 from .models import TranscriptEntry, TranscriptSummary
+from .sql import names
 
 __all__ = [
     "DjangoSessionStore",

@@ -11,8 +11,8 @@ from django.conf import settings
 from django.db import connections, router
 from django.utils import timezone
 
-from omni.db.sql import names
 from sessions_app.errors import RateLimited
+from sessions_app.sql import names
 
 from ..models import ThreadLease
 

@@ -51,8 +51,8 @@ import random
 from asgiref.sync import sync_to_async
 from django.db import connections, router
 
-from omni.db.sql import names
 from sessions_app.errors import RateLimited
+from sessions_app.sql import names
 
 from ..models import TurnStart
 from .base import (
