@@ -30,14 +30,14 @@ import logging
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from sessions_app import services
-from sessions_app.errors import ApiError, Conflict, NotFound, ServerBusy
+from sessions_app.errors import ApiError, Conflict, NotFound, RateLimited, ServerBusy
 from sessions_app.resources import resolve_resource
 
-from . import leases, streams
+from . import streams
 from .sdk import agent_preset
 from .tools import calls
 from .turns import TurnSpec, registry
+from .turns.admission import CONTINUATION, admit
 
 log = logging.getLogger("omni.chat")
 
@@ -150,33 +150,21 @@ async def sweep() -> list:
 
 
 async def _continue(call):
-    """Start a turn that goes on after ``call``'s decision (if the thread is free)."""
-    lease = await sync_to_async(leases.acquire_sync)(call.resource_id, call.thread_id,
-                                                     _new_turn_id())
-    if isinstance(lease, leases.Busy):
-        return None  # its turn still runs somewhere (it goes on itself), or will be free soon
+    """Start a turn that goes on after ``call``'s decision, admitted like any
+    turn (the thread's lease, the budget, the limits, a process); None if it
+    may not start now (the sweeper tries again)."""
+    agent, preset = agent_preset(None)
+    spec = TurnSpec(call.resource_id, call.thread_id, None, agent, preset, new_thread=False,
+                    continuation=call)
     try:
-        mapping = await services.get_mapping(call.thread_id, call.resource_id)
-        if mapping is None:
-            raise NotFound("the thread is gone")
-        agent, preset = agent_preset(mapping.agent)
-        spec = TurnSpec(call.resource_id, call.thread_id, None, agent, preset, turn_id=lease.turn_id,
-                        resume_session_id=call.session_id, version=mapping.version,
-                        forked_from_thread_id=mapping.forked_from_thread_id, new_thread=False,
-                        continuation=call)
-        turn = registry.start(spec, lease)
-    except (ServerBusy, ApiError, Exception) as exc:
-        await asyncio.shield(lease.discard())
-        if not isinstance(exc, ServerBusy):
-            log.warning("[CHAT] Could not continue thread %s after approval %s: %s",
-                        call.thread_id, call.approval_id, exc)
+        turn = await admit(spec, CONTINUATION)
+    except ApiError as exc:
+        # Busy (its turn runs somewhere, or soon will be free), over the
+        # budget or a limit, no process free: the call waits for a later sweep.
+        level = logging.INFO if isinstance(exc, (Conflict, ServerBusy, RateLimited)) else logging.WARNING
+        log.log(level, "[CHAT] Not continuing thread %s after approval %s yet: %s",
+                call.thread_id, call.approval_id, exc.code)
         return None
     log.info("[CHAT] Continuing thread %s after approval %s on this worker (turn %s)",
              call.thread_id, call.approval_id, turn.turn_id)
     return turn
-
-
-def _new_turn_id() -> str:
-    from .turns.runner import new_turn_id
-
-    return new_turn_id()

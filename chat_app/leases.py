@@ -47,6 +47,7 @@ a skew eats into the TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -376,3 +377,21 @@ async def keep_renewed(lease: Lease, on_lost) -> None:
                       ": the thread was deleted" if deleted else "")
             await on_lost(deleted=deleted)
             return
+
+
+@contextlib.asynccontextmanager
+async def holding(lease: Lease, on_lost):
+    """The lease's one owner while its turn runs: renewed every TTL/3
+    (:func:`keep_renewed`, ``on_lost`` called if it is lost) and let go on
+    the way out, unless the turn's last save let it go already (in that
+    save's transaction, :meth:`Lease.release_if_held_sync`)."""
+    renewal = asyncio.create_task(keep_renewed(lease, on_lost))
+    try:
+        yield lease
+    finally:
+        renewal.cancel()
+        if not lease.released:
+            try:
+                await asyncio.shield(lease.release())
+            except Exception:  # it lapses on its own at its expiry
+                log.warning("could not release the lease of thread %s", lease.thread_id, exc_info=True)

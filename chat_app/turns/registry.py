@@ -13,16 +13,14 @@ hooks when its linger ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 from typing import Awaitable, Callable
 
 from django.conf import settings
 
-from .. import leases
 from ..pool import pool
-from .runner import Turn, TurnSpec
+from .runner import Turn
 
 log = logging.getLogger("omni.chat")
 
@@ -53,48 +51,31 @@ class TurnRegistry:
         return sum(key[0] == resource_id for key in self._running)
 
     # --- starting -----------------------------------------------------------------
-    def start(self, spec: TurnSpec, lease: leases.Lease | None = None) -> Turn:
-        """Start a turn on a process of the pool (synchronous: checking the
-        thread and taking a process cannot race). Raises 409 ``thread_busy``
-        and 503 ``server_busy``."""
-        if (running := self._running.get(spec.key)) is not None:
-            raise leases.busy_error(spec.thread_id, running.retry_after())
-        slot = pool.checkout(
-            spec.key, agent=spec.agent, session_id=spec.resume_session_id, version=spec.version,
-            # a fork, or a continuation after a decision, starts its own CLI
-            fork=bool(spec.fork_from_thread_id) or spec.continuation is not None,
-        )
-        turn = Turn(spec, slot, lease)
-        self._running[spec.key] = turn
+    def start(self, turn: Turn) -> Turn:
+        """Run an admitted turn (:mod:`.admission`, the only caller) in a task
+        of its own. The thread is this process's turn from here until the
+        turn frees it (``on_free``), just before its last event."""
+        self._running[turn.spec.key] = turn
         self._by_id[turn.turn_id] = turn
         # A context of its own: the turn outlives the request that started
         # it, so it must not use that request's thread-sensitive executor.
         loop = asyncio.get_running_loop()
         turn.task = loop.create_task(self._run(turn), context=contextvars.Context())
-        turn.task.add_done_callback(lambda _: self._release(turn))  # even if cancelled early
+        turn.task.add_done_callback(lambda _: self._cancelled_before_run(turn))
         return turn
 
     async def _run(self, turn: Turn) -> None:
-        renewal = None
-        if turn.lease is not None:
-            renewal = asyncio.create_task(leases.keep_renewed(turn.lease, turn.lease_was_lost))
-        try:
-            for hook in self.started:
-                await hook(turn)
-            await turn.run(on_free=self._release)
-        finally:
-            if renewal is not None:
-                renewal.cancel()
-            if not turn.finished:  # cancelled before its run could clean up
-                if turn.lease is not None:
-                    with contextlib.suppress(BaseException):
-                        await asyncio.shield(turn.lease.release())
-                self._release(turn)
-                turn.publish_final()
+        for hook in self.started:
+            await hook(turn)
+        await turn.run(on_free=self._release)
+
+    def _cancelled_before_run(self, turn: Turn) -> None:
+        """A task cancelled before its first step never ran the turn's own
+        cleanup: the turn gives its process back, the thread is freed here."""
+        turn.abandon()
+        self._release(turn)
 
     def _release(self, turn: Turn) -> None:
-        if turn.slot is not None:
-            pool.discard(turn.slot, "turn cancelled")  # no-op once the turn gave it back
         key = turn.spec.key
         if self._running.get(key) is not turn:
             return

@@ -40,7 +40,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from omni import logs
-from sessions_app.errors import ApiError, ServerBusy
+from sessions_app.errors import ApiError
 from sessions_app import usage
 from sessions_app.services import ThreadDeleted
 
@@ -50,6 +50,7 @@ from ..sdk import build_options, session_store
 from ..tools import Caller, ToolContext, calls
 from . import store
 from .buffer import EventLog
+from .states import TRANSITIONS, BadTransition, Ending, State
 
 log = logging.getLogger("omni.chat")
 
@@ -87,6 +88,7 @@ class TurnSpec:
     new_thread: bool = True  # no mapping at turn start: its first save creates it
     continuation: object | None = None  # a decided ToolCall this turn continues after (no message)
     chunks: bool = True  # False: no chunk events (a client that reads none)
+    agent_given: bool = False  # the request named the agent (else the thread's is kept)
 
     def __post_init__(self):
         self.turn_id = self.turn_id or new_turn_id()
@@ -96,34 +98,57 @@ class TurnSpec:
         return (self.resource_id, self.thread_id)
 
 
-class Aborted(Exception):
-    """The turn was stopped from outside and must save nothing more."""
+class Stopped(Exception):
+    """The turn was stopped from outside (its thread deleted, its lease
+    lost): it saves nothing more."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+
+@dataclass
+class Run:
+    """What one run of the CLI left: a tool call now waiting for a person
+    (``deferred``), or the turn's result to save."""
+
+    result: ResultMessage | None = None
+    deferred: object | None = None
+    api_error: str | None = None  # the CLI's stand-in reply for a failed model call
 
 
 class Turn:
-    def __init__(self, spec: TurnSpec, slot: Slot, lease: leases.Lease | None = None):
+    """One turn, as a state machine (:mod:`.states`): :meth:`run` drives it
+    from ``ADMITTED`` to ``ENDED``; :meth:`_enter` is the one place it moves.
+
+    Who owns what while it runs:
+
+    * the thread's **lease**: taken by the admission path, then owned by
+      :meth:`run` (:func:`chat_app.leases.holding`: renewed, and let go on the
+      way out unless the last save let it go in its transaction);
+    * the **process slot**: reserved by the admission path, then owned by the
+      turn: given back in :meth:`_free_process` only (warm for the thread's
+      next turn after a clean end; also while it waits for a decision, and
+      taken again by the admission path when it goes on);
+    * the **ending** (last event and outcome): decided once, in
+      :meth:`_conclude` (the first conclusion wins: a delete or a lost lease
+      concludes at once, from outside).
+    """
+
+    def __init__(self, spec: TurnSpec, slot: Slot | None, lease: leases.Lease | None = None):
         self.spec = spec
         self.slot = slot  # the live process this turn runs on (pool)
         self.lease = lease  # the thread's lease across processes
         self.log = EventLog(spec.turn_id, spec.thread_id)
+        self.state = State.ADMITTED
+        self.history: list[State] = [State.ADMITTED]  # every state it was in, in order
+        self.ending: Ending | None = None
+        self.saved = False  # the last save (mapping, record, lease's end) is committed
         self.session_id: str | None = None
         self.task: asyncio.Task | None = None
         self._kept: WarmClient | None = None  # the client to keep warm after the turn
         self._version: int | None = None  # the mapping's version after this turn's writes
         self._message_unsaved = False  # a follow-up: its message goes in with the turn's last save
-        self._finished = False  # the last save (and the lease's release) happened
         self._client: ClaudeSDKClient | None = None
         self._interrupted = False
-        self._aborted: Aborted | None = None
         self._streaming_id: str | None = None
-        self._final: dict | None = None  # the done/error event, published last
-        self._lease_lost = False
         self._reply: list[str] = []  # the assistant's text of this turn (across continuations)
-        self._waiting = None  # the ToolCall this turn waits on a decision for
         self._decided = asyncio.Event()  # woken when a decision may have come
         self._detached = False  # the server stops: a waiting turn lets go, its call waits on
         self._approval_event: dict | None = None  # published once the session event is out
@@ -137,7 +162,6 @@ class Turn:
         self._cost = 0.0
         self._usage = dict.fromkeys(events.TOKEN_KINDS, 0)
         self._model = ""
-        self._recorded = False
 
     # --- what the rest of the server reads ----------------------------------
     @property
@@ -150,12 +174,13 @@ class Turn:
 
     @property
     def finished(self) -> bool:
-        return self.log.finished
+        """Its last event is published."""
+        return self.state is State.ENDED
 
     @property
     def waiting(self) -> bool:
         """True while the turn waits for a person's decision (no process held)."""
-        return self._waiting is not None
+        return self.state is State.WAITING
 
     def wake(self) -> None:
         """A decision may have come (this worker's, or another's over the channel layer)."""
@@ -175,6 +200,27 @@ class Turn:
         """How long the thread stays busy at most (its lease's remaining time)."""
         return self.lease.remaining() if self.lease is not None else leases.lease_seconds()
 
+    # --- states -------------------------------------------------------------------
+    def _enter(self, state: State) -> None:
+        """Move to ``state``: the one place a turn changes state (staying is no move)."""
+        if state is self.state:
+            return
+        if state not in TRANSITIONS[self.state]:
+            raise BadTransition(f"turn {self.turn_id}: {self.state.value} -> {state.value}")
+        self.state = state
+        self.history.append(state)
+
+    def _conclude(self, event: dict) -> Ending:
+        """Decide how the turn ends (once: the first conclusion stands)."""
+        if self.ending is None:
+            self.ending = Ending.of(event, interrupted=self._interrupted)
+        return self.ending
+
+    def _stopped(self) -> None:
+        """Raise :class:`Stopped` if the turn was stopped from outside."""
+        if self.ending is not None and self.ending.stopped:
+            raise Stopped(self.ending.outcome)
+
     # --- stopping ---------------------------------------------------------------
     async def interrupt(self) -> None:
         """Ask the CLI to stop (bounded: a CLI that closes meanwhile never
@@ -193,10 +239,10 @@ class Turn:
         """Stop the turn for good: it saves nothing more and ends with an
         ``error`` event of ``code`` (its thread was deleted). Returns at once:
         the caller (a delete) does not wait for the CLI."""
-        if self.finished or self._aborted is not None:
+        if self.saved or self.finished or self.ending is not None:
             return
         log.info("[CHAT] Stopping turn %s on thread %s: %s", self.turn_id, self.spec.thread_id, code)
-        self._aborted = Aborted(code, message)
+        self._conclude(events.error_event(code, message))
         self._decided.set()
         task = asyncio.ensure_future(self.interrupt())
         _background.add(task)
@@ -207,18 +253,13 @@ class Turn:
         if deleted:  # the row went with its thread (deleted by another process)
             await self.abort("thread_deleted", DELETED)
             return
-        self._lease_lost = True
+        if not self.saved:
+            self._conclude(events.error_event(
+                "lease_lost", "this worker lost the thread's lease; the turn was stopped"))
         await self.interrupt()
 
     # --- events -------------------------------------------------------------------
     def _publish(self, event: dict) -> None:
-        if event.get("type") in ("done", "error"):
-            # The last event waits until the thread is free (lease and
-            # registry, in ``run``): a client may send its next message, to
-            # any worker, the moment it reads it.
-            if self._final is None:
-                self._final = event
-            return
         if event.get("type") == "text":
             self._mark("first_text")
         self.log.append(event)
@@ -231,126 +272,147 @@ class Turn:
         if self.spec.chunks:
             self._publish(events.chunk_event(self.session_id, message))
 
-    def publish_final(self) -> None:
-        if self.finished:
-            return
-        final = self._final
-        if self._aborted is not None:
-            final = events.error_event(self._aborted.code, self._aborted.message)
-        elif self._lease_lost:
-            final = events.error_event(
-                "lease_lost", "this worker lost the thread's lease; the turn was stopped")
-        elif final is None:
-            final = events.error_event("turn_failed", "the turn ended without a result")
-        self.log.append(final, last=True)
-
-    # --- the turn ------------------------------------------------------------------
+    # --- the turn, start to end ------------------------------------------------------
     async def run(self, on_free) -> None:
-        """The turn, start to end. ``on_free(turn)`` is called once the
-        process is given back and the lease released, before the last event."""
+        """The turn, ``ADMITTED`` to ``ENDED``. ``on_free(turn)`` is called
+        once the process is given back and the lease let go, before the last
+        event: a client may send its next message, to any worker, the
+        moment it reads it (and find its warm client here)."""
         logs.bind_turn(self)  # every line of this task (and of those it starts) names the turn
-        spec = self.spec
         try:
-            if spec.resume_session_id and not spec.fork_from_thread_id:
-                log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
-            if spec.resume_session_id and not spec.fork_from_thread_id and self.slot.kind != "warm":
-                if self.lease is not None:
-                    await self.lease.check()  # nothing moves the session without it
-                # The database is the truth: a session last written under
-                # another working directory (another machine, data dir or
-                # server) moves to this one's project key first, so the CLI
-                # resumes it from the store and not from a stale local file.
-                # (A warm client needs none of this: it is current. A fork
-                # reads its parent where it is: see sdk.session_store.)
-                await store.adopt_session(spec.resume_session_id)
-            if spec.continuation is not None:
-                deferred = await self._continue(spec.continuation)
-            else:
+            async with leases.holding(self.lease, self.lease_was_lost) if self.lease is not None \
+                    else contextlib.nullcontext():
                 try:
-                    deferred = await self._converse(spec.resume_session_id)
-                except ResumeMissing:
-                    notice = (
-                        f"The stored session {spec.resume_session_id} could not be resumed; "
-                        "a new session was started without the earlier context."
-                    )
-                    log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
-                    deferred = await self._converse(None, notice=notice)
-            while deferred is not None:  # a tool call waits for a person
-                deferred = await self._continue(await self._await_decision(deferred))
-        except Detached:
-            self._publish(events.error_event("turn_lost", DETACHED, retry_after=1))
-        except (Aborted, ThreadDeleted) as exc:
-            if self._aborted is None:
-                self._aborted = Aborted("thread_deleted", str(exc)) if isinstance(exc, ThreadDeleted) else exc
-        except ApiError as exc:
-            self._publish(events.error_event(exc.code, exc.message, exc.retry_after))
-        except leases.LeaseLost as exc:
-            if self._aborted is None:
-                self._lease_lost = True
-            log.error("[CHAT] %s", exc)
-        except Exception:  # never leave a listener hanging
-            log.exception("[CHAT] Turn %s failed thread=%s", self.turn_id, spec.thread_id)
-            self._publish(events.error_event(
-                "turn_failed", f"the turn failed on the server (turn {self.turn_id}); see its log"))
-        finally:
-            await self._end(on_free)
-
-    async def _end(self, on_free) -> None:
-        spec = self.spec
-        if self._kept is not None and (self._aborted is not None or self._lease_lost):
-            # Its context is deleted, or another worker's now: never reuse it.
-            await asyncio.shield(pool.close(self._kept.client))
-            self._kept = None
-        # Give the process back and free the thread before the last event
-        # is read: a client may send its next message, to any worker, the
-        # moment it sees "done" (and find its warm client here).
-        if self._kept is not None and self.slot is not None:
-            pool.checkin(self.slot, spec.key, self._kept, agent=spec.agent,
-                         session_id=self.session_id, version=self._version)
-        elif self.slot is not None:
-            pool.discard(self.slot, "turn did not end cleanly")
-
-        try:
-            if not self._recorded:  # a turn that did not end with its last save
-                with contextlib.suppress(Exception):
-                    metrics.turn_finished(record := self._record(self._ending_outcome()))
-                    await asyncio.shield(usage.record_turn(record))
-            if (self._aborted is not None or self._lease_lost) and self.session_id is not None:
-                # Its CLI may have written after the delete: leave nothing behind.
-                await asyncio.shield(store.erase_if_orphaned(self.session_id))
-            if self.lease is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.lease.release())
+                    await self._drive()
+                finally:
+                    self._enter(State.FINISHING)
+                    await self._wind_down()
         finally:
             on_free(self)
             # Like a request's end: a turn runs outside any request, so close
             # its database connection if it is past CONN_MAX_AGE or broken
             # (done in the last save's trip when there was one).
             try:
-                if not self._finished:
+                if not self.saved:
                     with contextlib.suppress(Exception):
                         await sync_to_async(close_old_connections)()
             finally:
-                self.publish_final()
+                self._publish_ending()
 
-    def _stopped(self) -> None:
-        """Raise if the turn was stopped from outside: it writes nothing more."""
-        if self._aborted is not None:
-            raise self._aborted
+    async def _drive(self) -> None:
+        """Every state up to the last save; any failure becomes the ending."""
+        spec = self.spec
+        try:
+            if spec.continuation is not None:
+                run = await self._continue(spec.continuation)
+            else:
+                run = await self._first_run()
+            while run.deferred is not None:  # a tool call waits for a person
+                call = await self._await_decision(run.deferred)
+                run = await self._continue(call)
+            await self._finish(run)
+        except Detached:
+            self._conclude(events.error_event("turn_lost", DETACHED, retry_after=1))
+        except (Stopped, ThreadDeleted) as exc:
+            self._conclude(events.error_event("thread_deleted", str(exc) if isinstance(exc, ThreadDeleted)
+                                              else DELETED))
+        except ApiError as exc:
+            self._conclude(events.error_event(exc.code, exc.message, exc.retry_after))
+        except leases.LeaseLost as exc:
+            log.error("[CHAT] %s", exc)
+            self._conclude(events.error_event(
+                "lease_lost", "this worker lost the thread's lease; the turn was stopped"))
+        except Exception:  # never leave a listener hanging
+            log.exception("[CHAT] Turn %s failed thread=%s", self.turn_id, spec.thread_id)
+            self._conclude(events.error_event(
+                "turn_failed", f"the turn failed on the server (turn {self.turn_id}); see its log"))
+
+    async def _wind_down(self) -> None:
+        """``FINISHING`` after the last save (or without one): the process
+        given back, a stopped turn's leftovers erased, the record of a turn
+        that did not save one written."""
+        ending = self._conclude(events.error_event("turn_failed", "the turn ended without a result"))
+        await self._free_process("ended" if not ending.stopped else "stopped")
+        if not self.saved:  # a turn that did not end with its last save
+            with contextlib.suppress(Exception):
+                record = self._record(ending.outcome)
+                metrics.turn_finished(record)
+                await asyncio.shield(usage.record_turn(record))
+        if ending.stopped and self.session_id is not None:
+            # Its CLI may have written after the delete: leave nothing behind.
+            await asyncio.shield(store.erase_if_orphaned(self.session_id))
+
+    def _publish_ending(self) -> None:
+        if self.state is State.ENDED:
+            return
+        ending = self._conclude(events.error_event("turn_failed", "the turn ended without a result"))
+        self._enter(State.ENDED)
+        self.log.append(ending.event, last=True)
+
+    def abandon(self) -> None:
+        """The turn's task was cancelled before it ran (the loop closing):
+        its process goes back; its lease lapses at its expiry."""
+        if self.state is State.ADMITTED and self.slot is not None:
+            pool.discard(self.slot, "turn cancelled")
+            self.slot = None
+
+    async def _free_process(self, reason: str) -> None:
+        """Give the turn's process back to the pool: the one place it is.
+        After a clean end its client stays warm for the thread's next turn;
+        a stopped turn's client is closed (its context is deleted, or
+        another worker's now)."""
+        slot, kept = self.slot, self._kept
+        self.slot = self._kept = None
+        if kept is not None and reason != "ended":
+            await asyncio.shield(pool.close(kept.client))
+            kept = None
+        if slot is None:
+            return
+        if kept is not None:
+            pool.checkin(slot, self.spec.key, kept, agent=self.spec.agent,
+                         session_id=self.session_id, version=self._version)
+        else:
+            pool.discard(slot, "turn did not end cleanly" if reason == "ended" else reason)
+
+    # --- STARTING -> STREAMING ------------------------------------------------------
+    async def _first_run(self) -> Run:
+        spec = self.spec
+        self._enter(State.STARTING)
+        resuming = spec.resume_session_id and not spec.fork_from_thread_id
+        if resuming:
+            log.info("[CHAT] Resuming session: %s", spec.resume_session_id)
+        if resuming and self.slot.kind != "warm":
+            if self.lease is not None:
+                await self.lease.check()  # nothing moves the session without it
+            # The database is the truth: a session last written under
+            # another working directory (another machine, data dir or
+            # server) moves to this one's project key first, so the CLI
+            # resumes it from the store and not from a stale local file.
+            # (A warm client needs none of this: it is current. A fork
+            # reads its parent where it is: see sdk.session_store.)
+            await store.adopt_session(spec.resume_session_id)
+        try:
+            return await self._converse(spec.resume_session_id)
+        except ResumeMissing:
+            notice = (
+                f"The stored session {spec.resume_session_id} could not be resumed; "
+                "a new session was started without the earlier context."
+            )
+            log.warning("[CHAT] %s thread=%s", notice, spec.thread_id)
+            self._enter(State.STARTING)
+            return await self._converse(None, notice=notice)
 
     async def _converse(self, resume: str | None, notice: str | None = None, *,
-                        continuing: bool = False):
+                        continuing: bool = False) -> Run:
         """One run of the CLI: send the message (or, ``continuing``, resume a
         session whose tool call was decided: the CLI asks for that call again
-        and goes on), stream its events, save the mapping. Returns the
-        ``DeferredToolUse`` when a tool call now waits for a person."""
+        and goes on) and stream its events."""
         spec = self.spec
         fork = bool(spec.fork_from_thread_id) and resume is not None and not continuing
         pending = []  # messages before the session id is known
         streamed: set[str] = set()
         reply = self._reply
-        result: ResultMessage | None = None
-        api_error: str | None = None  # the CLI's stand-in reply for a failed model call
+        run = Run()
         warm = self.slot.take()  # the thread's warm client or a spare: connected already
         started = warm is None
         if started:
@@ -372,7 +434,6 @@ class Turn:
         client = warm.client
         self._client = client
         keep = hung = False
-        deferred = None
         try:
             if started:
                 async with silence():
@@ -385,6 +446,7 @@ class Turn:
                 self._mark("sent")
                 if self._interrupted:  # asked for before the CLI was up
                     await client.interrupt()
+            self._enter(State.STREAMING)
             async with contextlib.aclosing(until_silent(replies(client))) as messages:
                 async for message in messages:
                     if not self._model and (model := events.init_model(message)):
@@ -409,25 +471,25 @@ class Turn:
                     await self._emit_tools(message, context)
                     self._chunk(message)
                     if isinstance(message, ResultMessage):
-                        result = message
-                        self._count(result, warm)
+                        run.result = message
+                        self._count(message, warm)
                     elif isinstance(message, AssistantMessage) and message.error:
-                        api_error = message.error
+                        run.api_error = message.error
         except Silent:
             hung = True
             raise
         except ClaudeSDKError as exc:
             if self.session_id is None and MISSING_SESSION in str(exc) and resume and not continuing:
                 raise ResumeMissing() from exc
-            if result is None:  # after a result the CLI's non-zero exit adds nothing
+            if run.result is None:  # after a result the CLI's non-zero exit adds nothing
                 raise
         else:
-            deferred = result.deferred_tool_use if result is not None else None
+            run.deferred = run.result.deferred_tool_use if run.result is not None else None
             # A client whose turn ended with its result (an interrupt included)
             # can take the thread's next turn; after an error it cannot, nor
             # after a deferred call: the session must be resumed to go on.
-            keep = (result is not None and not result.is_error and self._aborted is None
-                    and deferred is None)
+            keep = (run.result is not None and not run.result.is_error and self.ending is None
+                    and run.deferred is None)
         finally:
             self._client = None
             context.caller = context.publish = None
@@ -438,15 +500,25 @@ class Turn:
         self._stopped()
         if self.session_id is None:
             raise ApiError("the CLI ended without starting a session", code="turn_failed")
-        if deferred is not None:
-            return deferred  # saved when the conversation goes on
+        return run
+
+    # --- FINISHING: the last save ---------------------------------------------------------
+    async def _finish(self, run: Run) -> None:
+        """The turn's last save, in ONE trip to the database thread: the
+        lease still ours (a worker that lost the thread saves nothing more),
+        the mapping (with a follow-up's message), the turn's record and cost,
+        the CLI's local copy dropped (unless the client stays warm), and the
+        lease let go. Then the ending is concluded."""
+        spec, result = self.spec, run.result
+        self._enter(State.FINISHING)
         # A failed model call's "API Error" text is not a message of the thread.
         answered = result is not None and not result.is_error
-        if result is not None and result.is_error and api_error in MODEL_UNAVAILABLE:
+        if result is not None and result.is_error and run.api_error in MODEL_UNAVAILABLE:
             # The model could not be reached (after the CLI's retries): the
             # stream's 503. The session and the user's message are kept. The
             # CLI's text may name the model's address: it goes to the log only.
-            log.warning("[CHAT] Model unreachable, turn %s: %s", self.turn_id, result.result or api_error)
+            log.warning("[CHAT] Model unreachable, turn %s: %s", self.turn_id,
+                        result.result or run.api_error)
             final = events.error_event(
                 "model_unavailable", "the model could not be reached; try again shortly",
                 retry_after=settings.OMNI_BUSY_RETRY_AFTER)
@@ -456,25 +528,19 @@ class Turn:
         else:
             final = events.error_event("turn_failed", "the turn ended without a result")
         self._stopped()
-        # The turn's last save, in ONE trip to the database thread: the lease
-        # still ours (a worker that lost the thread saves nothing more), the
-        # mapping (with a follow-up's message), the turn's record and cost,
-        # the CLI's local copy dropped (unless the client stays warm), and the
-        # lease let go.
         unsaved = self._message_unsaved
-        record = self._record(self._outcome(final))
+        record = self._record(Ending.of(final, interrupted=self._interrupted).outcome)
         await store.finish(
             spec, self.session_id, self.lease,
             user_message=spec.message if unsaved else None, agent=spec.agent if unsaved else None,
-            assistant_message="".join(reply) if answered else None,
+            assistant_message="".join(self._reply) if answered else None,
             turn_record=record, drop_local=self._kept is None,
         )
         self._message_unsaved = False
-        self._recorded = self._finished = True
+        self.saved = True
         self._version = (self._version or 0) + 1
         metrics.turn_finished(record)
-        self._publish(final)
-        return None
+        self._conclude(final)
 
     def _mark(self, step: str) -> None:
         self.marks.setdefault(step, time.monotonic() - self._started)
@@ -495,20 +561,6 @@ class Turn:
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self._started) * 1000)
-
-    def _outcome(self, final: dict) -> str:
-        if final.get("type") == "done":
-            if self._interrupted:
-                return "interrupted"
-            return "model_error" if final["result"]["isError"] else "done"
-        return final.get("code", "error")
-
-    def _ending_outcome(self) -> str:
-        if self._aborted is not None:
-            return self._aborted.code
-        if self._lease_lost:
-            return "lease_lost"
-        return self._outcome(self._final or {"type": "error", "code": "turn_failed"})
 
     def _record(self, outcome: str) -> dict:
         spec = self.spec
@@ -543,7 +595,7 @@ class Turn:
                         await calls.record_result(self.session_id, block.tool_use_id, event["text"],
                                                   bool(block.is_error))
 
-    # --- waiting for a person ----------------------------------------------------------
+    # --- WAITING -> CONTINUING ------------------------------------------------------------
     async def _await_decision(self, deferred):
         """The CLI ended the turn at a tool call that needs a person's
         decision: hold no process while waiting, keep the thread (the lease
@@ -551,49 +603,50 @@ class Turn:
         call = await sync_to_async(calls.get_sync)(self.session_id, deferred.id)
         if call is None:
             raise ApiError("the tool call could not be kept for a decision", code="turn_failed")
-        if self.slot is not None:
-            pool.discard(self.slot, "waiting for a decision")  # no process, no slot, while a person thinks
-            self.slot = None
+        self._enter(State.WAITING)
+        await self._free_process("waiting for a decision")  # no process while a person thinks
         if call.status == call.PENDING:
             # Announced now that the CLI has closed: the transcript with the call
             # is stored, so the request survives this worker from here on.
             self._publish(events.approval_request_event(call))
-        self._waiting = call
-        try:
-            while True:
-                call = await calls.refresh(call)
-                if call is None:  # gone with its thread
-                    raise self._aborted or Aborted("thread_deleted", DELETED)
-                if call.status != call.PENDING:
-                    break
-                self._stopped()
-                if self._detached or pool.stopping:  # the server stops: the call waits on
-                    raise Detached()
-                if self._interrupted:  # Stop denies the waiting call; the turn ends normally
-                    self._interrupted = False
-                    await calls.decide(call, "deny", "interrupt", "the turn was interrupted")
-                    continue
-                left = (call.expires_at - timezone.now()).total_seconds()
-                if left <= 0:
-                    await calls.decide(call, "expired", "timeout")
-                    continue
-                self._decided.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, DECISION_POLL_SECONDS)):
-                        await self._decided.wait()
-        finally:
-            self._waiting = None
-        if not await calls.claim_continuation(call, self.turn_id):
-            raise ApiError("another turn continues this conversation", code="turn_lost")
+        while True:
+            call = await calls.refresh(call)
+            if call is None:  # gone with its thread
+                raise Stopped("thread_deleted")
+            if call.status != call.PENDING:
+                break
+            self._stopped()
+            if self._detached or pool.stopping:  # the server stops: the call waits on
+                raise Detached()
+            if self._interrupted:  # Stop denies the waiting call; the turn ends normally
+                self._interrupted = False
+                await calls.decide(call, "deny", "interrupt", "the turn was interrupted")
+                continue
+            left = (call.expires_at - timezone.now()).total_seconds()
+            if left <= 0:
+                await calls.decide(call, "expired", "timeout")
+                continue
+            self._decided.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, DECISION_POLL_SECONDS)):
+                    await self._decided.wait()
+        self._stopped()
         return call
 
-    async def _continue(self, call):
-        """Go on after ``call``'s decision: a cold client resumes the session,
-        the CLI asks for the call again and the stored decision answers."""
+    async def _continue(self, call) -> Run:
+        """Go on after ``call``'s decision: admitted again like any turn
+        (budget, limits, a process: refused, the turn ends with that error
+        and the call waits for the sweeper), the conversation claimed, then a
+        cold client resumes the session: the CLI asks for the call again and
+        the stored decision answers."""
+        from .admission import readmit
+
         spec = self.spec
-        if spec.continuation is not None and call is spec.continuation:
-            if not await calls.claim_continuation(call, self.turn_id):
-                raise ApiError("another turn continues this conversation", code="turn_lost")
+        self._enter(State.CONTINUING)
+        if self.slot is None:
+            await readmit(self)
+        if not await calls.claim_continuation(call, self.turn_id):
+            raise ApiError("another turn continues this conversation", code="turn_lost")
         call = await calls.refresh(call) or call
         log.info("[CHAT] Continuing thread %s after approval %s: %s (turn %s)",
                  spec.thread_id, call.approval_id, call.decision, self.turn_id)
@@ -602,22 +655,10 @@ class Turn:
             self._publish(approval)
         else:  # a turn started for it: right after its session event
             self._approval_event = approval
-        if self.slot is None:
-            self.slot = await self._slot_for_continuation()
         if self.lease is not None:
             await self.lease.check()
         await store.adopt_session(call.session_id)
         return await self._converse(call.session_id, continuing=True)
-
-    async def _slot_for_continuation(self) -> Slot:
-        """A process for the turn again (waiting for room in the budget)."""
-        while True:
-            self._stopped()
-            try:
-                return pool.checkout(self.spec.key, agent=self.spec.agent, session_id=self.session_id,
-                                     version=None, fork=True)
-            except ServerBusy:
-                await asyncio.sleep(1)
 
     async def _on_session(self, session_id: str, resumed: bool, notice: str | None) -> None:
         spec = self.spec

@@ -26,7 +26,6 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 
 from sessions_app import services
-from sessions_app.errors import BadRequest
 
 from .. import leases
 from ..sdk import workspace_dir
@@ -46,19 +45,6 @@ async def adopt_session(session_id: str) -> bool:
     if moved:
         log.info("[CHAT] Adopted stored session %s into project %s", session_id, key)
     return bool(moved)
-
-
-async def fork_point(session_id: str, message_uuid: str | None) -> str | None:
-    """Where to cut a fork at ``atMessageUuid``: the last transcript entry of
-    that message (a reply can span several entries, named by the first)."""
-    if message_uuid is None or not settings.OMNI_SESSION_STORE:
-        return message_uuid
-    from sessions_app.transcripts import fork_point as stored_fork_point
-
-    cut = await stored_fork_point(session_id, message_uuid)
-    if cut is None:
-        raise BadRequest(f"atMessageUuid {message_uuid!r} is not a message of the thread being forked")
-    return cut
 
 
 async def save(spec, session_id: str, *, create: bool, **fields):
@@ -97,16 +83,6 @@ async def finish(spec, session_id: str, lease, **fields) -> None:
     (:func:`sessions_app.services.finish_turn_sync`, with the turn's record);
     then the CLI's local copy dropped (``drop_local``: its client is not kept)."""
     await sync_to_async(_finish_sync)(spec, session_id, lease, **fields)
-
-
-async def drop_local_copy(session_id: str) -> None:
-    """With the store on, the CLI's local transcript is only a cache."""
-    if not settings.OMNI_SESSION_STORE:
-        return
-    try:
-        await sync_to_async(services.drop_mirrored_local_transcript)(session_id)
-    except OSError:
-        log.warning("could not drop the local transcript of %s", session_id, exc_info=True)
 
 
 async def erase_if_orphaned(session_id: str) -> None:

@@ -1,0 +1,210 @@
+"""The one admission path: every turn starts here, whatever starts it.
+
+A message and a fork (:mod:`.start`, both transports), a conversation going
+on after a tool call's decision (the sweeper, :mod:`chat_app.approvals`, or
+the waiting turn itself: :func:`readmit`), and the kinds of turn still to
+come (queued, edited, regenerated) all pass :func:`admit`, in this order:
+
+1. this process takes turns (not draining) and runs none on the thread;
+2. the thread's **lease** (``409 thread_busy``), one turn per thread across
+   every process;
+3. the kind's own checks under the lease (:class:`Kind`: the thread's
+   mapping and what the turn resumes, a call of it waiting for a decision,
+   a fork's parent and target);
+4. the day's **budget** (``429 budget_exceeded``);
+5. the **limits** (``429 rate_limited``), counted across workers;
+6. a **process** from the pool (``503 server_busy``), and the turn runs.
+
+2–5 are one trip to the database thread (with the database limits backend:
+the warm path's checks in one trip). A refusal at any step is counted in the
+metrics by its code (``omni_turns_refused_total``), gives the lease back (a
+row this take created is deleted) and uncounts the start: nothing is left of
+a turn that did not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from sessions_app import services, usage
+from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, ServerBusy
+
+from .. import leases, limits, metrics
+from ..pool import pool
+from ..sdk import agent_preset
+from ..tools import calls
+from .registry import registry
+from .runner import Turn, TurnSpec
+
+
+@dataclass
+class Kind:
+    """What a kind of turn checks under the lease, before the budget:
+    ``check_sync(spec)`` runs on the database thread, raises the kind's
+    refusals and fills in what the turn resumes."""
+
+    name: str
+    check_sync: Callable[[TurnSpec], None]
+    # A refusal for a busy thread is counted in the metrics (a person saw
+    # it); a continuation the sweeper tries again in moments is not.
+    count_busy: bool = True
+
+
+async def admit(spec: TurnSpec, kind: Kind) -> Turn:
+    """Admit a new turn (see the module doc) and start it."""
+    try:
+        if registry.draining:
+            raise ServerBusy("the server is shutting down; try again (another worker will answer)",
+                             retry_after=1)
+        if running := registry.get(spec.resource_id, spec.thread_id):
+            raise leases.busy_error(spec.thread_id, running.retry_after())
+        backend = limits.backend()
+        inline = backend if isinstance(backend, limits.DatabaseBackend) else None
+        lease, admission = await sync_to_async(_admit_sync)(spec, kind, inline)
+        try:
+            if admission is None:
+                admission = await limits.admit(spec.resource_id, spec.turn_id)
+            try:
+                slot = _process(spec)
+            except BaseException:
+                await asyncio.shield(admission.cancel())  # it did not start: it does not count
+                raise
+        except BaseException:
+            await asyncio.shield(lease.discard())  # refused: the thread as it was, no new row
+            raise
+    except ApiError as exc:
+        if kind.count_busy or exc.code != "thread_busy":
+            metrics.refused(exc.code)
+        raise
+    return registry.start(Turn(spec, slot, lease))
+
+
+async def readmit(turn: Turn) -> None:
+    """A waiting turn goes on after a decision: the same checks as any turn
+    under the lease it holds (the thread's mapping, the budget, the limits, a
+    process). Refused, the turn ends with that error and the decided call
+    waits for the sweeper (on any worker)."""
+    spec = turn.spec
+    try:
+        backend = limits.backend()
+        inline = backend if isinstance(backend, limits.DatabaseBackend) else None
+        _, admission = await sync_to_async(_admit_sync)(spec, CONTINUATION, inline, lease=turn.lease)
+        if admission is None:
+            admission = await limits.admit(spec.resource_id, spec.turn_id)
+        try:
+            turn.slot = _process(spec)
+        except BaseException:
+            await asyncio.shield(admission.cancel())
+            raise
+    except ApiError as exc:
+        metrics.refused(exc.code)
+        raise
+
+
+def _admit_sync(spec: TurnSpec, kind: Kind, backend, lease: leases.Lease | None = None) -> tuple:
+    """Steps 2-5 in one trip: the lease (unless the turn holds it), the
+    kind's checks, the budget and, with the database backend, the limits."""
+    taken = None
+    if lease is None:
+        taken = leases.acquire_sync(spec.resource_id, spec.thread_id, spec.turn_id)
+        if isinstance(taken, leases.Busy):
+            raise leases.busy_error(spec.thread_id, taken.retry_after)
+    try:
+        kind.check_sync(spec)
+        usage.check_budget_sync(spec.resource_id)
+        admission = backend.admit_sync(spec.resource_id, spec.turn_id) if backend is not None else None
+    except BaseException:
+        if taken is not None:
+            taken.discard_sync()
+        raise
+    return taken or lease, admission
+
+
+def _process(spec: TurnSpec):
+    """Step 6: the process for the turn (synchronous: deciding and
+    reserving cannot race). A fork, or a continuation after a decision,
+    starts its own CLI."""
+    return pool.checkout(
+        spec.key, agent=spec.agent, session_id=spec.resume_session_id, version=spec.version,
+        fork=bool(spec.fork_from_thread_id) or spec.continuation is not None)
+
+
+# --- the kinds' checks -----------------------------------------------------------------
+
+def _message_sync(spec: TurnSpec) -> None:
+    """A message: the thread's mapping (it resumes its session), and 409
+    while a call of it waits for a decision or for its continuation."""
+    mapping = services.turn_mapping_sync(spec.thread_id, spec.resource_id)
+    if mapping is None:
+        return
+    if mapping.pending_approval_id:
+        _check_waiting_call_sync(spec.resource_id, spec.thread_id)
+    _resume(spec, mapping, keep_agent=spec.agent_given)
+
+
+def _fork_sync(spec: TurnSpec) -> None:
+    """A fork: 404 for a missing parent, 409 ``thread_busy`` for a parent
+    whose call waits for a decision, 409 ``thread_exists`` for a taken
+    target (exact: under the target's lease), 400 for a cut that is not a
+    message of the parent."""
+    parent = services.turn_mapping_sync(spec.fork_from_thread_id, spec.resource_id)
+    if parent is None:
+        raise NotFound(f"no thread {spec.fork_from_thread_id!r} to fork from")
+    if parent.pending_approval_id:
+        _check_waiting_call_sync(spec.resource_id, spec.fork_from_thread_id)
+    if services.turn_mapping_sync(spec.thread_id, spec.resource_id) is not None:
+        raise Conflict(f"thread {spec.thread_id!r} already exists", code="thread_exists")
+    spec.resume_session_id = parent.session_id
+    if spec.at_message_uuid is not None and settings.OMNI_SESSION_STORE:
+        from sessions_app.transcripts import fork_cut, main_transcript
+
+        cut = fork_cut(main_transcript(parent.session_id), spec.at_message_uuid)
+        if cut is None:
+            raise BadRequest(f"atMessageUuid {spec.at_message_uuid!r} is not a message of the "
+                             "thread being forked")
+        spec.at_message_uuid = cut
+
+
+def _continuation_sync(spec: TurnSpec) -> None:
+    """Going on after a decision: the thread still exists. A turn started
+    for it (``spec.continuation``) resumes the call's session with the
+    thread's agent as it is now; a waiting turn goes on with its own."""
+    mapping = services.turn_mapping_sync(spec.thread_id, spec.resource_id)
+    if mapping is None:
+        raise services.ThreadDeleted(f"thread {spec.thread_id!r} was deleted")
+    if spec.continuation is not None:
+        _resume(spec, mapping, keep_agent=False)
+        spec.resume_session_id = spec.continuation.session_id
+
+
+MESSAGE = Kind("message", _message_sync)
+FORK = Kind("fork", _fork_sync)
+CONTINUATION = Kind("continuation", _continuation_sync, count_busy=False)
+
+
+def _resume(spec: TurnSpec, mapping, *, keep_agent: bool) -> None:
+    """The thread exists: the turn resumes its session."""
+    spec.new_thread = False
+    spec.resume_session_id = mapping.session_id
+    spec.forked_from_thread_id = mapping.forked_from_thread_id
+    spec.version = mapping.version
+    if not keep_agent:
+        spec.agent, spec.preset = agent_preset(mapping.agent)
+
+
+def _check_waiting_call_sync(resource_id: str, thread_id: str) -> None:
+    call = calls.pending_for_thread_sync(resource_id, thread_id)
+    if call is None:
+        return
+    if call.status == call.PENDING and call.expires_at is not None:
+        left = (call.expires_at - timezone.now()).total_seconds()
+        if left > 0:
+            raise leases.busy_error(thread_id, left)
+        calls.decide_sync(call, "expired", "timeout")
+    raise leases.busy_error(thread_id, 2)  # the conversation goes on after the decision first
