@@ -45,6 +45,7 @@ async def project_first() -> dict:
     from chat_app.pool import pool
     from chat_app.turns import start_turn
 
+    pool.start()  # as the server does at its start (chat_app.lifecycle.startup)
     pool.fill_spares()
     deadline = time.monotonic() + 60
     while not pool.spares.get("smart"):

@@ -35,6 +35,9 @@ async def timed_turn(thread_id: str, message: str) -> dict:
 
 
 async def measure() -> list[tuple[str, float, str]]:
+    from chat_app.pool import pool
+
+    pool.start()  # as the server does at its start (chat_app.lifecycle.startup)
     thread = f"bench-{uuid.uuid4().hex[:8]}"
     first = await timed_turn(thread, "What is 2+2?")
     follow = [await timed_turn(thread, f"Follow-up {i}") for i in range(FOLLOW_UPS)]

@@ -97,7 +97,6 @@ def sse_response(events: "streams.Stream") -> StreamingHttpResponse:
 @router.post("/chat", response=ERRORS, openapi_extra=SSE_DOC, summary="Send a message (SSE)")
 async def chat(request, body: ChatIn):
     """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one."""
-    approvals.ensure_sweeper()
     return sse_response(streams.Stream.of(await start_turn(await request_user(request), body)))
 
 

@@ -58,7 +58,6 @@ async def decide(user, body) -> dict:
     """Decide ``body.approvalId`` (an ``ApprovalIn``): 404 unknown or expired,
     403 another resource's, 409 ``already_decided``."""
     resource = resolve_resource(user, body.resourceId)
-    ensure_sweeper()
     call = await sync_to_async(calls.by_approval_sync)(body.approvalId)
     if call is None or call.resource_id != resource or call.thread_id != body.threadId:
         raise NotFound(f"no approval {body.approvalId!r} on thread {body.threadId!r}")
@@ -93,17 +92,13 @@ async def notify(turn_id: str) -> None:
 _sweeper: asyncio.Task | None = None
 
 
-def ensure_sweeper() -> None:
-    """Start this worker's sweeper (once per event loop)."""
+def start_sweeper() -> None:
+    """Start this worker's sweeper (:func:`chat_app.lifecycle.startup`, once)."""
     global _sweeper
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return
+    loop = asyncio.get_running_loop()
     if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
         return
-    # A context of its own: started from a request, it must not use (and
-    # keep a database connection on) that request's executor thread.
+    # A context of its own: not that of whoever started the server.
     _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
 
 

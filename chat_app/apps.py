@@ -9,6 +9,14 @@ class ChatAppConfig(AppConfig):
         from sessions_app.signals import sessions_pruned, thread_deleted
 
         from . import receivers
+        from .streams import hub
+        from .turns import registry
+
+        # The stream hub answers for this process's turns on the channel layer.
+        if hub.attach not in registry.started:
+            registry.started.append(hub.attach)
+        if hub.forgotten not in registry.forgotten:
+            registry.forgotten.append(hub.forgotten)
 
         thread_deleted.connect(receivers.thread_deleted, weak=False,
                                dispatch_uid="chat_app.receivers.thread_deleted")

@@ -53,7 +53,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         metrics.websocket_opened(self)
         pool.fill_spares()  # a chat client is here: have a process ready for its new thread
-        approvals.ensure_sweeper()  # decided tool calls go on on this worker too
 
     async def disconnect(self, code):
         metrics.websocket_closed(self)

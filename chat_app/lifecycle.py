@@ -1,4 +1,10 @@
-"""The server's shutdown order.
+"""The server's start and its shutdown order: the one place the pool, the
+registry, the stream hub and the approvals' sweeper are started and stopped.
+
+At start (:func:`startup`, when daphne's reactor runs) this worker takes
+turns, its process pool serves on the server's event loop and starts its
+spares, and its sweeper starts. The registry's hooks for the hub are set when
+the app loads (``chat_app.apps``).
 
 On SIGTERM daphne's reactor stops; before it stops listening, this worker:
 
@@ -22,7 +28,7 @@ import asyncio
 import logging
 import sys
 
-from .approvals import stop_sweeper
+from .approvals import start_sweeper, stop_sweeper
 from .pool import pool
 from .streams import hub
 from .turns import registry
@@ -30,6 +36,14 @@ from .turns import registry
 log = logging.getLogger("omni.chat")
 
 _installed = False
+
+
+async def startup() -> None:
+    """The server's event loop runs: serve turns on it."""
+    registry.draining = False
+    pool.start()
+    pool.fill_spares()  # a process ready for the first new thread
+    start_sweeper()
 
 
 async def shutdown(grace: float | None = None) -> None:
@@ -44,8 +58,8 @@ async def shutdown(grace: float | None = None) -> None:
 
 
 def install() -> bool:
-    """Under daphne (a Twisted reactor), run :func:`shutdown` when the
-    reactor is asked to stop. Never installs a reactor itself: outside
+    """Under daphne (a Twisted reactor), run :func:`startup` once the reactor
+    runs and :func:`shutdown` when it is asked to stop. Never installs a reactor itself: outside
     daphne (tests, management commands) it does nothing. True if installed."""
     global _installed
     if _installed or "twisted.internet.reactor" not in sys.modules:
@@ -53,6 +67,7 @@ def install() -> bool:
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
+    reactor.callWhenRunning(lambda: asyncio.ensure_future(startup()))
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown())))
     _installed = True

@@ -242,7 +242,7 @@ class ProcessPool:
         """The process for a turn on ``key``: its warm client if it is still
         current, else a spare (new threads), else the right to start one.
         Raises :class:`ServerBusy` when every process of the budget is busy."""
-        self._bind_loop()
+        self._serving()
         warm = self.idle.pop(key, None)
         if warm is not None:
             reason, pid = None, warm.pid
@@ -386,7 +386,7 @@ class ProcessPool:
         if self.stopping or settings.OMNI_SPARE_CLIENTS <= 0:
             return
         if self._filling is None or self._filling.done():
-            self._bind_loop()
+            self._serving()
             # A context of its own (not the turn's or request's that asked: a
             # spare outlives both, and its log lines name no turn).
             self._filling = asyncio.get_running_loop().create_task(self._fill(), context=contextvars.Context())
@@ -498,28 +498,39 @@ class ProcessPool:
         self._exited.set()  # wake the turns waiting for room ...
         self._exited = asyncio.Event()  # ... and the next exit wakes the next
 
-    def _bind_loop(self) -> None:
-        """The pool lives on one event loop (daphne's). A new loop (a test's)
-        starts an empty pool; clients left on an old loop are killed."""
+    # --- serving -------------------------------------------------------------------
+    def start(self) -> None:
+        """Serve on the running event loop: once, when the server starts
+        (:func:`chat_app.lifecycle.startup`), and again only after a
+        :meth:`shutdown`. Clients of an earlier loop that was never shut down
+        cannot be disconnected any more: their CLIs are killed."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self.reset()
-            self._loop = loop
-
-    def reset(self) -> None:
-        """Forget everything, killing the idle clients, the spares and the
-        clients still closing (their loop is gone, so they cannot be
-        disconnected)."""
+        if self._loop is loop and not self.stopping:
+            return
         leftovers = [*self.idle.values(), *(s for spares in self.spares.values() for s in spares),
                      *self._closing_clients.values()]
         if leftovers:
-            log.warning("[POOL] Reset: killing %d idle clients", len(leftovers))
+            log.warning("[POOL] Started again: killing %d clients of the last loop", len(leftovers))
         for warm in leftovers:
             if (pid := warm.pid) is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _forget_pid(warm.client)
-        self.__init__()
+        self.idle.clear()
+        self.spares.clear()
+        self._closing.clear()
+        self._closing_clients.clear()
+        self.busy = self.starting = 0
+        self._exited = asyncio.Event()
+        self._filling = self._janitor = None
+        self.stopping = False
+        self._loop = loop
+
+    def _serving(self) -> None:
+        """The pool lives on the loop it was started on (the server's)."""
+        if self._loop is not asyncio.get_running_loop():
+            raise RuntimeError("the process pool serves another event loop (or was never started: "
+                               "chat_app.lifecycle.startup() starts it with the server)")
 
     async def shutdown(self) -> None:
         """Close every idle client and spare and wait for their CLIs to exit

@@ -265,9 +265,7 @@ class Hub:
         self._reader = self._sender = None
 
 
-hub = Hub()
-registry.started.append(hub.attach)
-registry.forgotten.append(hub.forgotten)
+hub = Hub()  # its hooks on the registry are set when the app loads (chat_app.apps)
 
 
 async def send_to_turn(turn_id: str, message: dict) -> None:

@@ -31,7 +31,7 @@ from django.db import connections
 from django.http import JsonResponse
 from ninja import Router, Schema
 
-from chat_app import approvals, streams
+from chat_app import streams
 from chat_app.turns import process_counts
 
 log = logging.getLogger("omni.api")
@@ -209,7 +209,6 @@ async def health(request):
     live Claude CLI processes: `running` (turns in progress), `warm` (idle warm clients),
     `spare` (started for new threads) and `budget`, their limit. A check's result may be up
     to a second old: concurrent requests share one probe of each dependency."""
-    approvals.ensure_sweeper()  # a worker a balancer polls goes on with decided tool calls too
     database, layer = await asyncio.gather(check_database(), check_channel_layer())
     counts = process_counts()
     # A worker that is stopping (SIGTERM) takes no new turns: the balancer

@@ -45,19 +45,18 @@ def close_async_orm_connections():
 
 @pytest.fixture(autouse=True)
 def empty_process_pool(request):
-    """Each test starts with no warm Claude process and leaves none behind:
-    an async test's are closed on its own event loop (as daphne closes them at
-    shutdown); anything left is killed."""
+    """An async test serves turns on its own event loop, as the server does
+    on its own (``pool.start()``, from ``chat_app.lifecycle.startup``), and
+    stops its pool at its end as daphne does at shutdown: no warm Claude
+    process outlives the test."""
     import inspect
 
     from chat_app.pool import pool
     from chat_app.turns import registry
 
-    pool.reset()
     if inspect.iscoroutinefunction(getattr(request, "function", None)):
         request.getfixturevalue("close_process_pool")
     yield pool
-    pool.reset()
     registry.draining = False  # a test that shut the registry down
 
 
@@ -65,6 +64,7 @@ def empty_process_pool(request):
 async def close_process_pool():
     from chat_app.pool import pool
 
+    pool.start()
     yield
     await pool.shutdown()
 

@@ -208,7 +208,8 @@ async def test_a_decided_call_whose_turn_is_gone_is_continued_by_the_sweeper(off
     assert registry.get("tess", "t-sweep") is None
     with pytest.raises(Conflict):  # still busy: its call waits
         await start_turn(None, body("meanwhile", "t-sweep"))
-    await approvals.decide(None, decision(request, "allow", "t-sweep"))  # starts this worker's sweeper
+    approvals.start_sweeper()  # as the server does at its start (chat_app.lifecycle.startup)
+    await approvals.decide(None, decision(request, "allow", "t-sweep"))
 
     async def continuation():
         while (found := registry.get("tess", "t-sweep")) is None:
@@ -221,6 +222,7 @@ async def test_a_decided_call_whose_turn_is_gone_is_continued_by_the_sweeper(off
     assert kinds(rest) == ["session", "approval", "tool_result", "done"]
     assert rest[0]["resumed"] is True
     assert await services.get_mapping("later", "tess") is None
+    await approvals.stop_sweeper()
     assert await approvals.sweep() == []  # continued once
     row = await ToolCall.objects.aget(approval_id=request["approvalId"])
     assert row.status == "done" and row.continued_by == resumed.turn_id
