@@ -134,9 +134,15 @@ def parse_range(start: str | None, end: str | None) -> tuple[date, date]:
     """``from``/``to`` (``YYYY-MM-DD``, inclusive, UTC); default the last 30 days."""
     try:
         to = date.fromisoformat(end) if end else today()
-        frm = date.fromisoformat(start) if start else to - timedelta(days=DEFAULT_DAYS - 1)
+        frm = date.fromisoformat(start) if start else None
     except ValueError as exc:
         raise BadRequest("from and to are dates: YYYY-MM-DD") from exc
+    if frm is None:
+        try:
+            frm = to - timedelta(days=DEFAULT_DAYS - 1)
+        except OverflowError:  # before 0001-01-01
+            raise BadRequest(f"the default from ({DEFAULT_DAYS - 1} days before to) is before "
+                             f"{date.min.isoformat()}: give from") from None
     if frm > to:
         raise BadRequest("from is after to")
     if (to - frm).days + 1 > MAX_RANGE_DAYS:
