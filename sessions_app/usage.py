@@ -55,6 +55,15 @@ def money(value) -> float:
     return float(round(Decimal(value or 0), 8))
 
 
+def dollars(value) -> str:
+    """An amount as text with every digit it has, and at least cents:
+    ``$0.002``, ``$0.00201234``, ``$5.00``, ``$12.50``."""
+    amount = Decimal(str(value or 0))
+    exponent = amount.normalize().as_tuple().exponent
+    places = max(2, -exponent) if isinstance(exponent, int) else 2
+    return f"${amount:.{places}f}"
+
+
 # --- writing ---------------------------------------------------------------------------
 
 def record_fields(record: dict) -> dict:
@@ -119,7 +128,7 @@ def check_budget_sync(resource_id: str) -> Decimal | None:
     if spent >= budget:
         resets = next_midnight()
         raise BudgetExceeded(
-            f"resource {resource_id!r} spent its daily budget (${money(spent):.4f} of ${money(budget):.2f}); "
+            f"resource {resource_id!r} spent its daily budget ({dollars(spent)} of {dollars(budget)}); "
             f"it resets at {resets:%Y-%m-%d %H:%M}Z", resets_at=resets)
     return budget - spent
 
