@@ -85,3 +85,20 @@ def test_the_usage_range_may_reach_the_calendars_ends(client, query, days):
     assert response.status_code == 200, response.content
     assert (response.json()["from"], response.json()["to"]) == days
     assert response.json()["total"]["turns"] == 0
+
+
+def test_the_document_describes_what_the_server_refuses(client):
+    doc = client.get("/api/openapi.json").json()
+    params = {(op, p["name"]): p for op, path in (("stream", "/api/chat/stream"), ("list", "/api/sessions"),
+                                                  ("usage", "/api/usage"))
+              for p in doc["paths"][path]["get"]["parameters"]}
+    last = params["stream", "Last-Event-ID"]
+    assert last["in"] == "header" and last["schema"]["pattern"] == r"^[A-Za-z0-9]{1,64}:[0-9]{1,9}$"
+    cursor = params["list", "cursor"]["schema"]
+    assert any(s.get("pattern") == r"^[A-Za-z0-9_-]{1,256}$" for s in cursor.get("anyOf", [cursor]))
+    assert "366 days" in params["usage", "from"]["description"]
+    assert "366 days" in doc["paths"]["/api/usage"]["get"]["description"]
+    for path in ("/api/chat", "/api/chat/fork"):
+        assert "413" in doc["paths"][path]["post"]["responses"], path
+    # a cursor outside the documented alphabet is refused as the document says
+    assert_error(client.get("/api/sessions", {"resourceId": "ida", "cursor": "a b"}), 400, "bad_request")
