@@ -115,7 +115,8 @@ class StreamQuery(Schema):
     **SSE_DOC,
     "parameters": [{
         "in": "header", "name": "Last-Event-ID", "required": False,
-        "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN},
+        "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN, "minLength": 3, "maxLength": 74},
+        "example": "9f1c2d7e4b6a4e0f8a3b5c7d9e1f2a3b:17",
         "description": "the SSE `id` (`<turnId>:<seq>`) of the last event the client has: only "
                        "later events of that turn are sent (its tail if it ended moments ago); "
                        "404 when that turn is gone",

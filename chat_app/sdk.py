@@ -3,6 +3,7 @@ working directory. The only module that knows how the CLI is configured."""
 
 import atexit
 import functools
+import logging
 import os
 import re
 import shutil
@@ -284,4 +285,15 @@ def build_options(
         # commands or skills, no @path file mentions.
         verbatim_prompts=True,
         extra_args={"disable-slash-commands": None},
+        # OMNI_LOG_FORMAT=json: the CLI's stderr becomes log records (one JSON
+        # line each) instead of raw text in the server's stderr
+        stderr=_log_cli_stderr if settings.OMNI_LOG_FORMAT == "json" else None,
     )
+
+
+_cli_log = logging.getLogger("omni.cli")
+
+
+def _log_cli_stderr(line: str) -> None:
+    if line := line.rstrip("\n"):
+        _cli_log.warning("[CLI] %s", line)

@@ -126,7 +126,9 @@ class ContextFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line: ``time`` (ISO 8601, UTC),
     ``level``, ``logger``, ``message``, the ids of :class:`ContextFilter`
-    when bound, ``traceback`` when the record carries an exception and
+    when bound, the record's own ``fields`` (``extra={"fields": {...}}``,
+    e.g. an access line's ``method``, ``path``, ``status``), ``traceback``
+    when the record carries an exception and
     ``stack`` for ``stack_info``. ASCII only (other characters escaped)."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -140,6 +142,8 @@ class JsonFormatter(logging.Formatter):
         for name in OUTPUT:
             if (value := getattr(record, name, None)) is not None:
                 line[name] = value
+        for name, value in (getattr(record, "fields", None) or {}).items():
+            line.setdefault(name, value)  # a record's own fields (``extra={"fields": {...}}``)
         if record.exc_info and record.exc_info[0] is not None:
             # cached like logging.Formatter does, for other handlers of the record
             if not record.exc_text:
@@ -149,3 +153,28 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str)
+
+
+def capture_stray_output() -> None:
+    """With ``OMNI_LOG_FORMAT=json``, what would otherwise reach stderr as
+    plain text becomes a log record too: Python warnings (``py.warnings``)
+    and uncaught exceptions, of the main thread and of other threads
+    (``omni.uncaught``, with their ``traceback``)."""
+    import sys
+    import threading
+
+    logging.captureWarnings(True)
+    uncaught = logging.getLogger("omni.uncaught")
+
+    def excepthook(exc_type, exc, tb):
+        uncaught.critical("uncaught %s", exc_type.__name__, exc_info=(exc_type, exc, tb))
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        uncaught.error("uncaught %s in thread %s", args.exc_type.__name__, name,
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook

@@ -1,6 +1,8 @@
 """``GET /metrics`` (contract §2, §10): this worker's Prometheus metrics.
 
 * ``OMNI_METRICS_TOKEN`` unset: ``404``, as if there were no such page.
+* any method but GET and HEAD: ``405`` ``method_not_allowed`` with ``Allow``
+  (exempt from Django's CSRF check, whose HTML 403 page would come first).
 * set: ``Authorization: Bearer <token>`` (compared in constant time), else
   ``401`` ``not_authenticated`` in the contract's error shape, with
   ``WWW-Authenticate: Bearer``. A wrong token is no more than a missing one:
@@ -18,6 +20,7 @@ import hmac
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from prometheus_client.exposition import choose_encoder
 
 from chat_app import metrics
@@ -43,6 +46,7 @@ def _authorized(request, token: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+@csrf_exempt  # read-only: any other method is the JSON 405 below, not Django's CSRF page
 async def metrics_view(request):
     token = getattr(settings, "OMNI_METRICS_TOKEN", None)
     if not token:

@@ -340,6 +340,8 @@ LOGGING = {
 }
 if OMNI_LOG_FORMAT == "json":  # every other logger's lines too (daphne's, asyncio's...)
     LOGGING["root"] = {"handlers": ["console"]}
+    # daphne's access lines, made log records by omni/daphne.py
+    LOGGING["loggers"]["daphne.access"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
 OMNI_SESSION_STORE = env_flag("OMNI_SESSION_STORE", "1")
 
 # --- Scale-out (several server processes).

@@ -87,6 +87,19 @@ class SessionMappingAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # mappings are made by chat turns
 
+    # The thread's tool calls and its turns' usage records are shown only to
+    # who may view them on their own pages (ToolCallAdmin, TurnRecordAdmin).
+    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord}
+
+    def get_fields(self, request, obj=None):
+        return [name for name in super().get_fields(request, obj)
+                if name not in self.PARTS_NEED or self._may_view(request, self.PARTS_NEED[name])]
+
+    def _may_view(self, request, model) -> bool:
+        """What the model's own admin page asks (its view or change permission)."""
+        model_admin = self.admin_site._registry.get(model)
+        return model_admin is not None and model_admin.has_view_permission(request)
+
     @admin.display(description="Forked from")
     def forked_from(self, obj):
         if not obj.forked_from_thread_id:

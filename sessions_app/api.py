@@ -26,7 +26,9 @@ ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 503)}
 class ListQuery(Schema):
     resourceId: Id | None = None
     limit: int = Field(services.DEFAULT_LIMIT, ge=1, le=services.MAX_LIMIT)
-    cursor: str | None = None
+    cursor: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,256}$",
+        description="a previous page's `nextCursor`, as it was given (opaque: any other value is 400)")
 
 
 async def caller_resource(request, requested: str | None) -> str:
@@ -82,7 +84,9 @@ Day = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$"),
 class UsageQuery(Schema):
     resourceId: Id | None = None
     from_: Day | None = Field(None, alias="from",
-                              description="YYYY-MM-DD (UTC), inclusive; default 29 days before to")
+                              description="YYYY-MM-DD (UTC), inclusive; default 29 days before to "
+                                          "(400 if that is before 0001-01-01); from..to covers at most "
+                                          f"{usage.MAX_RANGE_DAYS} days and from is not after to (else 400)")
     to: Day | None = Field(None, description="YYYY-MM-DD (UTC), inclusive; default today")
 
 

@@ -55,6 +55,15 @@ def money(value) -> float:
     return float(round(Decimal(value or 0), 8))
 
 
+def dollars(value) -> str:
+    """An amount as text with every digit it has, and at least cents:
+    ``$0.002``, ``$0.00201234``, ``$5.00``, ``$12.50``."""
+    amount = Decimal(str(value or 0))
+    exponent = amount.normalize().as_tuple().exponent
+    places = max(2, -exponent) if isinstance(exponent, int) else 2
+    return f"${amount:.{places}f}"
+
+
 # --- writing ---------------------------------------------------------------------------
 
 def record_fields(record: dict) -> dict:
@@ -119,7 +128,7 @@ def check_budget_sync(resource_id: str) -> Decimal | None:
     if spent >= budget:
         resets = next_midnight()
         raise BudgetExceeded(
-            f"resource {resource_id!r} spent its daily budget (${money(spent):.4f} of ${money(budget):.2f}); "
+            f"resource {resource_id!r} spent its daily budget ({dollars(spent)} of {dollars(budget)}); "
             f"it resets at {resets:%Y-%m-%d %H:%M}Z", resets_at=resets)
     return budget - spent
 
@@ -134,9 +143,15 @@ def parse_range(start: str | None, end: str | None) -> tuple[date, date]:
     """``from``/``to`` (``YYYY-MM-DD``, inclusive, UTC); default the last 30 days."""
     try:
         to = date.fromisoformat(end) if end else today()
-        frm = date.fromisoformat(start) if start else to - timedelta(days=DEFAULT_DAYS - 1)
+        frm = date.fromisoformat(start) if start else None
     except ValueError as exc:
         raise BadRequest("from and to are dates: YYYY-MM-DD") from exc
+    if frm is None:
+        try:
+            frm = to - timedelta(days=DEFAULT_DAYS - 1)
+        except OverflowError:  # before 0001-01-01
+            raise BadRequest(f"the default from ({DEFAULT_DAYS - 1} days before to) is before "
+                             f"{date.min.isoformat()}: give from") from None
     if frm > to:
         raise BadRequest("from is after to")
     if (to - frm).days + 1 > MAX_RANGE_DAYS:

@@ -475,3 +475,32 @@ def test_the_audit_admin_on_a_libsql_server(tmp_path):
     finally:
         server.stop()
     assert "REMOTE ADMIN OK" in proc.stdout
+
+
+# --- what the thread page shows depends on the viewer's permissions -------------------------
+
+
+@pytest.mark.parametrize("extra, shown", [
+    ([], set()),
+    (["view_toolcall"], {"tool_calls"}),
+    (["view_turnrecord"], {"turn_records"}),
+    (["view_toolcall", "view_turnrecord"], {"tool_calls", "turn_records"}),
+])
+def test_the_thread_page_shows_calls_and_turns_only_to_who_may_view_them(
+        client, calls, threads, django_user_model, extra, shown):
+    from sessions_app.models import TurnRecord
+
+    TurnRecord.objects.create(turn_id="turn-secret", resource_id="alice", thread_id="thread-a",
+                              started_at=timezone.now(), day=timezone.now().date(), outcome="done",
+                              cost_usd="0.123456")
+    staff = django_user_model.objects.create_user("reader", password="pw-read-123", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=["view_sessionmapping", *extra]))
+    client.force_login(staff)
+    page = thread_page(client, threads["a"])
+    assert "field-conversation" in page and "sess-a" in page  # the thread itself, as before
+    assert ("field-tool_calls" in page) == ("tool_calls" in shown)
+    assert ("mcp__omni__search_conversations" in page) == ("tool_calls" in shown)
+    assert ("How to bake bread" in page) == ("tool_calls" in shown)  # a call's result
+    assert ("field-turn_records" in page) == ("turn_records" in shown)
+    assert ("turn-secret" in page) == ("turn_records" in shown)
+    assert ("$0.123456" in page) == ("turn_records" in shown)

@@ -7,6 +7,7 @@ pointer to their own tools."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -73,6 +74,52 @@ def test_a_backup_is_a_whole_checked_private_file_and_never_overwrites_without_f
     backup(folder)  # a directory: a timestamped file in it
     [made] = folder.iterdir()
     assert made.name.startswith("sessions-") and made.suffix == ".db"
+
+
+def fingerprint(path: Path):
+    """What replacing or writing ``path`` would change (None: no such file).
+    Not the -shm's time: a reader may touch its shared memory."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, None if path.name.endswith("-shm") else st.st_mtime_ns
+
+
+@embedded_only
+@pytest.mark.django_db(transaction=True)
+def test_no_file_of_the_live_database_is_ever_overwritten_even_with_force_or_through_a_link(tmp_path):
+    async_to_sync(services.save_session)("bk-live", "ava", "sess-bk-live", user_message="keep me")
+    database = source_file(connection)
+    files = [Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
+    assert files[1].exists()  # WAL mode: the log the server's commits sit in
+    before = {path: fingerprint(path) for path in files}
+
+    for number, path in enumerate(files):
+        link = tmp_path / f"link-{number}.db"
+        link.symlink_to(path)  # also to a -journal that does not exist (yet)
+        for target, args in ((path, ["--force"]), (path, []), (link, ["--force"])):
+            with pytest.raises(CommandError, match="is a file of the live database"):
+                backup(target, *args)
+        assert link.is_symlink() and link.readlink() == path  # the link too is left alone
+    chained = tmp_path / "chained.db"
+    chained.symlink_to(tmp_path / "link-1.db")  # a link to a link to the -wal
+    with pytest.raises(CommandError, match="is a file of the live database"):
+        backup(chained, "--force")
+    try:
+        os.link(files[1], tmp_path / "hard.db")
+    except OSError:  # another filesystem: no hard link to test
+        pass
+    else:
+        with pytest.raises(CommandError, match="is a file of the live database"):
+            backup(tmp_path / "hard.db", "--force")
+
+    assert {path: fingerprint(path) for path in files} == before  # none written, none created
+    assert not any(p.name.endswith(".tmp") for p in database.parent.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"link-{n}.db" for n in range(4)] + ["chained.db"] + (["hard.db"] if (tmp_path / "hard.db").exists() else []))
+    # the database still answers, and a backup elsewhere still works
+    assert "1 threads" in backup(tmp_path / "copy.db")
 
 
 @pytest.mark.skipif(EMBEDDED, reason="the refusal on PostgreSQL / a libSQL server, as configured")

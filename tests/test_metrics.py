@@ -69,6 +69,20 @@ def test_a_missing_or_wrong_token_is_401(token, header):
 
 
 @pytest.mark.engine_agnostic
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
+@pytest.mark.parametrize("header", [None, f"Bearer {TOKEN}"])
+def test_another_method_is_a_json_405_not_the_csrf_page(token, method, header):
+    headers = {"HTTP_AUTHORIZATION": header} if header is not None else {}
+    client = Client(enforce_csrf_checks=True)  # as a browser or curl meets it: no CSRF token
+    response = getattr(client, method)("/metrics", "{}", content_type="application/json", **headers)
+    assert response.status_code == 405
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {"error": {"code": "method_not_allowed", "message": response.json()["error"]["message"]}}
+    assert set(response["Allow"].split(", ")) == {"GET", "HEAD"}
+    assert b"omni_" not in response.content
+
+
+@pytest.mark.engine_agnostic
 def test_it_serves_the_contracts_names_and_is_not_in_the_api_document(token):
     samples = scrape_sync()
     names = {name for name, _ in samples}

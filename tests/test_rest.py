@@ -190,7 +190,7 @@ def test_list_cursor_paging_covers_every_row_once(client):
     assert len(seen) == len(set(seen)) == 8
 
 
-@pytest.mark.parametrize("cursor", ["garbage", "!!!", "MjAyNQ", "bm90LWEtZGF0ZXw1"])
+@pytest.mark.parametrize("cursor", ["garbage", "!!!", "MjAyNQ", "bm90LWEtZGF0ZXw1", "A" * 257, "a b", "ü"])
 def test_list_garbage_cursor_is_400(client, cursor):
     save("t1")
     assert_error(listing(client, resourceId="alice", cursor=cursor), 400)

@@ -129,3 +129,20 @@ async def test_a_resource_over_its_budget_is_refused_until_midnight(offline_chat
         assert events[-1]["type"] == "done"
     finally:
         usage.today = original
+
+
+@pytest.mark.parametrize("spent, budget, shown", [
+    (["0.002"], "0.002", "($0.002 of $0.002)"),  # not "of $0.00"
+    (["0.00151234", "0.001"], "0.0025", "($0.00251234 of $0.0025)"),
+    (["3", "2.5"], "5", "($5.50 of $5.00)"),
+    (["0.1"], "0.1", "($0.10 of $0.10)"),
+])
+async def test_a_budget_refusal_shows_both_amounts_with_every_digit_they_have(settings, spent, budget, shown):
+    settings.OMNI_DAILY_BUDGET_USD = float(budget)
+    usage.forget_overrides()
+    for n, cost in enumerate(spent):
+        await usage.record_turn({"turn_id": f"digits-{n}", "resource_id": "una", "thread_id": "x",
+                                 "started_at": timezone.now(), "outcome": "done", "cost_usd": Decimal(cost)})
+    with pytest.raises(usage.BudgetExceeded) as refused:
+        await usage.check_budget("una")
+    assert shown in refused.value.message, refused.value.message

@@ -15,7 +15,9 @@ temporary file beside ``PATH``, switched to a single self-contained file
 then given its name: ``PATH`` never holds a partial copy.
 
 ``PATH`` an existing directory: the copy is ``sessions-<UTC time>.db`` in it.
-An existing file is never overwritten without ``--force``.
+An existing file is never overwritten without ``--force``, and a file of the
+live database (the database itself, its ``-wal``, ``-shm`` or ``-journal``,
+also through a symlink or a hard link) never, even with ``--force``.
 
 Restore: stop the server, put the copy in place as the database file
 (``<OMNI_DATA_DIR>/sessions.db``; remove a ``sessions.db-wal`` and
@@ -78,6 +80,42 @@ def target_file(path: Path) -> Path:
     return path
 
 
+# The files of a live SQLite database beside its main file: its write-ahead
+# log, the log's index, and a rollback journal. Writing any of them (even one
+# that does not exist yet: a new -journal is "hot" and gets rolled back in)
+# damages the database or loses its last commits.
+LIVE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def live_files(source: Path) -> set[Path]:
+    """Every file of the database ``source``, by resolved path: beside its
+    name as configured and beside the file it resolves to (a symlink)."""
+    found = set()
+    for base in (source.absolute(), source.resolve()):
+        for suffix in LIVE_SUFFIXES:
+            found.add(Path(f"{base}{suffix}").resolve())
+    return found
+
+
+def refuse_live_file(target: Path, source: Path) -> None:
+    """CommandError when ``target`` is (or links to) a file of the live
+    database, with or without ``--force``."""
+    live = live_files(source)
+    hit = target.resolve() in live
+    if not hit and target.exists():  # a hard link, or a path that resolves differently
+        for path in live:
+            try:
+                if os.path.samefile(target, path):
+                    hit = True
+                    break
+            except OSError:  # that file does not exist
+                continue
+    if hit:
+        raise CommandError(
+            f"{target} is a file of the live database ({source} and its -wal, -shm and -journal "
+            "files are never overwritten): choose another path")
+
+
 def copy_database(source: Path, target: Path) -> None:
     """A consistent copy of ``source`` (live, WAL mode) in the new file ``target``."""
     # (mode=rw: never creates a file; the backup only reads)
@@ -134,11 +172,9 @@ class Command(BaseCommand):
         target = target_file(Path(path).expanduser())
         if not target.parent.is_dir():
             raise CommandError(f"No directory {target.parent}")
-        if target.exists():
-            if not force:
-                raise CommandError(f"{target} exists: use --force to overwrite it")
-            if target.resolve() == source.resolve():
-                raise CommandError(f"{target} is the database itself")
+        refuse_live_file(target, source)
+        if target.exists() and not force:
+            raise CommandError(f"{target} exists: use --force to overwrite it")
         # Mode 0600 (mkstemp): the copy holds every conversation. An empty
         # file is an empty database to SQLite.
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
