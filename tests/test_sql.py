@@ -257,3 +257,48 @@ def test_a_budget_override_saved_anywhere_applies_at_the_next_check(settings, dj
     with pytest.raises(usage.BudgetExceeded):
         usage.check_budget_sync("alice")
     assert usage.check_budget_sync("bob") == Decimal("0.01")
+
+
+# --- the same statements over a libSQL server (Hrana) ------------------------------------
+
+REMOTE_SCRIPT = """
+from datetime import UTC, datetime
+from decimal import Decimal
+from django.db import connection
+from django.utils import timezone
+from sessions_app import services, sql, usage
+from sessions_app.models import ResourceBudget, SessionMapping, TurnRecord
+SessionMapping.objects.create(thread_id="t1", resource_id="alice", session_id="s0")
+rec = {"turn_id": "turn-1", "resource_id": "alice", "thread_id": "t1", "started_at": timezone.now(),
+       "outcome": "done", "cost_usd": "0.25"}
+for _ in range(2):
+    services.finish_turn_sync("t1", "alice", "s1", user_message="Q", assistant_message="A", turn_record=rec)
+m = SessionMapping.objects.get()
+print("FINISH", TurnRecord.objects.count(), m.cost_usd, m.message_count, m.version, m.title)
+print("MAPPING", services.turn_mapping_sync("t1", "alice").version)
+ResourceBudget.objects.create(resource_id="alice", daily_usd=Decimal("1"))
+print("LEFT", usage.check_budget_sync("alice"))
+pk, mtime, data = sql.summary_lock(connection, project_key="p", session_id="s1")
+sql.summary_update(connection, pk=pk, mtime_ms=7, data="{}")
+sql.transcript_insert(connection, names_given=("project_key", "session_id", "uuid", "data", "created_at"),
+                      rows=[("p", "s1", "u1", "{}", connection.ops.adapt_datetimefield_value(timezone.now()))])
+print("SUMMARY", sql.summary_lock(connection, project_key="p", session_id="s1")[1:])
+"""
+
+
+@pytest.mark.engine_agnostic
+def test_the_statements_over_a_libsql_server(tmp_path):
+    from tests.hrana_server import start_hrana_server
+    from tests.test_engine_remote import output, run_django
+
+    server = start_hrana_server(tmp_path / "remote.db", token="t0ken")
+    try:
+        url = f"{server.url}?authToken=t0ken"
+        migrate = run_django(["migrate", "--noinput"], url, tmp_path / "data")
+        assert migrate.returncode == 0, output(migrate)
+        proc = run_django(REMOTE_SCRIPT, url, tmp_path / "data")
+    finally:
+        server.stop()
+    assert proc.returncode == 0, output(proc)
+    assert proc.stdout.split("\n")[:4] == [
+        "FINISH 1 0.25000000 4 3 Q", "MAPPING 3", "LEFT 0.75000000", "SUMMARY (7, '{}')"], output(proc)
