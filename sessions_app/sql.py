@@ -57,30 +57,44 @@ def default_value(field):
     return field.get_default()
 
 
-def insert_values(model, connection, given: dict, *, prefix: str = "v_"):
+_plans: dict = {}
+
+
+def _plan(model, connection) -> list[tuple]:
+    """``(field, name, quoted column, parameter, placeholder)`` of each concrete
+    field of ``model`` but the automatic primary key (kept per model and
+    engine, until the model's fields change: a turn builds its inserts
+    without looking its fields up again)."""
+    fields = model._meta.concrete_fields  # a new tuple whenever the model's fields change
+    kept = _plans.get((model, connection.vendor))
+    if kept is None or kept[0] is not fields:
+        quote = connection.ops.quote_name
+        kept = _plans[model, connection.vendor] = (fields, [
+            (f, f.name, quote(f.column), f"v_{f.name}", f"%(v_{f.name})s")
+            for f in fields if not isinstance(f, AutoField)])
+    return kept[1]
+
+
+def insert_values(model, connection, given: dict):
     """The columns, placeholders and parameters of one row of ``model``:
     every concrete field but the automatic primary key, ``given[name]`` or
     the field's default (:func:`default_value`). A :class:`Sql` value is an
     expression written in place of its placeholder. Parameters are named
-    ``prefix + field name``."""
-    quote = connection.ops.quote_name
+    ``v_`` + the field's name."""
     columns, placeholders, params = [], [], {}
-    for field in model._meta.concrete_fields:
-        if isinstance(field, AutoField):
-            continue
-        if field.name in given:
-            value = given[field.name]
-            if isinstance(value, Sql):
-                columns.append(quote(field.column))
+    for field, name, column, key, placeholder in _plan(model, connection):
+        if name in given:
+            value = given[name]
+            if value.__class__ is Sql:
+                columns.append(column)
                 placeholders.append(value)
                 continue
         else:
             value = default_value(field)
             if value is NOT_PROVIDED:
                 continue
-        key = prefix + field.name
-        columns.append(quote(field.column))
-        placeholders.append(f"%({key})s")
+        columns.append(column)
+        placeholders.append(placeholder)
         params[key] = field.get_db_prep_save(value, connection)
     return columns, placeholders, params
 
