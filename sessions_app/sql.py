@@ -24,7 +24,7 @@ from datetime import date
 from decimal import Context, Decimal
 
 from django.db import connections, router, transaction
-from django.db.models import NOT_PROVIDED, AutoField, DateField, DateTimeField
+from django.db.models import NOT_PROVIDED, AutoField, DateTimeField
 from django.utils import timezone
 
 from .models import ResourceBudget, SessionMapping, TranscriptEntry, TranscriptSummary, TurnRecord

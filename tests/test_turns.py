@@ -114,8 +114,6 @@ async def test_a_warm_follow_up_costs_few_sql_statements(offline_chat, monkeypat
     (The SDK's own transcript append comes on top: the store's business.)"""
     from django.db.backends import utils
 
-    from sessions_app import usage
-
     statements = []
     original = utils.CursorWrapper.execute
 
