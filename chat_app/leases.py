@@ -58,12 +58,11 @@ from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections, router
 from django.utils import timezone
 
 from sessions_app.errors import Conflict
-from sessions_app.sql import names
 
+from . import sql
 from .models import ThreadLease
 from .sdk import process_state
 
@@ -188,18 +187,8 @@ class Lease:
         """One ``UPDATE``: let the lease lapse now if it is still ours and
         live; False if it was lost. For a caller's transaction (a turn's last
         save): the caller marks it ``released`` once that commits."""
-        connection = connections[router.db_for_write(ThreadLease)]
-        adapt = connection.ops.adapt_datetimefield_value
-        table, column = names(ThreadLease, connection)
-        now = timezone.now()
-        with connection.cursor() as cursor:  # plain SQL: once a turn, on the warm path
-            cursor.execute(
-                f"UPDATE {table} SET {column['expires_at']} = %s "
-                f"WHERE {column['resource_id']} = %s AND {column['thread_id']} = %s "
-                f"AND {column['turn_id']} = %s AND {column['token']} = %s AND {column['expires_at']} > %s",
-                [adapt(now - timedelta(seconds=1)), self.resource_id, self.thread_id, self.turn_id,
-                 self.token, adapt(now)])
-            return cursor.rowcount == 1
+        return sql.lease_release_if_held(resource_id=self.resource_id, thread_id=self.thread_id,
+                                         turn_id=self.turn_id, token=self.token, now=timezone.now())
 
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()
@@ -234,44 +223,16 @@ class Lease:
 
 def _take(resource_id: str, thread_id: str, turn_id: str, holder: Holder, now, expires) -> int | None:
     """The atomic take (see the module doc): the new token, or None."""
-    connection = connections[router.db_for_write(ThreadLease)]
-    adapt = connection.ops.adapt_datetimefield_value
-    table, column = names(ThreadLease, connection)
-    written = ["turn_id", "expires_at", "host", "host_id", "pid", "pid_started"]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} ({column['resource_id']}, {column['thread_id']}, {column['token']}, "
-            + ", ".join(column[name] for name in written)
-            + f") VALUES (%s, %s, 1, {', '.join(['%s'] * len(written))}) "
-            f"ON CONFLICT ({column['resource_id']}, {column['thread_id']}) DO UPDATE SET "
-            f"{column['token']} = {table}.{column['token']} + 1, "
-            + ", ".join(f"{column[name]} = excluded.{column[name]}" for name in written)
-            + f" WHERE {table}.{column['expires_at']} <= %s "
-            f"RETURNING {column['token']}",
-            [resource_id, thread_id, turn_id, adapt(expires), HOST, holder.host_id, holder.pid,
-             holder.started, adapt(now)],
-        )
-        row = cursor.fetchone()
-    return None if row is None else row[0]
+    return sql.lease_take(resource_id=resource_id, thread_id=thread_id, turn_id=turn_id, now=now,
+                          expires=expires, host=HOST, host_id=holder.host_id, pid=holder.pid,
+                          pid_started=holder.started)
 
 
 def _take_from_dead(row: ThreadLease, turn_id: str, holder: Holder, expires) -> int | None:
     """Take a live lease whose holder died, if it is still that holder's."""
-    connection = connections[router.db_for_write(ThreadLease)]
-    adapt = connection.ops.adapt_datetimefield_value
-    table, column = names(ThreadLease, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET {column['token']} = {column['token']} + 1, {column['turn_id']} = %s, "
-            f"{column['expires_at']} = %s, {column['host']} = %s, {column['host_id']} = %s, "
-            f"{column['pid']} = %s, {column['pid_started']} = %s "
-            f"WHERE {column['id']} = %s AND {column['turn_id']} = %s AND {column['token']} = %s "
-            f"RETURNING {column['token']}",
-            [turn_id, adapt(expires), HOST, holder.host_id, holder.pid, holder.started,
-             row.pk, row.turn_id, row.token],
-        )
-        taken = cursor.fetchone()
-    return None if taken is None else taken[0]
+    return sql.lease_take_from_dead(pk=row.pk, held_turn_id=row.turn_id, held_token=row.token,
+                                    turn_id=turn_id, expires=expires, host=HOST, host_id=holder.host_id,
+                                    pid=holder.pid, pid_started=holder.started)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db import transaction
 from django.db.models import DecimalField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.template.response import TemplateResponse
@@ -563,9 +562,9 @@ class ResourceBudgetForm(forms.ModelForm):
 @admin.register(ResourceBudget)
 class ResourceBudgetAdmin(admin.ModelAdmin):
     """A resource's own daily budget, over OMNI_DAILY_BUDGET_USD (contract
-    §10); an empty amount is no cap for that resource. Workers cache whether
-    any override exists for a few seconds; a change here clears this
-    process's cache (the others see it within OVERRIDE_CACHE_SECONDS)."""
+    §10); an empty amount is no cap for that resource. No worker caches
+    overrides (every budget check reads the database): a change here applies
+    on every worker at the next check."""
 
     form = ResourceBudgetForm
     list_display = ("resource_id", "budget", "spent", "status", "note", "updated_at")
@@ -608,21 +607,3 @@ class ResourceBudgetAdmin(admin.ModelAdmin):
         extra_context = {**(extra_context or {}), "default_budget": _default_budget(),
                          "spend_url": reverse("admin:sessions_app_turnrecord_spend")}
         return super().changelist_view(request, extra_context)
-
-    @staticmethod
-    def _changed():
-        usage.forget_overrides()
-        # Again once committed: a check in between may have cached the old state.
-        transaction.on_commit(usage.forget_overrides)
-
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        self._changed()
-
-    def delete_model(self, request, obj):
-        super().delete_model(request, obj)
-        self._changed()
-
-    def delete_queryset(self, request, queryset):
-        super().delete_queryset(request, queryset)
-        self._changed()

@@ -18,14 +18,13 @@ from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, connections, router, transaction
-from django.db.models import F, Q
-from django.utils import timezone
+from django.db import IntegrityError, router, transaction
+from django.db.models import Q
 
 from .errors import ApiError, BadRequest, Conflict, NotFound
 from .models import SessionMapping
 from .signals import thread_deleted
-from .sql import db_value, names
+from . import sql
 
 log = logging.getLogger("omni.chat")
 
@@ -144,52 +143,43 @@ async def save_session(
 
 def _save_session(thread_id, resource_id, session_id, agent, user_message, assistant_message,
                   forked_from_thread_id, create, turn_record=None) -> SessionMapping:
-    mapping = _write_mapping(thread_id, resource_id, session_id, agent, user_message, assistant_message,
-                             forked_from_thread_id, create)
-    if turn_record is not None:
-        from .usage import record_turn_sync
-
-        record_turn_sync(turn_record)
-        mapping.refresh_from_db(fields=["cost_usd"])
-    return mapping
-
-
-def _write_mapping(thread_id, resource_id, session_id, agent, user_message, assistant_message,
-                   forked_from_thread_id, create) -> SessionMapping:
-    added = (user_message is not None) + bool(assistant_message)
-    preview = assistant_message or user_message
     mapping = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).first()
     if mapping is None and not create:
         raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
     if mapping is None:
-        mapping = SessionMapping(
-            thread_id=thread_id,
-            resource_id=resource_id,
-            session_id=session_id,
-            agent=agent or "smart",
-            title=_clip(user_message or "", TITLE_CHARS),
-            last_message=_clip(preview or "", PREVIEW_CHARS),
-            message_count=added,
-            forked_from_thread_id=forked_from_thread_id,
-        )
-        try:
-            mapping.save(force_insert=True)
-        except IntegrityError as exc:
-            raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists") from exc
+        mapping = _create_mapping(thread_id, resource_id, session_id, agent, user_message,
+                                  assistant_message, forked_from_thread_id)
+        if turn_record is not None:
+            from .usage import record_turn_sync
+
+            record_turn_sync(turn_record)
+            mapping.refresh_from_db(fields=["cost_usd"])
         return mapping
-    changes = {"session_id": session_id, "updated_at": timezone.now()}
-    if agent:
-        changes["agent"] = agent
-    if preview:
-        changes["last_message"] = _clip(preview, PREVIEW_CHARS)
-    if not mapping.title and user_message:
-        changes["title"] = _clip(user_message, TITLE_CHARS)
-    updated = SessionMapping.objects.filter(pk=mapping.pk).update(
-        message_count=F("message_count") + added, version=F("version") + 1, **changes
-    )
-    if not updated:  # deleted between the read and the write
-        raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
+    # An existing thread: the same update (and record) as a turn's last save.
+    _update_mapping(thread_id, resource_id, session_id, agent=agent, user_message=user_message,
+                    assistant_message=assistant_message, turn_record=turn_record)
     mapping.refresh_from_db()
+    return mapping
+
+
+def _create_mapping(thread_id, resource_id, session_id, agent, user_message, assistant_message,
+                    forked_from_thread_id) -> SessionMapping:
+    added = (user_message is not None) + bool(assistant_message)
+    preview = assistant_message or user_message
+    mapping = SessionMapping(
+        thread_id=thread_id,
+        resource_id=resource_id,
+        session_id=session_id,
+        agent=agent or "smart",
+        title=_clip(user_message or "", TITLE_CHARS),
+        last_message=_clip(preview or "", PREVIEW_CHARS),
+        message_count=added,
+        forked_from_thread_id=forked_from_thread_id,
+    )
+    try:
+        mapping.save(force_insert=True)
+    except IntegrityError as exc:
+        raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists") from exc
     return mapping
 
 
@@ -204,19 +194,40 @@ class TurnMapping:
     pending_approval_id: str | None
 
 
+_TURN_MAPPING_FIELDS = [field.name for field in dataclasses.fields(TurnMapping)]
+
+
 def turn_mapping_sync(thread_id: str, resource_id: str) -> TurnMapping | None:
     """The thread's mapping as a turn needs it, or None: one ``SELECT`` of
     five columns in plain SQL (every turn's; see :func:`finish_turn_sync`)."""
-    connection = connections[router.db_for_read(SessionMapping)]
-    table, column = names(SessionMapping, connection)
-    wanted = [field.name for field in dataclasses.fields(TurnMapping)]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {', '.join(column[name] for name in wanted)} FROM {table} "
-            f"WHERE {column['thread_id']} = %s AND {column['resource_id']} = %s",
-            [thread_id, resource_id])
-        row = cursor.fetchone()
+    row = sql.mapping_for_turn(thread_id=thread_id, resource_id=resource_id, fields=_TURN_MAPPING_FIELDS)
     return None if row is None else TurnMapping(*row)
+
+
+def _update_mapping(thread_id: str, resource_id: str, session_id: str, *, agent: str | None,
+                    user_message: str | None, assistant_message: str | None,
+                    turn_record: dict | None) -> None:
+    """The one update of an existing mapping after a turn (its last save, or
+    :func:`save_session` of a thread that exists), with the turn's record:
+    the record first (``ON CONFLICT DO NOTHING``), then the mapping, its cost
+    added only if the record was inserted now: a retried finish writes one
+    record and counts its cost once. One transaction (the caller's, if any),
+    two statements."""
+    from .usage import record_fields
+
+    added = (user_message is not None) + bool(assistant_message)
+    preview = assistant_message or user_message
+    record = record_fields(turn_record) if turn_record is not None else None
+    with transaction.atomic(using=router.db_for_write(SessionMapping), savepoint=False):
+        counted = record is not None and sql.turn_record_insert(record)
+        if not sql.mapping_turn_update(
+                thread_id=thread_id, resource_id=resource_id, session_id=session_id, added=added,
+                agent=agent or None,
+                last_message=_clip(preview, PREVIEW_CHARS) if preview else None,
+                title=_clip(user_message, TITLE_CHARS) if user_message else None,
+                cost_usd=record["cost_usd"] if counted else None):
+            # the record goes too (the transaction rolls back)
+            raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
 
 
 def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent: str | None = None,
@@ -224,50 +235,15 @@ def finish_turn_sync(thread_id: str, resource_id: str, session_id: str, *, agent
                      turn_record: dict | None = None) -> None:
     """A turn's last write of its mapping (update only: raises
     :class:`ThreadDeleted` if the thread is gone) with its record
-    (:mod:`sessions_app.usage`) and cost: two statements, no read.
+    (:mod:`sessions_app.usage`) and cost: two statements, no read
+    (:func:`_update_mapping`).
 
     Plain SQL, not the ORM: this runs once a turn on the warm path, where
     building the ORM's queries cost more CPU (~0.8 ms) than running them.
     The statements are what the ORM would send (``F()`` increments, the
     title set only while empty, the record inserted once per turn)."""
-    from .models import TurnRecord
-    from .usage import record_fields
-
-    connection = connections[router.db_for_write(SessionMapping)]
-    table, column = names(SessionMapping, connection)
-    added = (user_message is not None) + bool(assistant_message)
-    preview = assistant_message or user_message
-    sets = [f"{column['session_id']} = %s", f"{column['updated_at']} = %s",
-            f"{column['message_count']} = {column['message_count']} + %s",
-            f"{column['version']} = {column['version']} + 1"]
-    params = [session_id, db_value(SessionMapping, "updated_at", timezone.now(), connection), added]
-    if agent:
-        sets.append(f"{column['agent']} = %s")
-        params.append(agent)
-    if preview:
-        sets.append(f"{column['last_message']} = %s")
-        params.append(_clip(preview, PREVIEW_CHARS))
-    if user_message:
-        title = column["title"]
-        sets.append(f"{title} = CASE WHEN {title} = '' THEN %s ELSE {title} END")
-        params.append(_clip(user_message, TITLE_CHARS))
-    record = record_fields(turn_record) if turn_record is not None else None
-    if record is not None and record["cost_usd"]:
-        sets.append(f"{column['cost_usd']} = {column['cost_usd']} + %s")
-        params.append(db_value(SessionMapping, "cost_usd", record["cost_usd"], connection))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET {', '.join(sets)} "
-            f"WHERE {column['thread_id']} = %s AND {column['resource_id']} = %s",
-            params + [thread_id, resource_id])
-        if cursor.rowcount == 0:
-            raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
-        if record is not None:
-            records, field = names(TurnRecord, connection)
-            cursor.execute(
-                f"INSERT INTO {records} ({', '.join(field[name] for name in record)}) "
-                f"VALUES ({', '.join(['%s'] * len(record))}) ON CONFLICT ({field['turn_id']}) DO NOTHING",
-                [db_value(TurnRecord, name, value, connection) for name, value in record.items()])
+    _update_mapping(thread_id, resource_id, session_id, agent=agent, user_message=user_message,
+                    assistant_message=assistant_message, turn_record=turn_record)
     log.info(
         "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
         thread_id, resource_id, session_id,

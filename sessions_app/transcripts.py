@@ -106,11 +106,10 @@ from claude_agent_sdk import (
     fold_session_summary,
 )
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models.constants import OnConflict
 from django.db.models.functions import Length
 
 from .models import TranscriptEntry, TranscriptSummary
-from .sql import names
+from . import sql
 
 __all__ = [
     "DjangoSessionStore",
@@ -173,30 +172,9 @@ _COLUMNS = ("project_key", "session_id", "subpath", "uuid", "data", "created_at"
 
 
 def _insert_rows(connection, rows: list[tuple]) -> None:
-    """Insert transcript lines in list order, skipping duplicate uuids:
-    multi-row ``INSERT OR IGNORE`` (SQLite/libSQL) or ``INSERT ... ON CONFLICT
-    DO NOTHING`` (PostgreSQL), the SQL of ``bulk_create(ignore_conflicts=
-    True)`` without its per-value compile cost (about 5x the insert itself at
-    500 rows). One statement per chunk (one round trip to a libSQL server or
-    PostgreSQL). Rows take ``id`` values in VALUES order; a skipped duplicate
-    leaves at most a gap, never a reordering."""
-    ops = connection.ops
-    fields = [TranscriptEntry._meta.get_field(name) for name in _COLUMNS]
-    head = "{} {} ({}) VALUES ".format(
-        ops.insert_statement(on_conflict=OnConflict.IGNORE),
-        ops.quote_name(TranscriptEntry._meta.db_table),
-        ", ".join(ops.quote_name(field.column) for field in fields),
-    )
-    suffix = ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, None, None)
-    placeholders = "({})".format(", ".join(["%s"] * len(fields)))
-    per_statement = min(1000, (connection.features.max_query_params or 10**6) // len(fields))
-    with connection.cursor() as cursor:
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start : start + per_statement]
-            cursor.execute(
-                f"{head}{', '.join([placeholders] * len(chunk))} {suffix}".rstrip(),
-                [value for row in chunk for value in row],
-            )
+    """Insert transcript lines (values of ``_COLUMNS``) in list order,
+    skipping duplicate uuids: :func:`sessions_app.sql.transcript_insert`."""
+    sql.transcript_insert(connection, names_given=_COLUMNS, rows=rows)
 
 
 @dataclass
@@ -207,35 +185,15 @@ class _Summary:
 
 
 def _lock_summary(connection, project_key: str, session_id: str) -> _Summary:
-    """The session's summary row, locked until the transaction ends (``FOR
-    UPDATE`` where the engine has it; SQLite/libSQL write transactions are
-    exclusive already). A new session gets a placeholder row (``data ==
-    ""``) first, inserted with ``ON CONFLICT DO NOTHING`` so two first
-    appends cannot both create it. Plain SQL: this runs on every append (a
+    """The session's summary row, locked until the transaction ends
+    (:func:`sessions_app.sql.summary_lock`; a new session's is a
+    placeholder, ``data == ""``). Plain SQL: this runs on every append (a
     turn's), where compiling the ORM's queries cost more than running them."""
-    table, col = names(TranscriptSummary, connection)
-    select = (f"SELECT {col['id']}, {col['mtime_ms']}, {col['data']} FROM {table} "
-              f"WHERE {col['project_key']} = %s AND {col['session_id']} = %s"
-              + (" FOR UPDATE" if connection.features.has_select_for_update else ""))
-    with connection.cursor() as cursor:
-        cursor.execute(select, [project_key, session_id])
-        row = cursor.fetchone()
-        if row is None:
-            cursor.execute(
-                f"INSERT INTO {table} ({col['project_key']}, {col['session_id']}, {col['mtime_ms']}, "
-                f"{col['data']}) VALUES (%s, %s, 0, '') "
-                f"ON CONFLICT ({col['project_key']}, {col['session_id']}) DO NOTHING",
-                [project_key, session_id])
-            cursor.execute(select, [project_key, session_id])
-            row = cursor.fetchone()
-    return _Summary(*row)
+    return _Summary(*sql.summary_lock(connection, project_key=project_key, session_id=session_id))
 
 
 def _update_summary(connection, pk: int, mtime_ms: int, data: str) -> None:
-    table, col = names(TranscriptSummary, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {table} SET {col['mtime_ms']} = %s, {col['data']} = %s WHERE {col['id']} = %s",
-                       [mtime_ms, data, pk])
+    sql.summary_update(connection, pk=pk, mtime_ms=mtime_ms, data=data)
 
 
 class DjangoSessionStore(SessionStore):

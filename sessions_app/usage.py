@@ -4,33 +4,35 @@ Each finished turn writes one :class:`~sessions_app.models.TurnRecord` with
 its own tokens and cost (the chat app computes them; a Claude process's
 totals run on across the turns it serves), in the same database trip as the
 turn's last mapping save when it has one, and adds its cost to the thread's
-``SessionMapping.cost_usd``. Sums read the records' stored ``day``.
+``SessionMapping.cost_usd`` in the same transaction, only if the record was
+new (a retried write counts nothing twice). Sums read the records' stored
+``day``.
 
 A resource's budget is its :class:`~sessions_app.models.ResourceBudget`
 override (set in the admin; empty: no cap), else ``OMNI_DAILY_BUDGET_USD``
 (0: no cap). It is checked before a turn starts, against the records of the
-day so far, in the database every worker shares.
+day so far, in the database every worker shares; the override is read at
+every check (one statement with the day's spend), so a change made in the
+admin applies on every worker at once.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from datetime import UTC, date, datetime, time as dtime, timedelta
 from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models import Count, F, Sum
+from django.db.models import Count, Sum
 from django.utils import timezone
 
+from . import sql
 from .errors import BadRequest, RateLimited
-from .models import ResourceBudget, SessionMapping, TurnRecord
+from .models import ResourceBudget, TurnRecord
 
 MAX_RANGE_DAYS = 366
 DEFAULT_DAYS = 30
-_overrides_checked = (0.0, False)  # (when, whether any ResourceBudget row exists)
-OVERRIDE_CACHE_SECONDS = 5.0
 
 
 class BudgetExceeded(RateLimited):
@@ -73,16 +75,10 @@ def record_fields(record: dict) -> dict:
 
 
 def record_turn_sync(record: dict) -> None:
-    """Write a turn's record (once: a second write of the same turn is ignored)
-    and add its cost to its thread's total."""
-    if TurnRecord.objects.filter(turn_id=record["turn_id"]).exists():
-        return
-    fields = record_fields(record)
-    cost = fields["cost_usd"]
-    TurnRecord.objects.create(**fields)
-    if cost:
-        SessionMapping.objects.filter(resource_id=record["resource_id"], thread_id=record["thread_id"]).update(
-            cost_usd=F("cost_usd") + cost)
+    """Write a turn's record and add its cost to its thread's total, together
+    and once: a second write of the same turn changes nothing (see
+    :func:`sessions_app.sql.record_turn`)."""
+    sql.record_turn(record_fields(record))
 
 
 async def record_turn(record: dict) -> None:
@@ -91,25 +87,27 @@ async def record_turn(record: dict) -> None:
 
 # --- budgets ---------------------------------------------------------------------------
 
-def budget_for_sync(resource_id: str) -> Decimal | None:
-    """The resource's daily budget in USD, or None (no cap)."""
-    global _overrides_checked
-    checked_at, any_override = _overrides_checked
-    if time.monotonic() - checked_at > OVERRIDE_CACHE_SECONDS:
-        any_override = ResourceBudget.objects.exists()
-        _overrides_checked = (time.monotonic(), any_override)
-    if any_override:
-        override = ResourceBudget.objects.filter(resource_id=resource_id).first()
-        if override is not None:
-            return override.daily_usd if override.daily_usd and override.daily_usd > 0 else None
-    default = Decimal(str(settings.OMNI_DAILY_BUDGET_USD or 0))
+def _default_budget() -> Decimal:
+    return Decimal(str(settings.OMNI_DAILY_BUDGET_USD or 0))
+
+
+def _effective(has_override: bool, amount: Decimal | None) -> Decimal | None:
+    if has_override:
+        return amount if amount and amount > 0 else None
+    default = _default_budget()
     return default if default > 0 else None
 
 
+def budget_for_sync(resource_id: str) -> Decimal | None:
+    """The resource's daily budget in USD, or None (no cap)."""
+    override = ResourceBudget.objects.filter(resource_id=resource_id).values_list("daily_usd").first()
+    return _effective(override is not None, override[0] if override else None)
+
+
 def forget_overrides() -> None:
-    """An override changed (the admin): look again at the next check."""
-    global _overrides_checked
-    _overrides_checked = (0.0, False)
+    """Nothing to forget: no worker caches budget overrides (every check
+    reads the database), so a change applies everywhere at the next check.
+    Kept for callers of the former cache."""
 
 
 def spent_sync(resource_id: str, day: date | None = None) -> Decimal:
@@ -120,11 +118,14 @@ def spent_sync(resource_id: str, day: date | None = None) -> Decimal:
 
 def check_budget_sync(resource_id: str) -> Decimal | None:
     """Raise :class:`BudgetExceeded` if the resource spent its budget today;
-    else what is left (None: no cap)."""
-    budget = budget_for_sync(resource_id)
+    else what is left (None: no cap). One statement (the override and the
+    day's spend together, :func:`sessions_app.sql.budget_state`): no worker
+    caches overrides, so one saved in the admin applies at the next check."""
+    has_override, amount, spent = sql.budget_state(
+        resource_id=resource_id, day=today(), default_caps=_default_budget() > 0)
+    budget = _effective(has_override, amount)
     if budget is None:
         return None
-    spent = spent_sync(resource_id)
     if spent >= budget:
         resets = next_midnight()
         raise BudgetExceeded(

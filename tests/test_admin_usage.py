@@ -43,9 +43,6 @@ def fast_password_hashing(settings):
 @pytest.fixture(autouse=True)
 def no_default_budget(settings):
     settings.OMNI_DAILY_BUDGET_USD = 0
-    usage.forget_overrides()
-    yield
-    usage.forget_overrides()
 
 
 _turns = iter(range(1, 10**9))

@@ -100,7 +100,6 @@ async def test_usage_sums_per_day_and_checks_its_range(offline_chat):
 
 async def test_a_resource_over_its_budget_is_refused_until_midnight(offline_chat, settings):
     settings.OMNI_DAILY_BUDGET_USD = 0.0001  # one turn of the offline model is over it
-    usage.forget_overrides()
     _, events = await run("Hello", "budget-1")
     assert events[-1]["type"] == "done"
     with pytest.raises(usage.BudgetExceeded) as refused:
@@ -115,12 +114,10 @@ async def test_a_resource_over_its_budget_is_refused_until_midnight(offline_chat
     _, events = await run("Me?", "budget-3", resource="vic")
     assert events[-1]["type"] == "done"
     await ResourceBudget.objects.acreate(resource_id="una", daily_usd=None)  # no cap for una
-    usage.forget_overrides()
     _, events = await run("Now?", "budget-1")
     assert events[-1]["type"] == "done"
     # the next UTC day (a test clock, not a sleep): the day's spend starts over
     await ResourceBudget.objects.filter(resource_id="una").adelete()
-    usage.forget_overrides()
     tomorrow = usage.today() + timedelta(days=1)
     original = usage.today
     usage.today = lambda: tomorrow

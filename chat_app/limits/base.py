@@ -8,13 +8,10 @@ import math
 import time
 
 from django.conf import settings
-from django.db import connections, router
-from django.utils import timezone
 
 from sessions_app.errors import RateLimited
-from sessions_app.sql import names
 
-from ..models import ThreadLease
+from .. import sql
 
 log = logging.getLogger("omni.chat")
 
@@ -104,25 +101,7 @@ def too_many_starts(resource_id: str, limit: int, oldest_ms: int, now_ms: int) -
 
 # --- running turns: live leases ----------------------------------------------------
 
-def lease_count_sql(connection) -> tuple[str, callable]:
-    """``(SELECT count(*) ...)`` of a resource's live leases, and a function
-    of ``resource_id`` giving its parameters. Uses the index
-    ``(resource_id, expires_at)``."""
-    table, column = names(ThreadLease, connection)
-    sql = (f"(SELECT count(*) FROM {table} WHERE {column['resource_id']} = %s "
-           f"AND {column['expires_at']} > %s)")
-
-    def params(resource_id: str) -> list:
-        return [resource_id, connection.ops.adapt_datetimefield_value(timezone.now())]
-
-    return sql, params
-
-
 def live_leases_sync(resource_id: str) -> int:
     """How many turns of ``resource_id`` run now, on every worker: one
-    statement."""
-    connection = connections[router.db_for_write(ThreadLease)]  # the primary: no replica lag
-    sql, params = lease_count_sql(connection)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT " + sql, params(resource_id))
-        return int(cursor.fetchone()[0])
+    statement (:func:`chat_app.sql.live_leases`)."""
+    return sql.live_leases(resource_id=resource_id)

@@ -49,14 +49,12 @@ from __future__ import annotations
 import random
 
 from asgiref.sync import sync_to_async
-from django.db import connections, router
 
 from sessions_app.errors import RateLimited
-from sessions_app.sql import names
 
-from ..models import TurnStart
+from .. import sql
 from .base import (
-    WINDOW_MS, Admission, Backend, lease_count_sql, log, max_turns, too_many_starts, too_many_turns,
+    WINDOW_MS, Admission, Backend, log, max_turns, too_many_starts, too_many_turns,
     turns_per_minute,
 )
 
@@ -75,84 +73,47 @@ class DatabaseBackend(Backend):
         rate, most = turns_per_minute(), max_turns()
         if rate <= 0 and most <= 0:
             return Admission(self, resource_id, turn_id)
-        connection = connections[router.db_for_write(TurnStart)]
-        leases_sql, lease_params = lease_count_sql(connection)
-        with connection.cursor() as cursor:
-            if rate <= 0:  # only the running turns to count
-                cursor.execute("SELECT " + leases_sql, lease_params(resource_id))
-                if cursor.fetchone()[0] > most:
-                    raise too_many_turns(resource_id, most)
-                return Admission(self, resource_id, turn_id)
-            table, col = names(TurnStart, connection)
-            live = f"{col['resource_id']} = %s AND {col['started_ms']} > %s"
-            upsert = (
-                # the slots from a random one on, wrapping around (racing
-                # workers mostly try different ones); read only up to the first free one
-                "WITH RECURSIVE free(k, n) AS (SELECT 1, %s UNION ALL "
-                "SELECT k + 1, (n + 1) %% %s FROM free WHERE k < %s) "
-                f"INSERT INTO {table} ({col['resource_id']}, {col['slot']}, {col['turn_id']}, "
-                f"{col['started_ms']}) "
-                "SELECT %s, n, %s, %s FROM free "
-                f"WHERE n NOT IN (SELECT {col['slot']} FROM {table} WHERE {live}) "
-                f"AND (SELECT count(*) FROM {table} WHERE {live}) < %s "
-                + (f"AND {leases_sql} <= %s " if most > 0 else "")
-                + "LIMIT 1 "
-                f"ON CONFLICT ({col['resource_id']}, {col['slot']}) DO UPDATE SET "
-                f"{col['turn_id']} = excluded.{col['turn_id']}, "
-                f"{col['started_ms']} = excluded.{col['started_ms']} "
-                f"WHERE {table}.{col['started_ms']} <= %s "
-                f"RETURNING {col['slot']}"
-            )
-            counts = (f"SELECT count(*), min({col['started_ms']}), "
-                      + (leases_sql if most > 0 else "0")
-                      + f" FROM {table} WHERE {live}")
-            # Each lost race is a slot another worker took meanwhile: after
-            # ``rate`` of them the window is full and the counts refuse.
-            for _ in range(rate + 1):
-                now = self.now_ms()
-                cutoff = now - WINDOW_MS
-                params = [random.randrange(rate), rate, rate, resource_id, turn_id, now,
-                          resource_id, cutoff, resource_id, cutoff, rate]
-                if most > 0:
-                    params += [*lease_params(resource_id), most]
-                cursor.execute(upsert, params + [cutoff])
-                row = cursor.fetchone()
-                if row is not None:
-                    self._prune(cursor, table, col, now)
-                    return Admission(self, resource_id, turn_id, token=row[0])
-                # refused, or (PostgreSQL) another worker took that slot just now
-                cursor.execute(counts, (lease_params(resource_id) if most > 0 else [])
-                               + [resource_id, cutoff])
-                starts, oldest, running = cursor.fetchone()
-                if most > 0 and running > most:
-                    raise too_many_turns(resource_id, most)
-                if starts >= rate:
-                    raise too_many_starts(resource_id, rate, oldest, now)
-                self.lost_races += 1
+        if rate <= 0:  # only the running turns to count
+            if sql.live_leases(resource_id=resource_id) > most:
+                raise too_many_turns(resource_id, most)
+            return Admission(self, resource_id, turn_id)
+        # Each lost race is a slot another worker took meanwhile: after
+        # ``rate`` of them the window is full and the counts refuse.
+        for _ in range(rate + 1):
+            now = self.now_ms()
+            cutoff = now - WINDOW_MS
+            slot = sql.turn_start_take(resource_id=resource_id, turn_id=turn_id, now_ms=now, cutoff_ms=cutoff,
+                                       rate=rate, first_slot=random.randrange(rate), max_turns=most)
+            if slot is not None:
+                self._prune(now)
+                return Admission(self, resource_id, turn_id, token=slot)
+            # refused, or (PostgreSQL) another worker took that slot just now
+            starts, oldest, running = sql.turn_start_counts(resource_id=resource_id, cutoff_ms=cutoff,
+                                                            max_turns=most)
+            if most > 0 and running > most:
+                raise too_many_turns(resource_id, most)
+            if starts >= rate:
+                raise too_many_starts(resource_id, rate, oldest, now)
+            self.lost_races += 1
         raise RateLimited(
             f"resource {resource_id!r} is starting many turns at once on several servers; "
             "try again in 1 s", retry_after=1)
 
-    def _prune(self, cursor, table: str, col: dict[str, str], now: int) -> None:
+    def _prune(self, now: int) -> None:
         """Delete every start over a minute old, at most once a minute (per
         process): rows of resources that stopped starting turns go away."""
         if now < self._next_prune_ms:
             return
         self._next_prune_ms = now + WINDOW_MS
         try:
-            cursor.execute(f"DELETE FROM {table} WHERE {col['started_ms']} <= %s", [now - WINDOW_MS])
+            sql.turn_start_prune(before_ms=now - WINDOW_MS)
         except Exception:  # the start is counted; the rows go at the next prune
             log.warning("could not prune old turn starts", exc_info=True)
 
     def uncount_sync(self, admission: Admission) -> None:
         """One ``DELETE`` (``QuerySet.delete()`` wraps it in a transaction: three)."""
-        connection = connections[router.db_for_write(TurnStart)]
-        table, col = names(TurnStart, connection)
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"DELETE FROM {table} WHERE {col['resource_id']} = %s AND {col['slot']} = %s "
-                f"AND {col['turn_id']} = %s",
-                [admission.resource_id, admission.token, admission.turn_id])
+        sql.turn_start_delete(resource_id=admission.resource_id, slot=admission.token,
+                              turn_id=admission.turn_id)
 
     # --- async ---
     async def admit(self, resource_id: str, turn_id: str) -> Admission:
