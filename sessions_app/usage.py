@@ -104,12 +104,6 @@ def budget_for_sync(resource_id: str) -> Decimal | None:
     return _effective(override is not None, override[0] if override else None)
 
 
-def forget_overrides() -> None:
-    """Nothing to forget: no worker caches budget overrides (every check
-    reads the database), so a change applies everywhere at the next check.
-    Kept for callers of the former cache."""
-
-
 def spent_sync(resource_id: str, day: date | None = None) -> Decimal:
     total = TurnRecord.objects.filter(resource_id=resource_id, day=day or today()).aggregate(
         total=Sum("cost_usd"))["total"]

@@ -93,15 +93,12 @@ def fresh_turn_rate(settings):
     """Every test starts with no turns counted against a resource's limits:
     the database's counts go with the test database's rows; with
     ``REDIS_URL`` set, each test counts under a Redis key prefix of its
-    own; this process's limiter state (Redis clients, timers) and its
-    cached "is there any budget override" answer are dropped."""
+    own; this process's limiter state (Redis clients, timers) is dropped."""
     import uuid
 
     from chat_app import limits
-    from sessions_app import usage
 
     limits.reset()
-    usage.forget_overrides()  # no budget override seen (or missed) by an earlier test
     if getattr(settings, "REDIS_URL", None):
         base = getattr(settings, "OMNI_REDIS_PREFIX", None) or os.environ.get("OMNI_REDIS_PREFIX", "omni")
         settings.OMNI_REDIS_PREFIX = f"{base}-test-{uuid.uuid4().hex[:8]}"

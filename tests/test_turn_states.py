@@ -147,7 +147,6 @@ async def test_an_approval_waits_then_continues_in_the_same_turn(offline_chat):
 async def _over_budget(settings, resource="tess"):
     """The resource has spent its day's budget (as a turn's record would say)."""
     settings.OMNI_DAILY_BUDGET_USD = 0.0001
-    usage.forget_overrides()
     from django.utils import timezone
 
     await sync_to_async(usage.record_turn_sync)({
@@ -183,7 +182,6 @@ async def test_a_waiting_turn_over_its_budget_is_refused_like_a_message(offline_
     assert registry.get("tess", "st-4") is None
     # once the budget allows it, the sweeper goes on with the call
     settings.OMNI_DAILY_BUDGET_USD = None
-    usage.forget_overrides()
     started = await approvals.sweep()
     assert len(started) == 1
     rest = await events_of(started[0])

@@ -136,7 +136,6 @@ async def test_a_resource_over_its_budget_is_refused_until_midnight(offline_chat
 ])
 async def test_a_budget_refusal_shows_both_amounts_with_every_digit_they_have(settings, spent, budget, shown):
     settings.OMNI_DAILY_BUDGET_USD = float(budget)
-    usage.forget_overrides()
     for n, cost in enumerate(spent):
         await usage.record_turn({"turn_id": f"digits-{n}", "resource_id": "una", "thread_id": "x",
                                  "started_at": timezone.now(), "outcome": "done", "cost_usd": Decimal(cost)})
