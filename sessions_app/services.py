@@ -199,9 +199,21 @@ _TURN_MAPPING_FIELDS = [field.name for field in dataclasses.fields(TurnMapping)]
 
 def turn_mapping_sync(thread_id: str, resource_id: str) -> TurnMapping | None:
     """The thread's mapping as a turn needs it, or None: one ``SELECT`` of
-    five columns in plain SQL (every turn's; see :func:`finish_turn_sync`)."""
+    five columns in plain SQL (see :func:`finish_turn_sync`)."""
     row = sql.mapping_for_turn(thread_id=thread_id, resource_id=resource_id, fields=_TURN_MAPPING_FIELDS)
     return None if row is None else TurnMapping(*row)
+
+
+def turn_mapping_and_budget_sync(thread_id: str, resource_id: str):
+    """A message's reads in one ``SELECT`` (every message's, the warm path):
+    the thread's mapping as :func:`turn_mapping_sync` gives it, and the
+    resource's budget state for :func:`sessions_app.usage.check_budget_sync`."""
+    from . import usage
+
+    row, budget = sql.mapping_and_budget(
+        thread_id=thread_id, resource_id=resource_id, fields=_TURN_MAPPING_FIELDS,
+        day=usage.today(), default_caps=usage.default_caps())
+    return (None if row is None else TurnMapping(*row)), budget
 
 
 def _update_mapping(thread_id: str, resource_id: str, session_id: str, *, agent: str | None,

@@ -204,7 +204,25 @@ def record_turn(record: dict) -> bool:
 # --- budgets ---------------------------------------------------------------------------
 
 
-def budget_state(*, resource_id: str, day: date, default_caps: bool) -> tuple[bool, Decimal | None, Decimal]:
+BudgetState = tuple  # (has an override, its daily_usd, spent today)
+
+
+def _budget_columns(connection, budgets: str, b: dict, records: str, r: dict) -> str:
+    """The override's id and amount, and the day's spend summed only when a
+    cap applies (the override's amount above 0, or with no override
+    ``%(default_caps)s``): three columns over ``LEFT JOIN {budgets}``."""
+    return (f"{budgets}.{b['id']}, {budgets}.{b['daily_usd']}, "
+            f"CASE WHEN ({budgets}.{b['id']} IS NULL AND %(default_caps)s) OR {budgets}.{b['daily_usd']} > 0 "
+            f"THEN (SELECT SUM({r['cost_usd']}) FROM {records} "
+            f"WHERE {r['resource_id']} = %(resource)s AND {r['day']} = %(day)s) END")
+
+
+def _budget_state(key, amount, spent) -> BudgetState:
+    return (key is not None, _decimal(amount, ResourceBudget._meta.get_field("daily_usd")),
+            _decimal(spent, TurnRecord._meta.get_field("cost_usd")) or Decimal(0))
+
+
+def budget_state(*, resource_id: str, day: date, default_caps: bool) -> BudgetState:
     """The resource's budget override and what it spent on ``day``, in one
     ``SELECT``: ``(has an override, its daily_usd, spent)``. The spend is
     summed only when a cap applies: the override's amount above 0, or with
@@ -215,16 +233,35 @@ def budget_state(*, resource_id: str, day: date, default_caps: bool) -> tuple[bo
     records, r = names(TurnRecord, connection)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT {budgets}.{b['id']}, {budgets}.{b['daily_usd']}, "
-            f"CASE WHEN ({budgets}.{b['id']} IS NULL AND %(default_caps)s) OR {budgets}.{b['daily_usd']} > 0 "
-            f"THEN (SELECT SUM({r['cost_usd']}) FROM {records} "
-            f"WHERE {r['resource_id']} = %(resource)s AND {r['day']} = %(day)s) END "
+            f"SELECT {_budget_columns(connection, budgets, b, records, r)} "
             f"FROM (SELECT 1 AS one) one LEFT JOIN {budgets} ON {budgets}.{b['resource_id']} = %(resource)s",
             {"resource": resource_id, "day": db_value(TurnRecord, "day", day, connection),
              "default_caps": bool(default_caps)})
-        key, amount, spent = cursor.fetchone()
-    return (key is not None, _decimal(amount, ResourceBudget._meta.get_field("daily_usd")),
-            _decimal(spent, TurnRecord._meta.get_field("cost_usd")) or Decimal(0))
+        return _budget_state(*cursor.fetchone())
+
+
+def mapping_and_budget(*, thread_id: str, resource_id: str, fields: list[str], day: date,
+                       default_caps: bool) -> tuple[tuple | None, BudgetState]:
+    """A message's two reads in one ``SELECT``: the thread's mapping's
+    ``fields`` (None: no mapping; ``fields[0]`` must be a NOT NULL column)
+    and the resource's :func:`budget_state`."""
+    connection = _on(SessionMapping, write=False)
+    table, column = names(SessionMapping, connection)
+    budgets, b = names(ResourceBudget, connection)
+    records, r = names(TurnRecord, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(f'{table}.{column[name]}' for name in fields)}, "
+            f"{_budget_columns(connection, budgets, b, records, r)} "
+            f"FROM (SELECT 1 AS one) one "
+            f"LEFT JOIN {table} ON {table}.{column['thread_id']} = %(thread)s "
+            f"AND {table}.{column['resource_id']} = %(resource)s "
+            f"LEFT JOIN {budgets} ON {budgets}.{b['resource_id']} = %(resource)s",
+            {"thread": thread_id, "resource": resource_id,
+             "day": db_value(TurnRecord, "day", day, connection), "default_caps": bool(default_caps)})
+        row = cursor.fetchone()
+    mapping, budget = row[:len(fields)], row[len(fields):]
+    return (None if mapping[0] is None else tuple(mapping)), _budget_state(*budget)
 
 
 def _decimal(value, field) -> Decimal | None:

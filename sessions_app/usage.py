@@ -110,13 +110,20 @@ def spent_sync(resource_id: str, day: date | None = None) -> Decimal:
     return total or Decimal(0)
 
 
-def check_budget_sync(resource_id: str) -> Decimal | None:
+def default_caps() -> bool:
+    """``OMNI_DAILY_BUDGET_USD`` caps the resources without an override."""
+    return _default_budget() > 0
+
+
+def check_budget_sync(resource_id: str, state=None) -> Decimal | None:
     """Raise :class:`BudgetExceeded` if the resource spent its budget today;
     else what is left (None: no cap). One statement (the override and the
-    day's spend together, :func:`sessions_app.sql.budget_state`): no worker
-    caches overrides, so one saved in the admin applies at the next check."""
-    has_override, amount, spent = sql.budget_state(
-        resource_id=resource_id, day=today(), default_caps=_default_budget() > 0)
+    day's spend together, :func:`sessions_app.sql.budget_state`), none when
+    the caller read ``state`` already (a message reads it with its thread's
+    mapping): no worker caches overrides, so one saved in the admin applies
+    at the next check."""
+    has_override, amount, spent = state or sql.budget_state(
+        resource_id=resource_id, day=today(), default_caps=default_caps())
     budget = _effective(has_override, amount)
     if budget is None:
         return None

@@ -259,6 +259,25 @@ def test_a_budget_override_saved_anywhere_applies_at_the_next_check(settings, dj
     assert usage.check_budget_sync("bob") == Decimal("0.01")
 
 
+def test_a_messages_one_select_reads_what_the_two_reads_do(settings, django_assert_num_queries):
+    """The warm path reads the thread's mapping and the budget's state in
+    one ``SELECT``: the same answers as the mapping's read and the budget's
+    check on their own, with and without a mapping, an override, a cap."""
+    settings.OMNI_DAILY_BUDGET_USD = 0.5
+    mapping("t1", version=4, agent="smart", forked_from_thread_id="t0")
+    TurnRecord.objects.create(**usage.record_fields(record("turn-1", cost="0.2", started_at=timezone.now())))
+    cases = [("t1", "alice"), ("t2", "alice"), ("t1", "bob")]
+    for override in (None, Decimal("0"), Decimal("0.1")):
+        if override is not None:
+            ResourceBudget.objects.update_or_create(resource_id="alice", defaults={"daily_usd": override})
+        for thread, resource in cases:
+            with django_assert_num_queries(1):
+                both = services.turn_mapping_and_budget_sync(thread, resource)
+            state = sql.budget_state(resource_id=resource, day=usage.today(), default_caps=True)
+            assert both == (services.turn_mapping_sync(thread, resource), state), (override, thread, resource)
+    assert services.turn_mapping_and_budget_sync("t1", "alice")[0].version == 4
+
+
 # --- the same statements over a libSQL server (Hrana) ------------------------------------
 
 REMOTE_SCRIPT = """
@@ -275,7 +294,8 @@ for _ in range(2):
     services.finish_turn_sync("t1", "alice", "s1", user_message="Q", assistant_message="A", turn_record=rec)
 m = SessionMapping.objects.get()
 print("FINISH", TurnRecord.objects.count(), m.cost_usd, m.message_count, m.version, m.title)
-print("MAPPING", services.turn_mapping_sync("t1", "alice").version)
+print("MAPPING", services.turn_mapping_sync("t1", "alice").version,
+      services.turn_mapping_and_budget_sync("t1", "alice")[0].version)
 ResourceBudget.objects.create(resource_id="alice", daily_usd=Decimal("1"))
 print("LEFT", usage.check_budget_sync("alice"))
 pk, mtime, data = sql.summary_lock(connection, project_key="p", session_id="s1")
@@ -301,4 +321,4 @@ def test_the_statements_over_a_libsql_server(tmp_path):
         server.stop()
     assert proc.returncode == 0, output(proc)
     assert proc.stdout.split("\n")[:4] == [
-        "FINISH 1 0.25000000 4 3 Q", "MAPPING 3", "LEFT 0.75000000", "SUMMARY (7, '{}')"], output(proc)
+        "FINISH 1 0.25000000 4 3 Q", "MAPPING 3 3", "LEFT 0.75000000", "SUMMARY (7, '{}')"], output(proc)

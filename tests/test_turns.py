@@ -106,9 +106,9 @@ async def test_a_failing_turn_tells_the_client_no_exception_text(offline_chat, m
 
 async def test_a_warm_follow_up_costs_few_sql_statements(offline_chat, monkeypatch):
     """The warm path's database work (issue 18): the thread's lease, its
-    mapping, the budget (its override and the day's spend: read at every
-    check, so an override saved on any worker applies at once, issue 21) and
-    the limits before the turn (one trip); the lease's release if
+    mapping with the budget (its override and the day's spend: read at every
+    check, so an override saved on any worker applies at once, issue 21, in
+    the mapping's SELECT) and the limits before the turn (one trip); the lease's release if
     still held, the mapping and the turn's record after it (one trip, one
     transaction).
     (The SDK's own transcript append comes on top: the store's business.)"""
@@ -129,6 +129,6 @@ async def test_a_warm_follow_up_costs_few_sql_statements(offline_chat, monkeypat
     assert events[-1]["type"] == "done"
     # BEGINs open transactions (one is the store's append): not statements of their own
     ours = [s for s in statements if "transcript" not in s and not s.startswith("BEGIN")]
-    assert len(ours) <= 7, "\n".join(ours)
+    assert len(ours) <= 6, "\n".join(ours)
     reads = [s for s in ours if s.startswith("SELECT") and "sessionmapping" in s]
     assert len(reads) == 1, "the mapping is read once, before the turn"

@@ -47,10 +47,12 @@ from .runner import Turn, TurnSpec
 class Kind:
     """What a kind of turn checks under the lease, before the budget:
     ``check_sync(spec)`` runs on the database thread, raises the kind's
-    refusals and fills in what the turn resumes."""
+    refusals and fills in what the turn resumes; it may return the
+    resource's budget state when it read it in the same statement (a
+    message: the warm path's reads in one ``SELECT``)."""
 
     name: str
-    check_sync: Callable[[TurnSpec], None]
+    check_sync: Callable[[TurnSpec], object]
     # A refusal for a busy thread is counted in the metrics (a person saw
     # it); a continuation the sweeper tries again in moments is not.
     count_busy: bool = True
@@ -116,8 +118,8 @@ def _admit_sync(spec: TurnSpec, kind: Kind, backend, lease: leases.Lease | None 
         if isinstance(taken, leases.Busy):
             raise leases.busy_error(spec.thread_id, taken.retry_after)
     try:
-        kind.check_sync(spec)
-        usage.check_budget_sync(spec.resource_id)
+        budget = kind.check_sync(spec)
+        usage.check_budget_sync(spec.resource_id, budget)
         admission = backend.admit_sync(spec.resource_id, spec.turn_id) if backend is not None else None
     except BaseException:
         if taken is not None:
@@ -137,15 +139,16 @@ def _process(spec: TurnSpec):
 
 # --- the kinds' checks -----------------------------------------------------------------
 
-def _message_sync(spec: TurnSpec) -> None:
+def _message_sync(spec: TurnSpec):
     """A message: the thread's mapping (it resumes its session), and 409
-    while a call of it waits for a decision or for its continuation."""
-    mapping = services.turn_mapping_sync(spec.thread_id, spec.resource_id)
-    if mapping is None:
-        return
-    if mapping.pending_approval_id:
-        _check_waiting_call_sync(spec.resource_id, spec.thread_id)
-    _resume(spec, mapping, keep_agent=spec.agent_given)
+    while a call of it waits for a decision or for its continuation. The
+    mapping and the budget's state are one ``SELECT``."""
+    mapping, budget = services.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id)
+    if mapping is not None:
+        if mapping.pending_approval_id:
+            _check_waiting_call_sync(spec.resource_id, spec.thread_id)
+        _resume(spec, mapping, keep_agent=spec.agent_given)
+    return budget
 
 
 def _fork_sync(spec: TurnSpec) -> None:
