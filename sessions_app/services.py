@@ -115,15 +115,13 @@ async def save_session(
     assistant_message: str | None = None,
     forked_from_thread_id: str | None = None,
     create: bool = True,
-    turn_record: dict | None = None,
 ) -> SessionMapping:
     """Save or update a mapping after a turn.
 
     ``create=False``: update only. A turn passes it for every save but the
     first one of a new thread, so a thread deleted while its turn ran stays
     deleted: the save raises :class:`ThreadDeleted` instead of inserting.
-    ``turn_record``: the turn's usage record (:mod:`sessions_app.usage`),
-    written in the same trip to the database thread.
+    (A turn's record and cost go with its last save: :func:`finish_turn_sync`.)
 
     The title comes from the thread's first user message; ``last_message``
     previews the latest message; ``message_count`` counts user and assistant
@@ -132,7 +130,7 @@ async def save_session(
     """
     mapping = await sync_to_async(_save_session)(
         thread_id, resource_id, session_id, agent, user_message, assistant_message,
-        forked_from_thread_id, create, turn_record,
+        forked_from_thread_id, create,
     )
     log.info(
         "[CHAT] Saved session mapping thread=%s resource=%s session=%s",
@@ -142,22 +140,16 @@ async def save_session(
 
 
 def _save_session(thread_id, resource_id, session_id, agent, user_message, assistant_message,
-                  forked_from_thread_id, create, turn_record=None) -> SessionMapping:
+                  forked_from_thread_id, create) -> SessionMapping:
     mapping = SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).first()
     if mapping is None and not create:
         raise ThreadDeleted(f"thread {thread_id!r} was deleted while its turn ran")
     if mapping is None:
-        mapping = _create_mapping(thread_id, resource_id, session_id, agent, user_message,
-                                  assistant_message, forked_from_thread_id)
-        if turn_record is not None:
-            from .usage import record_turn_sync
-
-            record_turn_sync(turn_record)
-            mapping.refresh_from_db(fields=["cost_usd"])
-        return mapping
-    # An existing thread: the same update (and record) as a turn's last save.
+        return _create_mapping(thread_id, resource_id, session_id, agent, user_message,
+                               assistant_message, forked_from_thread_id)
+    # An existing thread: the same update as a turn's last save.
     _update_mapping(thread_id, resource_id, session_id, agent=agent, user_message=user_message,
-                    assistant_message=assistant_message, turn_record=turn_record)
+                    assistant_message=assistant_message, turn_record=None)
     mapping.refresh_from_db()
     return mapping
 
