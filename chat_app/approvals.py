@@ -1,7 +1,7 @@
 """A person's decision on a tool call, from any client on any worker, and the
 conversation going on after it (contract §9).
 
-The decision is stored first (:func:`chat_app.tools.calls.decide_sync`: one
+The decision is stored first (:func:`sessions_app.toolcalls.decide_sync`: one
 conditional update, so a second decision is ``409 already_decided``). Then
 the turn that waits for it is woken: on this worker directly, on another one
 through the channel layer (the turn's control group), and in any case a
@@ -35,7 +35,7 @@ from sessions_app.resources import resolve_resource
 
 from . import streams
 from .sdk import agent_preset
-from .tools import calls
+from sessions_app import toolcalls as calls
 from .turns import TurnSpec, registry
 from .turns.admission import CONTINUATION, admit
 

@@ -6,7 +6,7 @@ class ChatAppConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self):
-        from sessions_app.signals import sessions_pruned, thread_deleted
+        from sessions_app.signals import sessions_pruned, thread_deleted, tool_call_decided
 
         from . import receivers
         from .streams import hub
@@ -22,3 +22,5 @@ class ChatAppConfig(AppConfig):
                                dispatch_uid="chat_app.receivers.thread_deleted")
         sessions_pruned.connect(receivers.sessions_pruned, weak=False,
                                 dispatch_uid="chat_app.receivers.sessions_pruned")
+        tool_call_decided.connect(receivers.tool_call_decided, weak=False,
+                                  dispatch_uid="chat_app.receivers.tool_call_decided")

@@ -563,14 +563,10 @@ def _current_sessions(keys: list[Key]) -> dict[Key, str]:
     that still exist."""
     from django.db import close_old_connections
 
-    from sessions_app.models import SessionMapping
+    from sessions_app.selectors import current_sessions_sync
 
     close_old_connections()  # as a request does: a broken or too old connection goes
-    wanted = set(keys)
-    rows = SessionMapping.objects.filter(thread_id__in={thread for _, thread in keys}).values_list(
-        "resource_id", "thread_id", "session_id")
-    return {(resource, thread): session for resource, thread, session in rows
-            if (resource, thread) in wanted}
+    return current_sessions_sync(keys)
 
 
 # A client closed for these reasons held a deleted conversation: its CLI's

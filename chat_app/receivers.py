@@ -7,9 +7,9 @@ from django.conf import settings
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from sessions_app.models import SessionMapping
+from sessions_app.selectors import mapping_of
 
-from . import leases, streams
+from . import leases, metrics, streams
 from .models import ThreadLease
 
 
@@ -30,8 +30,12 @@ def sessions_pruned(sender, cutoff, **kwargs) -> int:
     lapsed ones (past the stream linger) of threads that have no mapping."""
     now = timezone.now()
     linger = timedelta(seconds=max(float(settings.OMNI_STREAM_LINGER_SECONDS), 60))
-    mapped = SessionMapping.objects.filter(
-        resource_id=OuterRef("resource_id"), thread_id=OuterRef("thread_id"))
+    mapped = mapping_of(OuterRef("resource_id"), OuterRef("thread_id"))
     old = ThreadLease.objects.filter(expires_at__lt=cutoff).delete()[0]
     orphaned = ThreadLease.objects.filter(expires_at__lt=now - linger).exclude(Exists(mapped)).delete()[0]
     return old + orphaned
+
+
+def tool_call_decided(sender, decision: str, **kwargs) -> None:
+    """A tool call was decided (by a person, Stop or the timeout): counted."""
+    metrics.approval_decided(decision)

@@ -5,7 +5,7 @@ from typing import Annotated
 from ninja import Query, Router, Schema
 from pydantic import Field, StringConstraints, WithJsonSchema
 
-from . import services, transcripts, usage
+from . import selectors, services, transcripts, usage
 from .resources import request_user, resolve_resource
 from .schemas import (
     DeleteOut,
@@ -25,7 +25,7 @@ ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 503)}
 
 class ListQuery(Schema):
     resourceId: Id | None = None
-    limit: int = Field(services.DEFAULT_LIMIT, ge=1, le=services.MAX_LIMIT)
+    limit: int = Field(selectors.DEFAULT_LIMIT, ge=1, le=selectors.MAX_LIMIT)
     cursor: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_-]{1,256}$",
         description="a previous page's `nextCursor`, as it was given (opaque: any other value is 400)")
@@ -39,7 +39,7 @@ async def caller_resource(request, requested: str | None) -> str:
 async def list_sessions(request, query: Query[ListQuery]):
     """Newest ``updatedAt`` first; pass ``nextCursor`` back as ``cursor`` for the next page."""
     resource = await caller_resource(request, query.resourceId)
-    page = await services.list_sessions(resource, query.limit, query.cursor)
+    page = await selectors.list_sessions(resource, query.limit, query.cursor)
     sessions = [SessionOut.of(m) for m in page.sessions]
     return {"sessions": sessions, "count": len(sessions), "nextCursor": page.next_cursor}
 
@@ -55,7 +55,7 @@ async def delete_session(request, body: ThreadRef):
 @router.post("/sessions/metadata", response={200: MetadataOut, **ERRORS}, summary="A session's metadata")
 async def session_metadata(request, body: ThreadRef):
     resource = await caller_resource(request, body.resourceId)
-    return {"session": SessionOut.of(await services.get_metadata(body.threadId, resource))}
+    return {"session": SessionOut.of(await selectors.get_metadata(body.threadId, resource))}
 
 
 @router.get("/sessions/messages", response={200: MessagesOut, **ERRORS}, exclude_unset=True,
@@ -66,7 +66,7 @@ async def session_messages(request, query: Query[ThreadRef]):
     assistant message that used tools carries its `toolCalls`, each with its decision when it
     needed one (`approval.decision` null: it still waits, answer it with `approvalId`)."""
     resource = await caller_resource(request, query.resourceId)
-    mapping = await services.get_metadata(query.threadId, resource)
+    mapping = await selectors.get_metadata(query.threadId, resource)
     messages = await transcripts.session_messages(mapping.session_id)
     await services.add_approvals(mapping, messages)
     return {

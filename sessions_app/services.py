@@ -1,35 +1,28 @@
-"""The session service: the only code that writes or deletes mappings.
+"""The session service: the writes and deletes of mappings.
 
 REST views, admin actions, the chat pipeline and management commands all
-call these coroutines (sync callers wrap them with ``async_to_sync``).
-Mirrors the seed's store: save, get the session id, delete, list, metadata.
+call it (sync callers wrap the coroutines with ``async_to_sync``); a turn's
+record and cost are written with its last save (:func:`finish_turn_sync`).
+Reads of a thread are :mod:`sessions_app.selectors`'.
 """
 
-import base64
-import binascii
-import dataclasses
 import glob
 import json
 import logging
 import shutil
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, router, transaction
-from django.db.models import Q
 
-from .errors import ApiError, BadRequest, Conflict, NotFound
+from .errors import ApiError, Conflict
 from .models import SessionMapping
 from .signals import thread_deleted
-from . import sql
+from . import selectors, sql
 
 log = logging.getLogger("omni.chat")
 
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
 TITLE_CHARS = 80
 PREVIEW_CHARS = 200
 
@@ -47,62 +40,6 @@ class ThreadDeleted(ApiError):
     """A turn's save found its thread deleted meanwhile: nothing is written."""
 
     status, code = 409, "thread_deleted"
-
-
-@dataclass
-class Page:
-    sessions: list[SessionMapping]
-    next_cursor: str | None
-
-
-def encode_cursor(mapping: SessionMapping) -> str:
-    raw = f"{mapping.updated_at.isoformat()}|{mapping.pk}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, int]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, pk = raw.rsplit("|", 1)
-        when = datetime.fromisoformat(stamp)
-        if when.tzinfo is None:
-            raise ValueError("naive timestamp")
-        return when, int(pk)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise BadRequest("cursor is not valid") from exc
-
-
-async def get_mapping(thread_id: str, resource_id: str) -> SessionMapping | None:
-    return await SessionMapping.objects.filter(
-        thread_id=thread_id, resource_id=resource_id
-    ).afirst()
-
-
-async def get_session_id(thread_id: str, resource_id: str) -> str | None:
-    mapping = await get_mapping(thread_id, resource_id)
-    return mapping.session_id if mapping else None
-
-
-async def get_metadata(thread_id: str, resource_id: str) -> SessionMapping:
-    mapping = await get_mapping(thread_id, resource_id)
-    if mapping is None:
-        raise NotFound(f"no thread {thread_id!r} for resource {resource_id!r}")
-    return mapping
-
-
-async def list_sessions(
-    resource_id: str, limit: int = DEFAULT_LIMIT, cursor: str | None = None
-) -> Page:
-    if not 1 <= limit <= MAX_LIMIT:
-        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
-    query = SessionMapping.objects.filter(resource_id=resource_id).order_by("-updated_at", "-id")
-    if cursor:
-        when, pk = decode_cursor(cursor)
-        query = query.filter(Q(updated_at__lt=when) | Q(updated_at=when, id__lt=pk))
-    rows = [m async for m in query[: limit + 1]]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(rows, encode_cursor(rows[-1]) if more else None)
 
 
 async def save_session(
@@ -173,39 +110,6 @@ def _create_mapping(thread_id, resource_id, session_id, agent, user_message, ass
     except IntegrityError as exc:
         raise Conflict(f"thread {thread_id!r} already exists", code="thread_exists") from exc
     return mapping
-
-
-@dataclass(frozen=True)
-class TurnMapping:
-    """What a turn reads of its thread's mapping before it starts."""
-
-    session_id: str
-    forked_from_thread_id: str | None
-    version: int
-    agent: str
-    pending_approval_id: str | None
-
-
-_TURN_MAPPING_FIELDS = [field.name for field in dataclasses.fields(TurnMapping)]
-
-
-def turn_mapping_sync(thread_id: str, resource_id: str) -> TurnMapping | None:
-    """The thread's mapping as a turn needs it, or None: one ``SELECT`` of
-    five columns in plain SQL (see :func:`finish_turn_sync`)."""
-    row = sql.mapping_for_turn(thread_id=thread_id, resource_id=resource_id, fields=_TURN_MAPPING_FIELDS)
-    return None if row is None else TurnMapping(*row)
-
-
-def turn_mapping_and_budget_sync(thread_id: str, resource_id: str):
-    """A message's reads in one ``SELECT`` (every message's, the warm path):
-    the thread's mapping as :func:`turn_mapping_sync` gives it, and the
-    resource's budget state for :func:`sessions_app.usage.check_budget_sync`."""
-    from . import usage
-
-    row, budget = sql.mapping_and_budget(
-        thread_id=thread_id, resource_id=resource_id, fields=_TURN_MAPPING_FIELDS,
-        day=usage.today(), default_caps=usage.default_caps())
-    return (None if row is None else TurnMapping(*row)), budget
 
 
 def _update_mapping(thread_id: str, resource_id: str, session_id: str, *, agent: str | None,
@@ -295,7 +199,7 @@ async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
     half-erased transcript) and :class:`EraseFailed` reports it.
     Raises :class:`NotFound` if there is no such thread.
     """
-    mapping = await get_metadata(thread_id, resource_id)
+    mapping = await selectors.get_metadata(thread_id, resource_id)
     erase = await sync_to_async(_delete_rows)(mapping)
     log.info("[CHAT] Deleted session mapping thread=%s resource=%s", thread_id, resource_id)
     # Whoever holds the conversation elsewhere lets go: a turn running on it

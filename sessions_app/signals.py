@@ -11,9 +11,13 @@ worker) lets go of it.
 ``manage.py prune_sessions`` after it deleted what was older than ``cutoff``:
 other apps prune what they keep per thread. A receiver returns how many
 rows it deleted.
+
+``tool_call_decided(sender=ToolCall, decision)`` is sent once per decided
+call (a person, Stop, the timeout), by :mod:`sessions_app.toolcalls`.
 """
 
 from django.dispatch import Signal
 
 thread_deleted = Signal()
+tool_call_decided = Signal()
 sessions_pruned = Signal()

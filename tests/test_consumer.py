@@ -7,7 +7,7 @@ from channels.testing import WebsocketCommunicator
 
 from chat_app.turns import registry
 from omni.asgi import application
-from sessions_app import services
+from sessions_app import selectors
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
@@ -58,7 +58,7 @@ async def test_turns_resume_on_one_connection(offline_chat):
     assert second[0]["resumed"] is True
     assert second[0]["sessionId"] == first[0]["sessionId"]
     assert 'Earlier questions: "What is 2+2?"' in reply_text(second)
-    mapping = await services.get_metadata("ws-1", "alice")
+    mapping = await selectors.get_metadata("ws-1", "alice")
     assert mapping.message_count == 4 and mapping.title == "What is 2+2?"
     await comm.disconnect()
 
@@ -127,7 +127,7 @@ async def test_busy_thread_interrupt_and_follow(offline_chat):
     followed = await until_end(watcher)
     assert followed[-1] == rest[-1]
     assert registry.get("bob", "busy") is None
-    mapping = await services.get_metadata("busy", "bob")
+    mapping = await selectors.get_metadata("busy", "bob")
     assert mapping.session_id == session["sessionId"]
     await comm.disconnect()
     await watcher.disconnect()

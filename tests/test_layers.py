@@ -5,7 +5,7 @@ that new work (tools, usage) lands in a module of its own without circles.
     chat_app: api, consumers, views  (transports)
               lifecycle, receivers
               streams
-              turns: start > registry > runner > store, buffer
+              turns: start > admission > registry > runner > store, states, buffer
               pool > sdk;  leases, limits, events, models
     sessions_app                                       bottom: no chat_app, no omni
 """
@@ -73,12 +73,19 @@ def test_the_turn_pipelines_low_modules_import_nothing_above_them():
 def test_the_turn_package_points_down():
     turns = ROOT / "chat_app" / "turns"
     assert offending(modules("chat_app/turns"), ABOVE_TURNS) == {}
-    order = ["buffer", "store", "runner", "registry", "start"]
+    order = ["buffer", "states", "store", "runner", "registry", "admission", "start"]
     for i, name in enumerate(order):
         above = tuple(f"chat_app.turns.{higher}" for higher in order[i + 1:])
         if name == "store":  # beside the runner, which uses it
             above = ("chat_app.turns.runner",) + above
         assert offending([turns / f"{name}.py"], above) == {}, name
+
+
+def test_chat_app_reads_and_writes_threads_through_sessions_app_services():
+    """No chat_app module touches sessions_app's models: reads go through
+    ``sessions_app.selectors``, writes through its services (``services``,
+    ``toolcalls``, ``usage``)."""
+    assert offending(modules("chat_app"), ("sessions_app.models",)) == {}
 
 
 def test_streams_sits_below_the_transports_and_the_lifecycle():

@@ -164,7 +164,8 @@ async def test_it_counts_open_websockets(token, settings):
 
 @pytest.mark.django_db
 def test_it_counts_decisions_once_each(token):
-    from chat_app.tools import Caller, calls
+    from chat_app.tools import Caller
+    from sessions_app import toolcalls as calls
     from sessions_app.models import SessionMapping
 
     SessionMapping.objects.create(thread_id="m-approve", resource_id="mona", session_id="s-approve")

@@ -13,7 +13,7 @@ from django.db.models import F
 from chat_app.pool import client_pid, pool
 from chat_app import lifecycle
 from chat_app.turns import registry, start_turn
-from sessions_app import services
+from sessions_app import selectors, services
 from sessions_app.errors import RateLimited, ServerBusy
 from sessions_app.models import SessionMapping
 
@@ -80,7 +80,7 @@ async def test_a_follow_up_is_answered_by_the_same_cli_process(warm):
     assert text(second) == ('Offline model heard: "What was my last question?". '
                             'Earlier questions: "What is 2+2?".')
     assert pool.counts() == {"running": 0, "warm": 1, "spare": 0, "exiting": 0, "budget": 4}
-    mapping = await services.get_metadata("warm-1", "wes")
+    mapping = await selectors.get_metadata("warm-1", "wes")
     assert mapping.message_count == 4 and mapping.session_id == second[0]["sessionId"]
 
 

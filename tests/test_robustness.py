@@ -17,7 +17,7 @@ from chat_app.models import ThreadLease
 from chat_app.pool import pool
 from chat_app.turns import registry, start_turn
 from tests.test_consumer import connect, until_end
-from sessions_app import services
+from sessions_app import selectors, services
 from sessions_app.models import SessionMapping, TranscriptEntry
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
@@ -42,7 +42,7 @@ async def stored_lines(session_id):
 
 
 async def assert_gone(thread, session_id, resource="rob"):
-    assert await services.get_mapping(thread, resource) is None, "the turn brought the thread back"
+    assert await selectors.get_mapping(thread, resource) is None, "the turn brought the thread back"
     assert await stored_lines(session_id) == 0, "the turn left its transcript behind"
     assert not await ThreadLease.objects.filter(resource_id=resource, thread_id=thread).aexists()
     assert (resource, thread) not in pool.idle, "a process still holds the deleted conversation"
@@ -94,7 +94,7 @@ async def test_a_delete_from_another_process_stops_the_turn_through_its_lease(of
     events = await asyncio.wait_for(events_of(turn), 10)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "thread_deleted"
     await asyncio.sleep(0.3)
-    assert await services.get_mapping(thread, "rob") is None
+    assert await selectors.get_mapping(thread, "rob") is None
     assert await stored_lines(session["sessionId"]) == 0
 
 
@@ -331,5 +331,5 @@ async def test_a_delete_the_instant_a_turn_starts_returns_at_once(offline_chat):
         await asyncio.wait_for(services.delete_session("del-instant", "rob"), 3)
         events = await asyncio.wait_for(events_of(turn), 10)
         assert events[-1]["code"] == "thread_deleted"
-        assert await services.get_mapping("del-instant", "rob") is None
+        assert await selectors.get_mapping("del-instant", "rob") is None
         await events_of(await start_turn(None, body("Back", "del-instant")))

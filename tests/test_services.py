@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from sessions_app import services
+from sessions_app import selectors, services
 from sessions_app.errors import BadRequest, NotFound
 from sessions_app.models import SessionMapping
 
@@ -35,7 +35,7 @@ async def expected_order(resource: str) -> list[str]:
 async def all_pages(resource: str, limit: int) -> tuple[list[str], int]:
     seen, cursor, pages = [], None, 0
     while True:
-        page = await services.list_sessions(resource, limit, cursor)
+        page = await selectors.list_sessions(resource, limit, cursor)
         pages += 1
         assert len(page.sessions) <= limit
         seen += [m.thread_id for m in page.sessions]
@@ -135,19 +135,19 @@ async def test_save_logs_the_saved_mapping(chat_log):
 
 async def test_get_session_id():
     await services.save_session("t1", "alice", "s1", user_message="hi")
-    assert await services.get_session_id("t1", "alice") == "s1"
-    assert await services.get_session_id("t1", "bob") is None
-    assert await services.get_session_id("nope", "alice") is None
+    assert await selectors.get_session_id("t1", "alice") == "s1"
+    assert await selectors.get_session_id("t1", "bob") is None
+    assert await selectors.get_session_id("nope", "alice") is None
 
 
 async def test_get_metadata():
     await services.save_session("t1", "alice", "s1", user_message="hi")
-    mapping = await services.get_metadata("t1", "alice")
+    mapping = await selectors.get_metadata("t1", "alice")
     assert (mapping.thread_id, mapping.resource_id, mapping.session_id) == ("t1", "alice", "s1")
     with pytest.raises(NotFound):
-        await services.get_metadata("t1", "bob")
+        await selectors.get_metadata("t1", "bob")
     with pytest.raises(NotFound):
-        await services.get_metadata("nope", "alice")
+        await selectors.get_metadata("nope", "alice")
 
 
 # --- delete
@@ -158,8 +158,8 @@ async def test_delete_removes_only_that_mapping(chat_log):
     await services.save_session("t1", "bob", "s2", user_message="hi")
     deleted = await services.delete_session("t1", "alice")
     assert deleted.session_id == "s1"
-    assert await services.get_session_id("t1", "alice") is None
-    assert await services.get_session_id("t1", "bob") == "s2"
+    assert await selectors.get_session_id("t1", "alice") is None
+    assert await selectors.get_session_id("t1", "bob") == "s2"
     assert any(
         r.getMessage().startswith("[CHAT] Deleted session mapping") for r in chat_log.records
     )
@@ -184,21 +184,21 @@ async def test_list_is_newest_first_and_scoped_to_the_resource():
     await set_updated_at("t0", "alice", now - timedelta(minutes=1))
     await set_updated_at("t1", "alice", now - timedelta(minutes=3))
     await set_updated_at("t2", "alice", now - timedelta(minutes=2))
-    page = await services.list_sessions("alice")
+    page = await selectors.list_sessions("alice")
     assert [m.thread_id for m in page.sessions] == ["t0", "t2", "t1"]
     assert {m.resource_id for m in page.sessions} == {"alice"}
     assert page.next_cursor is None
 
 
 async def test_list_of_an_unknown_resource_is_empty():
-    page = await services.list_sessions("nobody")
+    page = await selectors.list_sessions("nobody")
     assert page.sessions == [] and page.next_cursor is None
 
 
 async def test_a_save_moves_the_thread_to_the_top():
     await make(3)
     await services.save_session("t0", "alice", "s-new", user_message="again")
-    page = await services.list_sessions("alice")
+    page = await selectors.list_sessions("alice")
     assert page.sessions[0].thread_id == "t0"
 
 
@@ -225,27 +225,27 @@ async def test_cursor_pagination_across_identical_updated_at():
 
 async def test_a_page_of_exactly_limit_rows_has_no_next_cursor():
     await make(4)
-    page = await services.list_sessions("alice", limit=4)
+    page = await selectors.list_sessions("alice", limit=4)
     assert len(page.sessions) == 4 and page.next_cursor is None
-    page = await services.list_sessions("alice", limit=3)
+    page = await selectors.list_sessions("alice", limit=3)
     assert len(page.sessions) == 3 and page.next_cursor is not None
 
 
 async def test_limit_bounds():
     await make(3)
-    assert len((await services.list_sessions("alice", limit=1)).sessions) == 1
-    assert len((await services.list_sessions("alice", limit=services.MAX_LIMIT)).sessions) == 3
-    assert services.DEFAULT_LIMIT == 100 and services.MAX_LIMIT == 1000
-    for bad in (0, -1, services.MAX_LIMIT + 1):
+    assert len((await selectors.list_sessions("alice", limit=1)).sessions) == 1
+    assert len((await selectors.list_sessions("alice", limit=selectors.MAX_LIMIT)).sessions) == 3
+    assert selectors.DEFAULT_LIMIT == 100 and selectors.MAX_LIMIT == 1000
+    for bad in (0, -1, selectors.MAX_LIMIT + 1):
         with pytest.raises(BadRequest):
-            await services.list_sessions("alice", limit=bad)
+            await selectors.list_sessions("alice", limit=bad)
 
 
 async def test_default_limit_is_100():
     await SessionMapping.objects.abulk_create(
         [SessionMapping(thread_id=f"t{i}", resource_id="alice", session_id=f"s{i}") for i in range(101)]
     )
-    page = await services.list_sessions("alice")
+    page = await selectors.list_sessions("alice")
     assert len(page.sessions) == 100 and page.next_cursor is not None
 
 
@@ -268,4 +268,4 @@ def b64(raw: str) -> str:
 async def test_a_garbage_cursor_is_a_bad_request(cursor):
     await make(2)
     with pytest.raises(BadRequest):
-        await services.list_sessions("alice", 1, cursor)
+        await selectors.list_sessions("alice", 1, cursor)

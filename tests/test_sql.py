@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from chat_app import sql as chat_sql
 from chat_app.models import ThreadLease, TurnStart
-from sessions_app import services, sql, usage
+from sessions_app import selectors, services, sql, usage
 from sessions_app.models import ResourceBudget, SessionMapping, TranscriptEntry, TranscriptSummary, TurnRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -271,10 +271,10 @@ def test_a_messages_one_select_reads_what_the_two_reads_do(settings, django_asse
             ResourceBudget.objects.update_or_create(resource_id="alice", defaults={"daily_usd": override})
         for thread, resource in cases:
             with django_assert_num_queries(1):
-                both = services.turn_mapping_and_budget_sync(thread, resource)
+                both = selectors.turn_mapping_and_budget_sync(thread, resource)
             state = sql.budget_state(resource_id=resource, day=usage.today(), default_caps=True)
-            assert both == (services.turn_mapping_sync(thread, resource), state), (override, thread, resource)
-    assert services.turn_mapping_and_budget_sync("t1", "alice")[0].version == 4
+            assert both == (selectors.turn_mapping_sync(thread, resource), state), (override, thread, resource)
+    assert selectors.turn_mapping_and_budget_sync("t1", "alice")[0].version == 4
 
 
 # --- the same statements over a libSQL server (Hrana) ------------------------------------
@@ -284,7 +284,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from django.db import connection
 from django.utils import timezone
-from sessions_app import services, sql, usage
+from sessions_app import selectors, services, sql, usage
 from sessions_app.models import ResourceBudget, SessionMapping, TurnRecord
 SessionMapping.objects.create(thread_id="t1", resource_id="alice", session_id="s0")
 rec = {"turn_id": "turn-1", "resource_id": "alice", "thread_id": "t1", "started_at": timezone.now(),
@@ -293,8 +293,8 @@ for _ in range(2):
     services.finish_turn_sync("t1", "alice", "s1", user_message="Q", assistant_message="A", turn_record=rec)
 m = SessionMapping.objects.get()
 print("FINISH", TurnRecord.objects.count(), m.cost_usd, m.message_count, m.version, m.title)
-print("MAPPING", services.turn_mapping_sync("t1", "alice").version,
-      services.turn_mapping_and_budget_sync("t1", "alice")[0].version)
+print("MAPPING", selectors.turn_mapping_sync("t1", "alice").version,
+      selectors.turn_mapping_and_budget_sync("t1", "alice")[0].version)
 ResourceBudget.objects.create(resource_id="alice", daily_usd=Decimal("1"))
 print("LEFT", usage.check_budget_sync("alice"))
 pk, mtime, data = sql.summary_lock(connection, project_key="p", session_id="s1")

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from chat_app import approvals
 from chat_app.pool import pool
 from chat_app.turns import registry, start_turn
-from sessions_app import services
+from sessions_app import selectors, services
 from sessions_app.errors import Conflict, Forbidden, NotFound
 from sessions_app.models import ToolCall
 
@@ -107,7 +107,7 @@ async def test_allow_runs_the_call_once_and_the_turn_goes_on(offline_chat):
     turn, request = await waiting_turn("t-allow", "old")
     # waiting holds no Claude process and no slot of the budget
     assert pool.counts()["running"] == 0
-    assert (await services.get_mapping("old", "tess")) is not None  # not run yet
+    assert (await selectors.get_mapping("old", "tess")) is not None  # not run yet
     with pytest.raises(Conflict) as busy:  # the thread is busy while its call waits
         await start_turn(None, body("meanwhile", "t-allow"))
     assert busy.value.code == "thread_busy" and busy.value.retry_after >= 1
@@ -118,7 +118,7 @@ async def test_allow_runs_the_call_once_and_the_turn_goes_on(offline_chat):
     approval = next(e for e in events if e["type"] == "approval")
     assert approval == {**approval, "decision": "allow", "by": "tess", "approvalId": request["approvalId"]}
     assert [e["seq"] for e in events] == list(range(len(events)))
-    assert await services.get_mapping("old", "tess") is None  # it ran
+    assert await selectors.get_mapping("old", "tess") is None  # it ran
     assert 'deleted' in next(e for e in events if e["type"] == "tool_result")["text"]
     row = await ToolCall.objects.aget(approval_id=request["approvalId"])
     assert (row.status, row.decision, row.decided_by, row.continued_by) == ("done", "allow", "tess", turn.turn_id)
@@ -138,7 +138,7 @@ async def test_deny_never_runs_the_call_and_the_model_is_told(offline_chat):
     result = next(e for e in events if e["type"] == "tool_result")
     assert result["isError"] is True and "not that one" in result["text"]
     assert "was refused" in text(events)
-    assert await services.get_mapping("keep", "tess") is not None
+    assert await selectors.get_mapping("keep", "tess") is not None
     row = await ToolCall.objects.aget(approval_id=request["approvalId"])
     assert (row.status, row.decision) == ("refused", "deny")
 
@@ -151,7 +151,7 @@ async def test_an_unanswered_call_expires_and_never_runs(offline_chat):
     approval = next(e for e in events if e["type"] == "approval")
     assert (approval["decision"], approval["by"]) == ("expired", "timeout")
     assert "expired" in next(e for e in events if e["type"] == "tool_result")["text"]
-    assert events[-1]["type"] == "done" and await services.get_mapping("stay", "tess") is not None
+    assert events[-1]["type"] == "done" and await selectors.get_mapping("stay", "tess") is not None
     with pytest.raises(NotFound):
         await approvals.decide(None, decision(request, "allow", "t-expire"))
 
@@ -163,7 +163,7 @@ async def test_interrupting_a_waiting_turn_denies_the_call(offline_chat):
     events = await asyncio.wait_for(events_of(turn), 30)
     approval = next(e for e in events if e["type"] == "approval")
     assert (approval["decision"], approval["by"]) == ("deny", "interrupt")
-    assert events[-1]["type"] == "done" and await services.get_mapping("spare-me", "tess") is not None
+    assert events[-1]["type"] == "done" and await selectors.get_mapping("spare-me", "tess") is not None
 
 
 async def test_a_thread_deleted_while_its_call_waits_ends_the_turn_and_the_call_never_runs(offline_chat):
@@ -172,7 +172,7 @@ async def test_a_thread_deleted_while_its_call_waits_ends_the_turn_and_the_call_
     await services.delete_session("t-gone", "tess")
     events = await asyncio.wait_for(events_of(turn), 10)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "thread_deleted"
-    assert await services.get_mapping("victim", "tess") is not None
+    assert await selectors.get_mapping("victim", "tess") is not None
     assert not await ToolCall.objects.filter(thread_id="t-gone").aexists()  # the audit goes with it
     with pytest.raises(NotFound):
         await approvals.decide(None, decision(request, "allow", "t-gone"))
@@ -221,7 +221,7 @@ async def test_a_decided_call_whose_turn_is_gone_is_continued_by_the_sweeper(off
     rest = await asyncio.wait_for(events_of(resumed), 30)
     assert kinds(rest) == ["session", "approval", "tool_result", "done"]
     assert rest[0]["resumed"] is True
-    assert await services.get_mapping("later", "tess") is None
+    assert await selectors.get_mapping("later", "tess") is None
     await approvals.stop_sweeper()
     assert await approvals.sweep() == []  # continued once
     row = await ToolCall.objects.aget(approval_id=request["approvalId"])

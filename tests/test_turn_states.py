@@ -15,7 +15,7 @@ from chat_app.pool import pool
 from chat_app.turns import TurnSpec, registry, start_turn
 from chat_app.turns.runner import Turn
 from chat_app.turns.states import TRANSITIONS, BadTransition, Ending, State
-from sessions_app import services, usage
+from sessions_app import selectors, usage
 from chat_app.models import ThreadLease
 from sessions_app.models import ToolCall
 
@@ -139,7 +139,7 @@ async def test_an_approval_waits_then_continues_in_the_same_turn(offline_chat):
     assert events[-1]["type"] == "done"
     assert turn.history == [S.ADMITTED, S.STARTING, S.STREAMING, S.WAITING, S.CONTINUING, S.STREAMING,
                             S.FINISHING, S.ENDED]
-    assert await services.get_mapping("st-old", "tess") is None  # the call ran
+    assert await selectors.get_mapping("st-old", "tess") is None  # the call ran
 
 
 # --- one admission path ------------------------------------------------------------------------
@@ -173,7 +173,7 @@ async def test_a_waiting_turn_over_its_budget_is_refused_like_a_message(offline_
     assert events[-1]["type"] == "error" and events[-1]["code"] == "budget_exceeded"
     assert S.CONTINUING in turn.history and turn.history[-2:] == [S.FINISHING, S.ENDED]
     assert refused("budget_exceeded") == before + 2
-    assert await services.get_mapping("st-keep", "tess") is not None
+    assert await selectors.get_mapping("st-keep", "tess") is not None
     call = await ToolCall.objects.aget(pk=call.pk)
     assert call.status == ToolCall.DECIDED and call.continued_by is None and call.started_at is None
     # the sweeper tries it like any turn: refused too, nothing started, no lease left running
@@ -186,4 +186,4 @@ async def test_a_waiting_turn_over_its_budget_is_refused_like_a_message(offline_
     assert len(started) == 1
     rest = await events_of(started[0])
     assert rest[-1]["type"] == "done" and started[0].history[:3] == [S.ADMITTED, S.CONTINUING, S.STREAMING]
-    assert await services.get_mapping("st-keep", "tess") is None
+    assert await selectors.get_mapping("st-keep", "tess") is None

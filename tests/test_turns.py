@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from chat_app.turns import registry, start_turn
-from sessions_app import services
+from sessions_app import selectors, services
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
@@ -48,14 +48,14 @@ async def test_a_missing_transcript_starts_a_fresh_session_with_a_notice(offline
     assert session["sessionId"] != "00000000-0000-4000-8000-000000000000"
     text = "".join(e["text"] for e in events if e["type"] == "text")
     assert text == 'Offline model heard: "Do you remember?". Earlier questions: none.'
-    mapping = await services.get_metadata("pipe-3", "erin")
+    mapping = await selectors.get_metadata("pipe-3", "erin")
     assert mapping.session_id == session["sessionId"]
 
 
 async def test_a_model_error_ends_in_done_with_is_error_and_is_not_counted(offline_chat):
     events = await events_of(await start_turn(None, body("boom [fail]", thread="pipe-4")))
     assert events[-1]["type"] == "done" and events[-1]["result"]["isError"] is True
-    mapping = await services.get_metadata("pipe-4", "erin")
+    mapping = await selectors.get_metadata("pipe-4", "erin")
     assert mapping.message_count == 1  # the user's message; the API error is no reply
 
 
@@ -75,7 +75,7 @@ async def test_an_unreachable_model_ends_the_turn_with_model_unavailable(offline
     assert events[-1]["retryAfter"] >= 1
     # the model's (internal) address stays in the server's log
     assert dead.split("//")[1] not in json.dumps(events)
-    mapping = await services.get_metadata("pipe-5", "erin")
+    mapping = await selectors.get_metadata("pipe-5", "erin")
     assert mapping.message_count == 1  # the user's message is kept; it resumes later
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 
 from asgiref.sync import sync_to_async
-from django.db.models import Q
 
-from sessions_app import services, transcripts
+from sessions_app import selectors, services, transcripts
 from sessions_app.errors import NotFound
-from sessions_app.models import SessionMapping, TranscriptEntry
 
 from . import Caller, omni_tool
 
@@ -34,31 +32,8 @@ def _snippet(text: str, query: str) -> str:
 
 def _search(resource_id: str, query: str, current: str) -> list[dict]:
     # the caller's own threads but the one asking (its title is the question)
-    mappings = SessionMapping.objects.filter(resource_id=resource_id).exclude(thread_id=current)
-    by_title = list(mappings.filter(Q(title__icontains=query) | Q(last_message__icontains=query))
-                    .order_by("-updated_at")[:SEARCH_LIMIT])
-    found = {m.thread_id: m for m in by_title}
-    snippets = {m.thread_id: _snippet(m.title if query.lower() in m.title.lower() else m.last_message, query)
-                for m in by_title}
-    if len(found) < SEARCH_LIMIT:
-        sessions = dict(mappings.values_list("session_id", "thread_id"))
-        hits = (TranscriptEntry.objects.filter(session_id__in=list(sessions), data__icontains=query)
-                .values_list("session_id", flat=True).distinct())
-        for session_id in hits:
-            thread = sessions[session_id]
-            if thread in found:
-                continue
-            mapping = mappings.filter(thread_id=thread).first()
-            if mapping is None:
-                continue
-            text = next((m["text"] for m in transcripts.transcript_messages(
-                transcripts.main_transcript(session_id)) if query.lower() in m["text"].lower()), None)
-            if text is None:
-                continue  # the words were in the transcript's machinery, not in a message
-            found[thread], snippets[thread] = mapping, _snippet(text, query)
-            if len(found) >= SEARCH_LIMIT:
-                break
-    return [{"threadId": t, "title": m.title, "snippet": snippets[t]} for t, m in found.items()]
+    found = selectors.search_sync(resource_id, query, exclude_thread=current, limit=SEARCH_LIMIT)
+    return [{"threadId": m.thread_id, "title": m.title, "snippet": _snippet(where, query)} for m, where in found]
 
 
 @omni_tool(
@@ -82,7 +57,7 @@ async def search_conversations(args: dict, caller: Caller) -> str:
 )
 async def read_conversation(args: dict, caller: Caller) -> str:
     thread = str(args.get("threadId") or "")
-    mapping = await services.get_mapping(thread, caller.resource_id)
+    mapping = await selectors.get_mapping(thread, caller.resource_id)
     if mapping is None:
         return json.dumps({"error": f"no conversation {thread!r}"})
     messages = await transcripts.session_messages(mapping.session_id)

@@ -7,7 +7,7 @@ the CLI process lives: a person thinking for ten minutes would hold a Claude
 process (and a slot of the process budget) all that time, and the pending
 call would die with the worker. Instead, a tool that needs approval is
 *deferred*: the ``PreToolUse`` hook below answers ``defer`` (after storing
-the call, :mod:`chat_app.tools.calls`), the CLI ends the turn with the call in
+the call, :mod:`sessions_app.toolcalls`), the CLI ends the turn with the call in
 ``ResultMessage.deferred_tool_use``, and its process is closed. The decision
 is stored when a person makes it, on any worker; the conversation then
 continues by resuming the session, on which the CLI asks ``can_use_tool``
@@ -43,7 +43,9 @@ from claude_agent_sdk import (
 
 from omni import logs
 
-from . import SERVER, Caller, Tool, ToolContext, calls, get, qualified
+from sessions_app import toolcalls as calls
+
+from . import SERVER, Caller, Tool, ToolContext, get, qualified
 
 log = logging.getLogger("omni.chat")
 

@@ -32,13 +32,13 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from sessions_app import services, usage
+from sessions_app import selectors, services, usage
+from sessions_app import toolcalls as calls
 from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, ServerBusy
 
 from .. import leases, limits, metrics
 from ..pool import pool
 from ..sdk import agent_preset
-from ..tools import calls
 from .registry import registry
 from .runner import Turn, TurnSpec
 
@@ -84,7 +84,7 @@ async def admit(spec: TurnSpec, kind: Kind) -> Turn:
         if kind.count_busy or exc.code != "thread_busy":
             metrics.refused(exc.code)
         raise
-    return registry.start(Turn(spec, slot, lease))
+    return registry.start(Turn(spec, slot, lease, readmit=readmit))
 
 
 async def readmit(turn: Turn) -> None:
@@ -143,7 +143,7 @@ def _message_sync(spec: TurnSpec):
     """A message: the thread's mapping (it resumes its session), and 409
     while a call of it waits for a decision or for its continuation. The
     mapping and the budget's state are one ``SELECT``."""
-    mapping, budget = services.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id)
+    mapping, budget = selectors.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id)
     if mapping is not None:
         if mapping.pending_approval_id:
             _check_waiting_call_sync(spec.resource_id, spec.thread_id)
@@ -156,12 +156,12 @@ def _fork_sync(spec: TurnSpec) -> None:
     whose call waits for a decision, 409 ``thread_exists`` for a taken
     target (exact: under the target's lease), 400 for a cut that is not a
     message of the parent."""
-    parent = services.turn_mapping_sync(spec.fork_from_thread_id, spec.resource_id)
+    parent = selectors.turn_mapping_sync(spec.fork_from_thread_id, spec.resource_id)
     if parent is None:
         raise NotFound(f"no thread {spec.fork_from_thread_id!r} to fork from")
     if parent.pending_approval_id:
         _check_waiting_call_sync(spec.resource_id, spec.fork_from_thread_id)
-    if services.turn_mapping_sync(spec.thread_id, spec.resource_id) is not None:
+    if selectors.turn_mapping_sync(spec.thread_id, spec.resource_id) is not None:
         raise Conflict(f"thread {spec.thread_id!r} already exists", code="thread_exists")
     spec.resume_session_id = parent.session_id
     if spec.at_message_uuid is not None and settings.OMNI_SESSION_STORE:
@@ -178,7 +178,7 @@ def _continuation_sync(spec: TurnSpec) -> None:
     """Going on after a decision: the thread still exists. A turn started
     for it (``spec.continuation``) resumes the call's session with the
     thread's agent as it is now; a waiting turn goes on with its own."""
-    mapping = services.turn_mapping_sync(spec.thread_id, spec.resource_id)
+    mapping = selectors.turn_mapping_sync(spec.thread_id, spec.resource_id)
     if mapping is None:
         raise services.ThreadDeleted(f"thread {spec.thread_id!r} was deleted")
     if spec.continuation is not None:

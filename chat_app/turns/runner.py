@@ -41,13 +41,14 @@ from django.utils import timezone
 
 from omni import logs
 from sessions_app.errors import ApiError
+from sessions_app import toolcalls as calls
 from sessions_app import usage
 from sessions_app.services import ThreadDeleted
 
 from .. import events, leases, metrics
 from ..pool import Slot, WarmClient, pool
 from ..sdk import build_options, session_store
-from ..tools import Caller, ToolContext, calls
+from ..tools import Caller, ToolContext
 from . import store
 from .buffer import EventLog
 from .states import TRANSITIONS, BadTransition, Ending, State
@@ -131,8 +132,12 @@ class Turn:
       concludes at once, from outside).
     """
 
-    def __init__(self, spec: TurnSpec, slot: Slot | None, lease: leases.Lease | None = None):
+    def __init__(self, spec: TurnSpec, slot: Slot | None, lease: leases.Lease | None = None,
+                 readmit=None):
         self.spec = spec
+        # ``await readmit(turn)``: the admission path again, before the turn
+        # goes on after a decision (given by :mod:`.admission`, which made it)
+        self._readmit = readmit
         self.slot = slot  # the live process this turn runs on (pool)
         self.lease = lease  # the thread's lease across processes
         self.log = EventLog(spec.turn_id, spec.thread_id)
@@ -639,12 +644,10 @@ class Turn:
         and the call waits for the sweeper), the conversation claimed, then a
         cold client resumes the session: the CLI asks for the call again and
         the stored decision answers."""
-        from .admission import readmit
-
         spec = self.spec
         self._enter(State.CONTINUING)
         if self.slot is None:
-            await readmit(self)
+            await self._readmit(self)
         if not await calls.claim_continuation(call, self.turn_id):
             raise ApiError("another turn continues this conversation", code="turn_lost")
         call = await calls.refresh(call) or call

@@ -19,11 +19,9 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sessions_app import services
-from sessions_app.models import SessionMapping, ToolCall
-
-from .. import metrics
-from . import Caller
+from . import services
+from .models import SessionMapping, ToolCall
+from .signals import tool_call_decided
 
 RESULT_CHARS = 2000
 INPUT_CHARS = 20_000
@@ -40,7 +38,7 @@ def approval_timeout() -> timedelta:
 
 # --- a call is seen ---------------------------------------------------------------
 
-def _ensure(caller: Caller, session_id: str, tool_use_id: str, tool: str, tool_input: dict,
+def _ensure(caller, session_id: str, tool_use_id: str, tool: str, tool_input: dict,
             needs_approval: bool) -> ToolCall | None:
     """The call's row, created on first sight (None: the thread is gone)."""
     call = ToolCall.objects.filter(session_id=session_id, tool_use_id=tool_use_id).first()
@@ -71,7 +69,7 @@ async def record_use(*args) -> ToolCall | None:
     return await sync_to_async(record_use_sync)(*args)
 
 
-def open_approval_sync(caller: Caller, session_id: str, tool_use_id: str, tool: str,
+def open_approval_sync(caller, session_id: str, tool_use_id: str, tool: str,
                        tool_input: dict) -> ToolCall | None:
     """The call waits for a person: give it an approval id and an expiry (once),
     and mark its thread busy. None: the thread is gone."""
@@ -116,7 +114,7 @@ def decide_sync(call: ToolCall, decision: str, by: str, message: str = "") -> bo
     decided = rows.update(status=ToolCall.DECIDED, decision=decision, decided_by=by[:150],
                           decided_at=now, decision_message=message[:2000]) == 1
     if decided:  # once per call, wherever it was decided (a person, Stop, the timeout)
-        metrics.approval_decided(decision)
+        tool_call_decided.send(sender=ToolCall, decision=decision)
     return decided
 
 
