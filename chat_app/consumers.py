@@ -32,13 +32,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     last one's forwarder is still sending its ``done``); a forwarder and
     its turn are dropped from the connection once it ended.
 
-    The caller is checked again while the socket is open (at most every
-    ``OMNI_WS_RECHECK_SECONDS``, on a frame or on a forwarded event): once
-    its credentials no longer hold (a revoked or expired token, an inactive
-    user, a logged-out session) the socket closes with 4401, handling no
-    more frames and forwarding no more events; a caller that lost its
-    cross-resource right gets no more events of another resource's turns.
-    The turns themselves run on: they belong to their resource."""
+    The caller is checked again while the socket is open (contract §6):
+    against the database at every frame, before the frame is handled (a
+    frame may start, queue or decide a turn), and at most every
+    ``OMNI_WS_RECHECK_SECONDS`` on a forwarded event. Once its credentials
+    no longer hold (a revoked or expired token, an inactive user, a
+    logged-out session, a changed password) the socket closes with 4401,
+    handling no more frames and forwarding no more events; a caller that
+    lost its cross-resource right gets no more events of another resource's
+    turns. The turns themselves run on: they belong to their resource."""
 
     async def connect(self):
         user = self.scope.get("user")
@@ -63,7 +65,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         thread_id = None
         try:
-            if not await self.authorized():
+            if not await self.authorized(fresh=True):
                 return  # closed with 4401: the frame is not handled
             data = json.loads(text_data if text_data is not None else bytes_data)
             if isinstance(data, dict) and isinstance(data.get("threadId"), str):
@@ -82,18 +84,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.reply_error(events.error_event(
                 "internal_error", "the server could not handle this frame"), thread_id)
 
-    async def authorized(self) -> bool:
-        """Whether the caller's credentials still hold, checked again when the
-        last check is ``OMNI_WS_RECHECK_SECONDS`` old; the fresh user (and its
-        cross-resource right) replaces the scope's. When they no longer hold:
-        False, every forwarder stops and the socket closes with 4401."""
+    async def authorized(self, fresh: bool = False) -> bool:
+        """Whether the caller's credentials still hold: checked against the
+        database now when ``fresh`` (a frame), else when the last check is
+        ``OMNI_WS_RECHECK_SECONDS`` old (a forwarded event); the fresh user
+        (and its cross-resource right) replaces the scope's. When they no
+        longer hold: False, every forwarder stops and the socket closes with
+        4401."""
         if self.lost:
             return False
-        if time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
+        if not auth_required():  # OMNI_AUTH=off: nothing to check
+            return True
+        if not fresh and time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
             return True
         async with self.recheck:
-            if self.lost or time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
-                return not self.lost
+            if self.lost:
+                return False
+            if not fresh and time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
+                return True
             user = await reauthenticate(self.scope)
             self.checked_at = time.monotonic()
             if user is not None:
