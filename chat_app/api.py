@@ -134,6 +134,7 @@ async def follow(request, query: Query[StreamQuery]):
             raise BadRequest("Last-Event-ID must be an event's SSE id: <turnId>:<seq>")
         turn_id, after = match["turn"], int(match["seq"])
     resource = resolve_resource(await request_user(request), query.resourceId)
+    approvals.ensure_sweeper()  # a call that waits goes on from this worker too
     return sse_response(await streams.follow(resource, query.threadId, turn_id=turn_id, after=after))
 
 

@@ -48,6 +48,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=4401)
             return
         self.forwarders: dict[str, asyncio.Task] = {}  # turn id -> its forwarder
+        self.streams: dict[str, streams.Stream] = {}  # turn id -> the stream its forwarder sends
         self.own_turns: dict[str, Turn] = {}  # thread id -> the turn this socket started
         self.checked_at = time.monotonic()  # the caller was authenticated at the handshake
         self.recheck = asyncio.Lock()
@@ -155,11 +156,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         elif frame.type == "follow":
             resource = resolve_resource(user, frame.resourceId)
             stream = await streams.follow(resource, frame.threadId, turn_id=frame.turnId,
-                                          after=frame.afterSeq, exclude=self.forwarders)
+                                          after=frame.afterSeq, exclude=self.streaming())
             if stream is not None:  # None: already streaming this turn to this socket
                 self.forward(stream, resource=resource)
         elif frame.type == "approval":  # as POST /api/chat/approval; the stream carries the rest
             await approvals.decide(user, frame)
+
+    def streaming(self) -> set[str]:
+        """The turns this socket streams: each forwarder's, and the
+        continuation a follow of a waiting call went on to."""
+        current = (getattr(stream, "current", None) for stream in self.streams.values())
+        return set(self.forwarders) | {turn_id for turn_id in current if turn_id}
 
     def forward(self, stream: "streams.Stream", own: Turn | None = None,
                 resource: str | None = None) -> None:
@@ -183,12 +190,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
         task = asyncio.create_task(pump())
         self.forwarders[stream.turn_id] = task
+        self.streams[stream.turn_id] = stream
 
         def ended(_):
             # Forget the turn and its forwarder once it ended: a socket that
             # runs many turns holds none of their events.
             if self.forwarders.get(stream.turn_id) is task:
                 del self.forwarders[stream.turn_id]
+                self.streams.pop(stream.turn_id, None)
             if own is not None and self.own_turns.get(own.spec.thread_id) is own:
                 del self.own_turns[own.spec.thread_id]
 
