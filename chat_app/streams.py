@@ -559,7 +559,9 @@ async def interrupt(resource_id: str, thread_id: str) -> None:
         return
     row = await leases.active(resource_id, thread_id)
     if row is None:
-        raise NotFound(f"no running turn on thread {thread_id!r}")
+        if not await _deny_waiting_call(resource_id, thread_id):
+            raise NotFound(f"no running turn on thread {thread_id!r}")
+        return
     if await sync_to_async(leases.expire_dead_sync)(row):
         raise TurnLost(f"the server process running thread {thread_id!r} died; "
                        "the thread is free again")
@@ -578,6 +580,22 @@ async def interrupt(resource_id: str, thread_id: str) -> None:
                 pass
     except TimeoutError:
         raise lost from None
+
+
+async def _deny_waiting_call(resource_id: str, thread_id: str) -> bool:
+    """No turn runs on the thread (its worker restarted): Stop denies the
+    call that waits, as it does while a turn waits for it; the conversation
+    goes on (the sweeper). False when no call waits."""
+    call = await sync_to_async(calls.pending_for_thread_sync)(resource_id, thread_id)
+    if call is None:
+        return False
+    if call.status == call.PENDING and await calls.decide(call, "deny", "interrupt", "the turn was interrupted"):
+        from . import approvals  # it imports this module
+
+        log.info("[CHAT] Interrupt denies approval %s (thread %s): no turn waits for it",
+                 call.approval_id, thread_id)
+        await approvals.notify(call.turn_id)
+    return True
 
 
 class RemoteFollow:

@@ -166,3 +166,23 @@ async def test_a_follower_of_a_waiting_call_whose_thread_is_deleted_ends(restart
     await services.delete_session("t-del", "tess")
     rest = await asyncio.wait_for(_collect(events), 10)
     assert [e["type"] for e in rest] == ["error"] and rest[0]["code"] == "not_found"
+
+
+async def test_stop_after_a_restart_denies_the_waiting_call_and_the_follower_gets_the_rest(restartable):
+    """As Stop denies the call a running turn waits for: with no turn left,
+    an interrupt of the thread denies the waiting call; the conversation goes
+    on (the sweeper) to the follower."""
+    await seed("old5")
+    turn, request = await restarted_while_waiting("t-stop", "old5")
+    events = aiter(await streams.follow("tess", "t-stop"))
+    assert (await asyncio.wait_for(anext(events), 10))["type"] == "approval_request"
+    approvals.ensure_sweeper()
+    await streams.interrupt("tess", "t-stop")
+    rest = await asyncio.wait_for(_collect(events), 60)
+    assert kinds(rest) == ["session", "approval", "tool_result", "done"], kinds(rest)
+    assert (rest[1]["decision"], rest[1]["by"]) == ("deny", "interrupt")
+    assert await services.get_mapping("old5", "tess") is not None  # never ran
+    with pytest.raises(NotFound):  # nothing runs or waits any more
+        await _follow_after_linger("t-stop")
+    with pytest.raises(NotFound):
+        await streams.interrupt("tess", "t-stop")
