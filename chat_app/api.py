@@ -125,8 +125,10 @@ class StreamQuery(Schema):
 async def follow(request, query: Query[StreamQuery]):
     """Every event of the thread's running turn (on any server process sharing the
     channel layer), then the rest live; with `Last-Event-ID`, only the later events of the
-    turn it names. 404 when no turn runs (with `Last-Event-ID`: when that turn neither
-    runs nor ended in the last moments)."""
+    turn it names. Without `Last-Event-ID`, a thread whose tool call waits while no turn runs
+    (every server process restarted): its `approval_request` again, then the turn that goes on
+    after the decision, through `done`. 404 when no turn runs and no call waits (with
+    `Last-Event-ID`: when that turn neither runs nor ended in the last moments)."""
     turn_id = after = None
     if (last := request.headers.get("Last-Event-ID")) is not None:
         match = LAST_EVENT_ID.fullmatch(last.strip())

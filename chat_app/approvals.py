@@ -80,24 +80,32 @@ async def decide(user, body) -> dict:
 
 
 async def notify(turn_id: str) -> None:
-    """Wake the turn that waits on a decision, wherever it runs."""
-    if (turn := registry.by_id(turn_id)) is not None:
+    """Wake the turn that waits on a decision, wherever it runs; when it
+    does not wait here, this worker's sweeper looks at once (the turn may be
+    gone: the sweeper continues the conversation; while it waits on another
+    worker, the thread's lease keeps the sweeper off)."""
+    if (turn := registry.by_id(turn_id)) is not None and not turn.finished:
         turn.wake()
         return
     await streams.send_to_turn(turn_id, {"type": "omni.decided"})
+    if (_kick is not None and _sweeper is not None and not _sweeper.done()
+            and _sweeper.get_loop() is asyncio.get_running_loop()):
+        _kick.set()
 
 
 # --- the sweeper ---------------------------------------------------------------------
 
 _sweeper: asyncio.Task | None = None
+_kick: asyncio.Event | None = None  # set: the sweeper looks now, not after SWEEP_SECONDS
 
 
 def start_sweeper() -> None:
     """Start this worker's sweeper (:func:`chat_app.lifecycle.startup`, once)."""
-    global _sweeper
+    global _sweeper, _kick
     loop = asyncio.get_running_loop()
     if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
         return
+    _kick = asyncio.Event()
     # A context of its own: not that of whoever started the server.
     _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
 
@@ -112,14 +120,18 @@ async def stop_sweeper() -> None:
 
 
 async def _sweep_forever() -> None:
+    kick = _kick
     while True:
+        kick.clear()
         try:
             await sweep()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.warning("approvals: a sweep failed", exc_info=True)
-        await asyncio.sleep(SWEEP_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SWEEP_SECONDS):
+                await kick.wait()
 
 
 async def sweep() -> list:

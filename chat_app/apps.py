@@ -9,14 +9,16 @@ class ChatAppConfig(AppConfig):
         from sessions_app.signals import sessions_pruned, thread_deleted, tool_call_decided
 
         from . import receivers
-        from .streams import hub
+        from .streams import announce_started, hub
         from .turns import registry
 
-        # The stream hub answers for this process's turns on the channel layer.
-        if hub.attach not in registry.started:
-            registry.started.append(hub.attach)
-        if hub.forgotten not in registry.forgotten:
-            registry.forgotten.append(hub.forgotten)
+        # The stream hub answers for this process's turns on the channel
+        # layer; then the followers waiting for a thread's next turn (a
+        # continuation after a decision) are woken. In this order.
+        for hooks, hook in ((registry.started, hub.attach), (registry.started, announce_started),
+                            (registry.forgotten, hub.forgotten)):
+            if hook not in hooks:
+                hooks.append(hook)
 
         thread_deleted.connect(receivers.thread_deleted, weak=False,
                                dispatch_uid="chat_app.receivers.thread_deleted")

@@ -32,13 +32,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     last one's forwarder is still sending its ``done``); a forwarder and
     its turn are dropped from the connection once it ended.
 
-    The caller is checked again while the socket is open (at most every
-    ``OMNI_WS_RECHECK_SECONDS``, on a frame or on a forwarded event): once
-    its credentials no longer hold (a revoked or expired token, an inactive
-    user, a logged-out session) the socket closes with 4401, handling no
-    more frames and forwarding no more events; a caller that lost its
-    cross-resource right gets no more events of another resource's turns.
-    The turns themselves run on: they belong to their resource."""
+    The caller is checked again while the socket is open (contract §6):
+    against the database at every frame, before the frame is handled (a
+    frame may start, queue or decide a turn), and at most every
+    ``OMNI_WS_RECHECK_SECONDS`` on a forwarded event. Once its credentials
+    no longer hold (a revoked or expired token, an inactive user, a
+    logged-out session, a changed password) the socket closes with 4401,
+    handling no more frames and forwarding no more events; a caller that
+    lost its cross-resource right gets no more events of another resource's
+    turns. The turns themselves run on: they belong to their resource."""
 
     async def connect(self):
         user = self.scope.get("user")
@@ -46,6 +48,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=4401)
             return
         self.forwarders: dict[str, asyncio.Task] = {}  # turn id -> its forwarder
+        self.streams: dict[str, streams.Stream] = {}  # turn id -> the stream its forwarder sends
         self.own_turns: dict[str, Turn] = {}  # thread id -> the turn this socket started
         self.checked_at = time.monotonic()  # the caller was authenticated at the handshake
         self.recheck = asyncio.Lock()
@@ -62,7 +65,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         thread_id = None
         try:
-            if not await self.authorized():
+            if not await self.authorized(fresh=True):
                 return  # closed with 4401: the frame is not handled
             data = json.loads(text_data if text_data is not None else bytes_data)
             if isinstance(data, dict) and isinstance(data.get("threadId"), str):
@@ -81,18 +84,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.reply_error(events.error_event(
                 "internal_error", "the server could not handle this frame"), thread_id)
 
-    async def authorized(self) -> bool:
-        """Whether the caller's credentials still hold, checked again when the
-        last check is ``OMNI_WS_RECHECK_SECONDS`` old; the fresh user (and its
-        cross-resource right) replaces the scope's. When they no longer hold:
-        False, every forwarder stops and the socket closes with 4401."""
+    async def authorized(self, fresh: bool = False) -> bool:
+        """Whether the caller's credentials still hold: checked against the
+        database now when ``fresh`` (a frame), else when the last check is
+        ``OMNI_WS_RECHECK_SECONDS`` old (a forwarded event); the fresh user
+        (and its cross-resource right) replaces the scope's. When they no
+        longer hold: False, every forwarder stops and the socket closes with
+        4401."""
         if self.lost:
             return False
-        if time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
+        if not auth_required():  # OMNI_AUTH=off: nothing to check
+            return True
+        if not fresh and time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
             return True
         async with self.recheck:
-            if self.lost or time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
-                return not self.lost
+            if self.lost:
+                return False
+            if not fresh and time.monotonic() - self.checked_at < settings.OMNI_WS_RECHECK_SECONDS:
+                return True
             user = await reauthenticate(self.scope)
             self.checked_at = time.monotonic()
             if user is not None:
@@ -146,11 +155,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         elif frame.type == "follow":
             resource = resolve_resource(user, frame.resourceId)
             stream = await streams.follow(resource, frame.threadId, turn_id=frame.turnId,
-                                          after=frame.afterSeq, exclude=self.forwarders)
+                                          after=frame.afterSeq, exclude=self.streaming())
             if stream is not None:  # None: already streaming this turn to this socket
                 self.forward(stream, resource=resource)
         elif frame.type == "approval":  # as POST /api/chat/approval; the stream carries the rest
             await approvals.decide(user, frame)
+
+    def streaming(self) -> set[str]:
+        """The turns this socket streams: each forwarder's, and the
+        continuation a follow of a waiting call went on to."""
+        current = (getattr(stream, "current", None) for stream in self.streams.values())
+        return set(self.forwarders) | {turn_id for turn_id in current if turn_id}
 
     def forward(self, stream: "streams.Stream", own: Turn | None = None,
                 resource: str | None = None) -> None:
@@ -174,12 +189,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
         task = asyncio.create_task(pump())
         self.forwarders[stream.turn_id] = task
+        self.streams[stream.turn_id] = stream
 
         def ended(_):
             # Forget the turn and its forwarder once it ended: a socket that
             # runs many turns holds none of their events.
             if self.forwarders.get(stream.turn_id) is task:
                 del self.forwarders[stream.turn_id]
+                self.streams.pop(stream.turn_id, None)
             if own is not None and self.own_turns.get(own.spec.thread_id) is own:
                 del self.own_turns[own.spec.thread_id]
 

@@ -34,6 +34,19 @@ nobody acknowledges is answered with ``turn_lost``. A delete is broadcast to
 every worker's hub (group ``omni.workers``): the thread's running turn stops
 and its warm client closes wherever they are.
 
+A ``follow`` of a thread on which no turn runs, but whose tool call waits
+for a decision (or was decided and waits for its continuation: contract §9,
+also after every server process restarted), replays the call's
+``approval_request`` and then waits for the turn that goes on after the
+decision, wherever it starts (the sweeper, or a decision, on any worker),
+and streams it through ``done``: a follower joins the thread's group
+``omni.thr.<hash of resource and thread>`` and a continuation announces
+itself there when it starts (registry ``started`` hook, after the hub
+answers for it); on this worker the same hook wakes the follower directly.
+The follower also looks at the call and the lease every
+:func:`idle_seconds` (an announcement the layer dropped), and gives up after
+the call's expiry (or its decision) plus :data:`CONTINUATION_GRACE_SECONDS`.
+
 Without ``REDIS_URL`` (the in-memory layer) every turn is local: follows,
 interrupts and deletes only ever find turns of this process.
 """
@@ -42,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -54,6 +68,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
+from sessions_app import toolcalls as calls
 from sessions_app.errors import NotFound, Unavailable
 
 from . import events, leases
@@ -68,6 +83,9 @@ HANDSHAKE_SECONDS = 2.0  # how long a follower (or an interrupt) waits for the o
 GAP_SECONDS = 0.5  # a missing seq is asked for again after this
 REPLAY_BATCH = 100  # events per replay message
 WORKERS_GROUP = "omni.workers"  # every worker's hub: thread deletions
+# A follower waiting for the turn that goes on after a decision gives up
+# this long after the call's expiry (a pending call) or its decision.
+CONTINUATION_GRACE_SECONDS = 60.0
 
 
 def layer():
@@ -86,6 +104,12 @@ def control_group(turn_id: str) -> str:
 
 def event_group(turn_id: str) -> str:
     return f"omni.evt.{turn_id}"
+
+
+def thread_group(key: tuple[str, str]) -> str:
+    """The group of the followers waiting for a turn of thread ``key``
+    (a group name is at most 99 ASCII characters: a hash of the key)."""
+    return "omni.thr." + hashlib.sha1(f"{key[0]}\0{key[1]}".encode()).hexdigest()
 
 
 def idle_seconds() -> float:
@@ -268,6 +292,83 @@ class Hub:
 hub = Hub()  # its hooks on the registry are set when the app loads (chat_app.apps)
 
 
+# --- followers waiting for a thread's next turn (a decided call's continuation) -------
+
+_watchers: dict[tuple[str, str], set[asyncio.Event]] = {}  # thread -> its waiting followers here
+
+
+async def announce_started(turn) -> None:
+    """A turn started here (registry ``started`` hook, after the hub's: it
+    answers for the turn already): wake this worker's followers waiting for
+    the thread, and, for a continuation after a decision, every other
+    worker's (a turn of a thread whose call waits is always one)."""
+    key = turn.spec.key
+    for woken in _watchers.get(key, ()):
+        woken.set()
+    if getattr(turn.spec, "continuation", None) is None or not distributed():
+        return
+    try:
+        await layer().group_send(thread_group(key), {"type": "omni.started", "turn": turn.turn_id})
+    except Exception:  # the followers look at the call and the lease again anyway
+        log.warning("could not announce turn %s to its thread's followers", turn.turn_id, exc_info=True)
+
+
+
+class ThreadWatch:
+    """Wakes (:meth:`wait`) when a turn starts on thread ``key``: on this
+    worker (:func:`announce_started`), or a continuation on another one
+    (the thread's group on the channel layer)."""
+
+    def __init__(self, key: tuple[str, str]):
+        self.key = key
+        self.woken = asyncio.Event()
+        self.channel: str | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "ThreadWatch":
+        _watchers.setdefault(self.key, set()).add(self.woken)
+        if distributed():
+            try:
+                self.channel = await layer().new_channel()
+                await layer().group_add(thread_group(self.key), self.channel)
+                self._reader = asyncio.create_task(self._read())
+            except Exception:  # the follower looks again every few seconds anyway
+                log.warning("channel layer unavailable: a follower of thread %s hears only this worker",
+                            self.key[1], exc_info=True)
+        return self
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await layer().receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(1)
+                continue
+            if message.get("type") == "omni.started":
+                self.woken.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Until a turn started on the thread (since the last wait), or ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.woken.wait()
+        self.woken.clear()
+
+    async def __aexit__(self, *exc) -> None:
+        watchers = _watchers.get(self.key)
+        if watchers is not None:
+            watchers.discard(self.woken)
+            if not watchers:
+                del _watchers[self.key]
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await layer().group_discard(thread_group(self.key), self.channel)
+
+
 async def send_to_turn(turn_id: str, message: dict) -> None:
     """Send ``message`` to the worker that runs ``turn_id`` (if a channel layer reaches it)."""
     if not distributed():
@@ -298,11 +399,28 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
     or ``error``.
 
     Without ``turn_id``: the thread's running turn, from its start (or after
-    ``after``). With ``turn_id``: that turn only, after ``after`` — also if it
-    ended moments ago (``OMNI_STREAM_LINGER_SECONDS``), so a reconnecting
-    client gets its tail, and never another turn's events. Raises 404 when
-    there is no such turn. None if the turn is one of ``exclude`` (turn ids
-    the caller streams already)."""
+    ``after``); when none runs but the thread's tool call waits for a
+    decision or its continuation, that call's ``approval_request`` and then
+    the turn that goes on after the decision (:func:`follow_waiting_call`).
+    With ``turn_id``: that turn only, after ``after`` — also if it ended
+    moments ago (``OMNI_STREAM_LINGER_SECONDS``), so a reconnecting client
+    gets its tail, and never another turn's events. Raises 404 when there is
+    no such turn. None if the turn is one of ``exclude`` (turn ids the
+    caller streams already)."""
+    try:
+        return await _follow_turn(resource_id, thread_id, turn_id=turn_id, after=after, exclude=exclude)
+    except NotFound:
+        if turn_id is not None:
+            raise
+        waiting = await follow_waiting_call(resource_id, thread_id, exclude=exclude)
+        if waiting is False:
+            raise
+        return waiting
+
+
+async def _follow_turn(resource_id: str, thread_id: str, *, turn_id: str | None = None,
+                       after: int | None = None, exclude=()) -> Stream | None:
+    """:func:`follow` of a turn that runs (or lingers): 404 if there is none."""
     start = -1 if after is None else after
     key = (resource_id, thread_id)
     missing = NotFound(f"no running turn on thread {thread_id!r}" if turn_id is None
@@ -328,6 +446,105 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
     return Stream(row.turn_id, await RemoteFollow.open(row.turn_id, thread_id, start, missing), thread_id)
 
 
+class WaitingStream(Stream):
+    """A follow of a thread whose call waits (see :func:`follow_waiting_call`):
+    its ``turn_id`` names the turn that asked; its events are the replayed
+    ``approval_request``, then the continuation's (``current`` names that
+    turn once it streams it)."""
+
+    current: str | None = None
+
+    def __aiter__(self):
+        async def only_events():
+            async with contextlib.aclosing(self.events):
+                async for event, _ in self.events:
+                    yield event
+
+        return only_events()
+
+    async def texts(self) -> AsyncIterator[tuple[dict, str]]:
+        async with contextlib.aclosing(self.events):
+            async for pair in self.events:
+                yield pair
+
+
+async def follow_waiting_call(resource_id: str, thread_id: str, *, exclude=()) -> Stream | None | bool:
+    """No turn runs on the thread: if its tool call waits for a decision (or
+    was decided and waits for the turn that goes on), a stream of the call's
+    ``approval_request`` (as it was first published, under the turn that
+    asked, with ``seq`` 0: its first position is not kept), then of the
+    continuation, wherever it starts, through its ``done``. False when no
+    call waits (404); None if the asking turn is one of ``exclude``."""
+    key = (resource_id, thread_id)
+    call = await sync_to_async(calls.pending_for_thread_sync)(resource_id, thread_id)
+    if call is None or not call.approval_id:
+        # the continuation may have taken the call up just now
+        try:
+            return await _follow_turn(resource_id, thread_id, exclude=exclude)
+        except NotFound:
+            return False
+    if call.turn_id in exclude:
+        return None
+    request = {**events.approval_request_event(call), "seq": 0, "turnId": call.turn_id, "threadId": thread_id}
+    stream = WaitingStream(call.turn_id, None, thread_id)
+    stream.events = _waiting_events(stream, call, key, request)
+    return stream
+
+
+async def _waiting_events(stream: "WaitingStream", call, key: tuple[str, str],
+                          request: dict) -> AsyncIterator[tuple[dict, str]]:
+    yield request, json.dumps(request)
+    async with ThreadWatch(key) as watch:  # before looking: a start from now on wakes it
+        while True:
+            found = await _continuation(call, key)
+            if isinstance(found, Stream):
+                stream.current = found.turn_id
+                # the turn that asked, found still running (a race): only what came after the request
+                skip = found.turn_id == call.turn_id
+                async with contextlib.aclosing(found.texts()) as pairs:
+                    async for event, text in pairs:
+                        if skip and event["type"] not in TERMINAL:
+                            skip = not (event["type"] == "approval_request"
+                                        and event.get("approvalId") == call.approval_id)
+                            continue
+                        yield event, text
+                return
+            if isinstance(found, dict):  # gone, or waited too long
+                event = {**found, "seq": 1, "turnId": call.turn_id, "threadId": key[1]}
+                yield event, json.dumps(event)
+                return
+            await watch.wait(idle_seconds())
+
+
+async def _continuation(call, key: tuple[str, str]) -> Stream | dict | None:
+    """The turn that goes on after ``call``'s decision, as a stream from its
+    start; an ``error`` event when none will come; None: not yet."""
+    if (turn := registry.get(*key)) is not None:
+        return Stream.of(turn)
+    fresh = await calls.refresh(call)
+    if fresh is None:  # gone with its thread
+        return events.error_event("not_found", f"thread {key[1]!r} is gone")
+    turn_id = fresh.continued_by
+    row = await leases.active(*key)
+    if turn_id is None and row is not None and row.turn_id != call.turn_id:
+        turn_id = row.turn_id  # a turn started on the thread: it takes the call up
+    if turn_id is not None:
+        if (local := registry.by_id(turn_id)) is not None and local.spec.key == key:
+            return Stream.of(local)
+        if distributed():  # running or lingering on another worker
+            with contextlib.suppress(NotFound):
+                return Stream(turn_id, await RemoteFollow.open(turn_id, key[1], -1, NotFound("")), key[1])
+        if fresh.continued_by is not None and (row is None or row.turn_id != turn_id):
+            return events.error_event(  # it ran and ended before this follower found it
+                "not_found", f"the conversation went on in turn {turn_id!r}, which has ended")
+        return None
+    since = fresh.expires_at if fresh.status == fresh.PENDING else (fresh.decided_at or fresh.expires_at)
+    if since is not None and timezone.now() > since + timedelta(seconds=CONTINUATION_GRACE_SECONDS):
+        return events.error_event(
+            "turn_lost", "no server process went on after this tool call's decision; follow the thread again")
+    return None
+
+
 async def interrupt(resource_id: str, thread_id: str) -> None:
     """Stop the thread's running turn, on this worker or another. 404 if
     none runs; 503 ``turn_lost`` when the worker holding it does not answer
@@ -338,7 +555,9 @@ async def interrupt(resource_id: str, thread_id: str) -> None:
         return
     row = await leases.active(resource_id, thread_id)
     if row is None:
-        raise NotFound(f"no running turn on thread {thread_id!r}")
+        if not await _deny_waiting_call(resource_id, thread_id):
+            raise NotFound(f"no running turn on thread {thread_id!r}")
+        return
     if await sync_to_async(leases.expire_dead_sync)(row):
         raise TurnLost(f"the server process running thread {thread_id!r} died; "
                        "the thread is free again")
@@ -357,6 +576,22 @@ async def interrupt(resource_id: str, thread_id: str) -> None:
                 pass
     except TimeoutError:
         raise lost from None
+
+
+async def _deny_waiting_call(resource_id: str, thread_id: str) -> bool:
+    """No turn runs on the thread (its worker restarted): Stop denies the
+    call that waits, as it does while a turn waits for it; the conversation
+    goes on (the sweeper). False when no call waits."""
+    call = await sync_to_async(calls.pending_for_thread_sync)(resource_id, thread_id)
+    if call is None:
+        return False
+    if call.status == call.PENDING and await calls.decide(call, "deny", "interrupt", "the turn was interrupted"):
+        from . import approvals  # it imports this module
+
+        log.info("[CHAT] Interrupt denies approval %s (thread %s): no turn waits for it",
+                 call.approval_id, thread_id)
+        await approvals.notify(call.turn_id)
+    return True
 
 
 class RemoteFollow:

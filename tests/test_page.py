@@ -897,15 +897,13 @@ def test_a_request_decided_after_the_server_restarted(server, tabs):
     expect(connection).to_have_attribute("data-state", "down")
     server.start(port=port)
     expect(connection).to_have_attribute("data-state", "open")
-    expect(page.locator("#stop")).to_be_hidden()  # no turn runs now; the call still waits
+    # No turn runs now, but the page follows the thread: the call still waits
+    # (its request replayed), so the page looks as it did before the restart.
+    expect(page.locator("#stop")).to_be_visible()
     expect(call).to_have_count(1)
     allow = call.get_by_role("button", name="Allow")
     expect(allow).to_be_visible()
     expect(page.locator("#messages .note")).to_have_count(0)
-    # A new message meanwhile: the thread waits for the decision, and the page says so.
-    send(page, "Meanwhile?")
-    expect(page.get_by_role("alert")).to_contain_text("waits for a decision")
-    expect(allow).to_be_visible()
 
     allow.click()
     expect(call.locator(".approval-decision")).to_have_text(f"Allowed by {tab.resource}")
