@@ -673,13 +673,28 @@ def make_server(tmp_path_factory, server_class: type[Server] = Server,
         if pg:  # the server migrated (and serves) the database of its own
             assert "sessions_app_sessionmapping" in pg.tables(), pg.tables()
     except BaseException:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+        stop_server(server, pg)
         raise
     return server, pg
+
+
+def stop_server(server: Server, pg: PostgresDatabase | None) -> None:
+    """Stop a ``make_server`` server (checked for leftover CLI processes),
+    then drop its PostgreSQL database, whatever the stop raised."""
+    try:
+        server.stop()
+    finally:
+        if pg:
+            pg.drop()
+
+
+def issue_token(server: Server, username: str) -> str:
+    """A new API token of ``username`` (``manage.py issue_token`` on the server's database)."""
+    done = subprocess.run(
+        [python_bin(), "manage.py", "issue_token", username],
+        cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=120, check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
 
 
 def serving(tmp_path_factory, server_class: type[Server] = Server, **options):
@@ -689,11 +704,7 @@ def serving(tmp_path_factory, server_class: type[Server] = Server, **options):
     try:
         yield server
     finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+        stop_server(server, pg)
 
 
 @pytest.fixture(scope="module")

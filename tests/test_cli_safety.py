@@ -4,7 +4,6 @@ Real SDK and CLI in this process, offline model."""
 
 import asyncio
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +13,7 @@ from chat_app import sdk
 from chat_app.schemas import ChatEvent
 from chat_app.turns import start_turn
 from tests.e2e import descendants, is_cli
+from tests.helpers import turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
@@ -27,8 +27,7 @@ SECRETS = {
 }
 
 
-def body(message, thread, **extra):
-    return SimpleNamespace(message=message, threadId=thread, resourceId="erin", agent=None, **extra)
+body = turn_bodies("erin")
 
 
 EVENT = TypeAdapter(ChatEvent)

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from chat_app.sdk import runtime_dir
-from tests.e2e import Server, WSClient, _is_zombie, cmdline, run_database
+from tests.e2e import Server, WSClient, _is_zombie, cmdline, run_database, stop_server
 
 pytestmark = [pytest.mark.e2e]
 
@@ -82,8 +82,4 @@ async def test_sigterm_stops_the_spares_of_a_worker_that_ran_no_turn(tmp_path):
             f"the pool did not close the spares at shutdown (closed {closed} of {sorted(cli)}):\n{log[-4000:]}")
         assert not runtime[0].exists(), "the server left its runtime directory behind"
     finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+        stop_server(server, pg)

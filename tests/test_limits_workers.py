@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import PostgresDatabase, ServerPair, new_id, postgres_url, reply, run_database
-from tests.test_scale_out import Worker, redis_url, require_services, start_slow_turn
+from tests.test_scale_out import Worker, delete_redis_keys, redis_url, require_services, start_slow_turn
 
 pytestmark = [pytest.mark.e2e]
 
@@ -63,12 +63,7 @@ class RedisPair(ServerPair):
         self.b = Worker(tmp / "worker-b", self.pg.url, env)
 
     def cleanup(self) -> None:
-        import redis
-
-        client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
-        keys = list(client.scan_iter(match=f"{self.prefix}*"))
-        if keys:
-            client.delete(*keys)
+        delete_redis_keys(self.prefix)
 
 
 @pytest.fixture(scope="module", params=[

@@ -19,7 +19,6 @@ LOGINS = ["/accounts/login/", "/admin/login/"]
 @pytest.fixture(autouse=True)
 def throttle(settings):
     settings.OMNI_AUTH = "required"
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.AXES_FAILURE_LIMIT = 3
     settings.AXES_COOLOFF_TIME = timedelta(seconds=1)  # OMNI_LOGIN_COOLOFF_SECONDS
     get_user_model().objects.create_user("alice", password="pw-alice-123", is_staff=True)

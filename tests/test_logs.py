@@ -17,6 +17,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from omni import logs
+from tests.helpers import events_of, turn_bodies
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -231,12 +232,7 @@ logging.getLogger("django.request").error("a request failed")
 
 # --- real turns (the SDK and CLI, the offline model) -----------------------------------
 
-def body(message, thread, resource="lena", agent=None):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=agent)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
+body = turn_bodies("lena")
 
 
 @pytest.mark.django_db(transaction=True)

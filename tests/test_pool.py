@@ -16,22 +16,12 @@ from chat_app.turns import registry, start_turn
 from sessions_app import services
 from sessions_app.errors import RateLimited, ServerBusy
 from sessions_app.models import SessionMapping
+from tests.helpers import turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-@pytest.fixture
-def warm(offline_chat):
-    """One budget, no spares unless a test asks, and a short wait for idle eviction."""
-    offline_chat.OMNI_SPARE_CLIENTS = 0
-    offline_chat.OMNI_MAX_PROCESSES = 4
-    offline_chat.OMNI_WARM_CLIENTS = 4
-    return offline_chat
-
-
-def body(message, thread="warm-1", **extra):
-    extra.setdefault("agent", None)
-    return SimpleNamespace(message=message, threadId=thread, resourceId="wes", **extra)
+body = turn_bodies("wes", "warm-1")
 
 
 async def turn(message, thread="warm-1", **extra):

@@ -37,24 +37,6 @@ KEY = ("wes", "warm-1")
 
 
 @pytest.fixture
-def warm(offline_chat):
-    offline_chat.OMNI_SPARE_CLIENTS = 0
-    offline_chat.OMNI_MAX_PROCESSES = 4
-    offline_chat.OMNI_WARM_CLIENTS = 4
-    return offline_chat
-
-
-@pytest.fixture
-def pool_log(caplog):
-    """Records of logger ``omni.pool`` (which does not propagate to the root)."""
-    logger = logging.getLogger("omni.pool")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="omni.pool")
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
-@pytest.fixture
 def fresh_complaints(monkeypatch):
     """Errors logged once per process are logged again in this test."""
     monkeypatch.setattr(pool_module, "_complained", set())

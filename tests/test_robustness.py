@@ -19,16 +19,12 @@ from chat_app.turns import registry, start_turn
 from tests.test_consumer import connect, until_end
 from sessions_app import services
 from sessions_app.models import SessionMapping, TranscriptEntry
+from tests.helpers import collect, events_of, turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread, resource="rob"):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=None)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
+body = turn_bodies("rob")
 
 
 async def until(turn, kind):
@@ -312,12 +308,8 @@ async def test_a_follow_past_the_end_of_a_turn_ends(offline_chat, monkeypatch):
     await streams.hub.attach(turn)  # as when the turn started on a Redis deployment
     started = asyncio.get_running_loop().time()
     follow = await RemoteFollow.open(turn.turn_id, "past-end", len(events) + 3, NotFound("gone"))
-    assert await asyncio.wait_for(collect_all(follow), 5) == []
+    assert await asyncio.wait_for(collect(follow), 5) == []
     assert asyncio.get_running_loop().time() - started < 5
-
-
-async def collect_all(stream):
-    return [event async for event in stream]
 
 
 async def test_a_delete_the_instant_a_turn_starts_returns_at_once(offline_chat):

@@ -99,12 +99,17 @@ class Cluster(ServerPair):
 
     def cleanup(self) -> None:
         """The workers' keys in Redis."""
-        import redis
+        delete_redis_keys(self.prefix)
 
-        client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
-        keys = list(client.scan_iter(match=f"{self.prefix}*"))
-        if keys:
-            client.delete(*keys)
+
+def delete_redis_keys(prefix: str) -> None:
+    """Every key in Redis under a test's ``OMNI_REDIS_PREFIX``."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
 
 
 @pytest.fixture(scope="module")

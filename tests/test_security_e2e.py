@@ -5,20 +5,18 @@ mid-turn: its CLI dies with it and the thread carries on after a restart."""
 
 import os
 import signal
-import subprocess
 import time
 
 import aiohttp
 import pytest
 
 from tests.e2e import (
-    ROOT,
     WSClient,
     is_cli,
+    issue_token,
     serving,
     new_id,
     processes_with_env,
-    python_bin,
     reply,
 )
 
@@ -32,14 +30,6 @@ def server(tmp_path_factory):
     # a long lease: a server killed mid-turn and restarted must not wait it out
     yield from serving(tmp_path_factory, extra_env={
         "OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY, "OMNI_LEASE_SECONDS": "120"})
-
-
-def issue_token(server, username: str) -> str:
-    done = subprocess.run(
-        [python_bin(), "manage.py", "issue_token", username],
-        cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=120, check=True,
-    )
-    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ hub exactly as it would to another worker's over Redis
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import pytest
 from django.test import AsyncClient
@@ -17,16 +16,12 @@ from django.test import AsyncClient
 from chat_app import leases, streams
 from chat_app.turns import registry, start_turn
 from sessions_app.errors import Conflict, NotFound, ServerBusy
+from tests.helpers import collect, turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread, resource="sam"):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=None)
-
-
-async def collect(stream):
-    return [event async for event in stream]
+body = turn_bodies("sam")
 
 
 def assert_whole_turn(events):

@@ -16,22 +16,18 @@ from chat_app.turns import registry, start_turn
 from sessions_app import services
 from sessions_app.errors import Conflict, Forbidden, NotFound
 from sessions_app.models import ToolCall
+from tests.helpers import events_of, turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread, resource="tess", agent=None):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=agent)
+body = turn_bodies("tess")
 
 
 def decision(call_or_id, choice, thread, resource="tess", message=None):
     approval_id = call_or_id if isinstance(call_or_id, str) else call_or_id["approvalId"]
     return SimpleNamespace(threadId=thread, resourceId=resource, approvalId=approval_id,
                            decision=choice, message=message)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
 
 
 async def until(turn, kind, timeout=30):

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def auth_required(settings):
     settings.OMNI_AUTH = "required"
     settings.OMNI_WS_RECHECK_SECONDS = 0  # every frame checks again (the cache has a test of its own)
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @sync_to_async
