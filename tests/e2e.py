@@ -354,17 +354,13 @@ class Server:
     def all_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.data_dir.glob("daphne-*.log")))
 
-    def wait_log(self, pattern: str, timeout: float = 5) -> str:
+    def wait_log(self, pattern: str, timeout: float = 15) -> str:
         """The first line of the current log matching the regex ``pattern``."""
-        deadline = time.monotonic() + timeout
+        from tests.helpers import wait_for
+
         rx = re.compile(pattern)
-        while True:
-            for line in self.log().splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
+        return wait_for(lambda: next((line for line in self.log().splitlines() if rx.search(line)), None),
+                        timeout=timeout, message=lambda: f"a log line matching {pattern!r}:\n{self.log()[-4000:]}")
 
     # --- HTTP ---
     def connection(self, timeout: float = TURN_TIMEOUT) -> http.client.HTTPConnection:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
+import os
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -69,3 +73,53 @@ def anthropic_sse(raw: str) -> list[tuple[str, dict]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines["event"], json.loads(lines["data"])))
     return events
+
+
+# --- waiting on a condition ------------------------------------------------------------
+# A test waits for what it needs to have happened, never for a fixed time: on a
+# loaded machine (2 cores, several suites at once) anything can take longer.
+
+WAIT_SECONDS = 30.0
+
+
+def _failure(message, timeout: float, last) -> str:
+    said = message() if callable(message) else message
+    return f"not within {timeout} s: {said or 'the condition'} (last seen: {last!r})"
+
+
+def wait_for(predicate, timeout: float = WAIT_SECONDS, interval: float = 0.05, message=None):
+    """Call ``predicate()`` until it returns something truthy, and return that;
+    fail the test (AssertionError) if it has not within ``timeout`` seconds.
+    ``message`` (a string, or a function returning one) says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(_failure(message, timeout, value))
+        time.sleep(interval)
+
+
+async def wait_for_async(predicate, timeout: float = WAIT_SECONDS, interval: float = 0.05, message=None):
+    """``wait_for`` on the running event loop: ``predicate`` may be a plain
+    function or return an awaitable (a coroutine function's call)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(_failure(message, timeout, value))
+        await asyncio.sleep(interval)
+
+
+def cli_processes() -> list[int]:
+    """The CLI processes this (test) process started and that still run."""
+    from tests.e2e import _ppid, is_cli
+
+    return [int(p) for p in os.listdir("/proc")
+            if p.isdigit() and _ppid(int(p)) == os.getpid() and is_cli(int(p))]

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from tests.e2e import WSClient, daphne_server, new_id, reply, store_enabled  # noqa: F401 (fixture)
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -444,15 +445,13 @@ def test_disconnect_mid_turn(daphne_server):
     session = stream.read_until("session")
     assert daphne_server.cli_children(), "the turn's CLI is running"
     stream.close()
-    started = time.monotonic()
 
     # the turn runs to its end: the mapping gets both messages
-    while True:
+    def saved():
         status, meta = daphne_server.metadata(thread, resource)
-        if status == 200 and meta["session"]["messageCount"] == 2:
-            break
-        assert time.monotonic() - started < 30, meta
-        time.sleep(0.1)
+        return meta if status == 200 and meta["session"]["messageCount"] == 2 else None
+
+    meta = wait_for(saved, timeout=30, interval=0.1, message="the mapping has both messages")
     assert meta["session"]["sessionId"] == session["sessionId"]
     assert meta["session"]["lastMessage"] == reply("[slow] nobody is listening")
     assert daphne_server.wait_no_cli(timeout=10) == [], "no CLI process is left"

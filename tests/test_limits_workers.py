@@ -163,7 +163,9 @@ async def test_a_daily_budget_is_counted_across_workers(pair):
     done = subprocess.run([python_bin(), "manage.py", "shell", "-c", code], cwd=ROOT, env=pair.a.env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    await asyncio.sleep(5.2)  # the workers look for budget overrides again (every 5 s)
+    # The workers look for budget overrides again every 5 s (usage.OVERRIDE_CACHE_SECONDS): the
+    # propagation delay of the code under test, and nothing to poll short of spending the turn below.
+    await asyncio.sleep(5.2)
     first = await asyncio.to_thread(pair.a.chat, "spend", resource, new_id("thread"))
     first.assert_ok()
     now = datetime.now(UTC)

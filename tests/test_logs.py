@@ -117,7 +117,7 @@ async def test_each_task_logs_its_own_ids_and_tasks_it_starts_inherit_them(json_
         await both.wait()  # the two tasks interleave
         log.info("from turn %s", n)
         logs.bind(pid=1000 + n)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # not a wait: lets the other task run in between (the interleaving under test)
         log.info("pid of turn %s", n)
         await asyncio.create_task(child(n))
 

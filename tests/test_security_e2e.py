@@ -19,6 +19,7 @@ from tests.e2e import (
     processes_with_env,
     reply,
 )
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -49,14 +50,6 @@ def sse(server, token, body, path="/api/chat"):
 def environ_of(pid: int) -> bytes:
     with open(f"/proc/{pid}/environ", "rb") as f:
         return f.read()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def test_tokens_on_http_and_sse(server, token):
@@ -172,7 +165,7 @@ def test_the_server_killed_mid_turn_takes_its_cli_along(server, token):
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
         started = time.monotonic()
-        wait_for(lambda: not [p for p in clis if is_cli(p)], 3, "the CLI to die with its server")
+        wait_for(lambda: not [p for p in clis if is_cli(p)], 10, message="the CLI to die with its server")
         died_in = time.monotonic() - started
         assert processes_with_env("CLAUDE_CONFIG_DIR", str(server.claude_dir)) == []
     finally:

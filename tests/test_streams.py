@@ -16,7 +16,7 @@ from django.test import AsyncClient
 from chat_app import leases, streams
 from chat_app.turns import registry, start_turn
 from sessions_app.errors import Conflict, NotFound, ServerBusy
-from tests.helpers import collect, turn_bodies
+from tests.helpers import collect, turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
@@ -263,7 +263,7 @@ async def test_shutdown_refuses_new_turns_and_lets_running_ones_finish(offline_c
     turn = await start_turn(None, body("Finish me [slow]", "drain-1"))
     stopping = asyncio.create_task(registry.shutdown(grace=20))
     try:
-        await asyncio.sleep(0)
+        await wait_for_async(lambda: registry.draining, timeout=10, interval=0, message="the shutdown began")
         with pytest.raises(ServerBusy) as busy:
             await start_turn(None, body("new", "drain-2"))
         assert busy.value.status == 503 and busy.value.code == "server_busy"

@@ -6,14 +6,13 @@ follows. (Across two workers: tests/test_scale_out.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 
 import pytest
 
 from tests.e2e import WSClient, new_id, serving
+from tests.helpers import wait_for_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -58,10 +57,9 @@ async def test_a_waiting_call_holds_no_process_and_a_reconnected_socket_decides_
     async with await WSClient.connect(server) as ws:
         request = await wait_request(ws, frame)
         turn_id, last = request["turnId"], request["seq"]
-    deadline = time.monotonic() + 10  # the CLI of the waiting turn exits
-    while running(server) or len(server.cli_children()) > 1:  # at most the datadog warm client
-        assert time.monotonic() < deadline, (running(server), server.cli_children())
-        await asyncio.sleep(0.1)
+    # the CLI of the waiting turn exits: at most the datadog warm client is left
+    await wait_for_async(lambda: not running(server) and len(server.cli_children()) <= 1, timeout=10,
+                         interval=0.1, message=lambda: (running(server), server.cli_children()))
     assert exists(server, target, resource)
     async with await WSClient.connect(server) as ws:  # the page came back
         await ws.send({"type": "follow", "threadId": thread, "resourceId": resource,
@@ -103,14 +101,13 @@ async def test_a_decision_after_the_server_was_killed_and_restarted(server):
         "threadId": thread, "resourceId": resource, "approvalId": request["approvalId"], "decision": "allow"})
     assert status == 200 and decided == {"approvalId": request["approvalId"], "decision": "allow"}
     async with await WSClient.connect(server) as ws:  # the conversation goes on: follow the thread
-        deadline = time.monotonic() + 15
-        while True:
+        async def followed():
             await ws.send({"type": "follow", "threadId": thread, "resourceId": resource})
             first = await ws.recv(timeout=10)
-            if first["type"] != "error":
-                break
-            assert first["code"] == "not_found" and time.monotonic() < deadline
-            await asyncio.sleep(0.3)
+            assert first["type"] != "error" or first["code"] == "not_found", first
+            return first if first["type"] != "error" else None
+
+        first = await wait_for_async(followed, timeout=15, interval=0.3, message="the continuation to follow")
         rest = [first] + await ws.recv_until("done", "error")
     kinds = [e["type"] for e in rest if e["type"] not in ("chunk", "text")]
     assert kinds == ["session", "approval", "tool_result", "done"], kinds

@@ -160,7 +160,7 @@ async def test_the_check_is_cached_for_omni_ws_recheck_seconds(settings):
     comm = await open_socket(await issue("alice"))
     await sync_to_async(tokens.revoke)(username="alice")
     assert (await answer(comm, FOLLOW_OWN))["code"] == "not_found"  # within the cache
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.6)  # the behaviour under test: the cached check expires (0.5 s)
     assert await closed_with(comm, FOLLOW_OWN) == 4401
 
 
