@@ -524,7 +524,8 @@ async def test_websocket_interrupt(daphne_server):
         rest = await ws.recv_until("done", "error", timeout=10)
         took = time.monotonic() - asked
         events = before + rest
-        assert took < 1.5, f"the interrupt took {took:.2f}s"
+        # expected under 0.8 s (answered at the next delta, 0.1 s apart); the rest of the reply takes ~3 s
+        assert took < 2.5, f"the interrupt took {took:.2f}s"
         texts = "".join(e["text"] for e in events if e["type"] == "text")
         assert len(texts) < len(reply(message)), "the reply was cut short"
         last = events[-1]
@@ -630,13 +631,14 @@ def test_stop_during_a_turn(daphne_server):
     session = stream.read_until("session")
     try:
         started = time.monotonic()
-        daphne_server.stop(timeout=5)  # fails if daphne hangs or a CLI outlives it
+        # expected ~3.5 s: the slow turn ends within the 8 s grace (3 s at most), then daphne exits
+        daphne_server.stop(timeout=12)  # fails if daphne hangs or a CLI outlives it
         took = time.monotonic() - started
     finally:
         stream.close()
         if daphne_server.proc is None:
             daphne_server.start()
-    assert took < 5
+    assert took < 12
     after = daphne_server.chat("Are you back?", resource, thread)
     assert_turn(after, thread_id=thread, resumed=True)
     assert after.session_id == session["sessionId"]

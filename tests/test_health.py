@@ -81,7 +81,7 @@ async def test_a_hung_probe_answers_error_in_time_and_is_given_up_with_bounded_t
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await answers(probe, 10, timeout=0.2) == ["error"] * 10
-    assert loop.time() - started < 0.5
+    assert loop.time() - started < 1  # expected 0.2 s (the requests' timeout); the probe hangs for 10 s
     assert check.calls == 1  # still the first one, in flight
     # Polled for a long time: a new probe after each stale period, but never
     # more than MAX_ABANDONED hung ones left behind plus the one in flight.
@@ -119,4 +119,4 @@ async def test_a_hung_channel_layer_is_an_error_within_the_budget(monkeypatch):
     probe = health.LoopProbe("test", hang)
     started = time.monotonic()
     assert await asyncio.gather(*(probe.result() for _ in range(5))) == ["error"] * 5
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 1  # expected CHECK_SECONDS (0.3 s); the channel layer hangs for 30 s

