@@ -8,6 +8,13 @@ def ci() -> bool:
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Users' passwords hashed with MD5: Django's default hasher takes a
+    noticeable fraction of a second per user on 2 cores."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def auth_off(settings):
     """Most tests act as the manual guide does: trusting ``resourceId``.
     Tests of authentication set ``settings.OMNI_AUTH = "required"`` again."""
@@ -70,15 +77,45 @@ async def close_process_pool():
 
 
 @pytest.fixture
-def chat_log(caplog):
-    """Records of logger ``omni.chat`` (which does not propagate to the root)."""
+def config_dir(settings, tmp_path):
+    """The CLI's config dir of this test: a tmp dir of its own (a module
+    that reads or writes transcripts on disk asks for it)."""
+    settings.CLAUDE_CONFIG_DIR = tmp_path / "claude"
+    settings.CLAUDE_CONFIG_DIR.mkdir()
+    return settings.CLAUDE_CONFIG_DIR
+
+
+@pytest.fixture
+def warm(offline_chat):
+    """Warm processes for up to four threads, no spares."""
+    offline_chat.OMNI_SPARE_CLIENTS = 0
+    offline_chat.OMNI_MAX_PROCESSES = 4
+    offline_chat.OMNI_WARM_CLIENTS = 4
+    return offline_chat
+
+
+def _records_of(caplog, name):
+    """caplog with the INFO records of logger ``name``, which does not
+    propagate to the root."""
     import logging
 
-    logger = logging.getLogger("omni.chat")
+    logger = logging.getLogger(name)
     logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="omni.chat")
+    caplog.set_level(logging.INFO, logger=name)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def chat_log(caplog):
+    """Records of logger ``omni.chat``."""
+    yield from _records_of(caplog, "omni.chat")
+
+
+@pytest.fixture
+def pool_log(caplog):
+    """Records of logger ``omni.pool``."""
+    yield from _records_of(caplog, "omni.pool")
 
 
 @pytest.fixture(scope="module")

@@ -354,17 +354,13 @@ class Server:
     def all_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.data_dir.glob("daphne-*.log")))
 
-    def wait_log(self, pattern: str, timeout: float = 5) -> str:
+    def wait_log(self, pattern: str, timeout: float = 15) -> str:
         """The first line of the current log matching the regex ``pattern``."""
-        deadline = time.monotonic() + timeout
+        from tests.helpers import wait_for
+
         rx = re.compile(pattern)
-        while True:
-            for line in self.log().splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
+        return wait_for(lambda: next((line for line in self.log().splitlines() if rx.search(line)), None),
+                        timeout=timeout, message=lambda: f"a log line matching {pattern!r}:\n{self.log()[-4000:]}")
 
     # --- HTTP ---
     def connection(self, timeout: float = TURN_TIMEOUT) -> http.client.HTTPConnection:
@@ -673,13 +669,28 @@ def make_server(tmp_path_factory, server_class: type[Server] = Server,
         if pg:  # the server migrated (and serves) the database of its own
             assert "sessions_app_sessionmapping" in pg.tables(), pg.tables()
     except BaseException:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+        stop_server(server, pg)
         raise
     return server, pg
+
+
+def stop_server(server: Server, pg: PostgresDatabase | None) -> None:
+    """Stop a ``make_server`` server (checked for leftover CLI processes),
+    then drop its PostgreSQL database, whatever the stop raised."""
+    try:
+        server.stop()
+    finally:
+        if pg:
+            pg.drop()
+
+
+def issue_token(server: Server, username: str) -> str:
+    """A new API token of ``username`` (``manage.py issue_token`` on the server's database)."""
+    done = subprocess.run(
+        [python_bin(), "manage.py", "issue_token", username],
+        cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=120, check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
 
 
 def serving(tmp_path_factory, server_class: type[Server] = Server, **options):
@@ -689,11 +700,7 @@ def serving(tmp_path_factory, server_class: type[Server] = Server, **options):
     try:
         yield server
     finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+        stop_server(server, pg)
 
 
 @pytest.fixture(scope="module")

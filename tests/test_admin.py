@@ -6,25 +6,16 @@ from datetime import timedelta
 from unittest import mock
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.urls import reverse
 from django.utils import timezone
 
 from sessions_app import services
 from sessions_app.models import SessionMapping
+from tests.helpers import save
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "admin:sessions_app_sessionmapping_changelist"
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def save(thread_id, resource_id, session_id, **kwargs) -> SessionMapping:
-    return async_to_sync(services.save_session)(thread_id, resource_id, session_id, **kwargs)
 
 
 @pytest.fixture

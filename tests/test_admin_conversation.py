@@ -12,20 +12,11 @@ from django.urls import reverse
 from sessions_app import services
 from sessions_app.models import SessionMapping
 from sessions_app.transcripts import DjangoSessionStore
+from tests.helpers import save
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PROJECT = "-srv-omni-workspace"
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def save(thread_id, resource_id="alice", session_id=None, **kwargs) -> SessionMapping:
-    return async_to_sync(services.save_session)(
-        thread_id, resource_id, session_id or str(uuid.uuid4()), **kwargs)
 
 
 def append(session_id, entries):

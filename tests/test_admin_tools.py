@@ -9,7 +9,6 @@ from datetime import timedelta
 from unittest import mock
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
@@ -17,21 +16,13 @@ from django.utils import timezone
 from sessions_app import admin as sessions_admin
 from sessions_app import services
 from sessions_app.models import SessionMapping, ToolCall
+from tests.helpers import save
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "admin:sessions_app_toolcall_changelist"
 XSS_INPUT = {"query": "<script>alert('in')</script>", "note": '<img src=x onerror="alert(1)">'}
 XSS_RESULT = "<script>alert('out')</script> & <b>bold</b>"
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def save(thread_id, resource_id, session_id) -> SessionMapping:
-    return async_to_sync(services.save_session)(thread_id, resource_id, session_id, agent="smart")
 
 
 def make_call(mapping, tool_use_id, tool, minutes_ago, *, tool_input=None, **fields) -> ToolCall:
@@ -49,8 +40,8 @@ def make_call(mapping, tool_use_id, tool, minutes_ago, *, tool_input=None, **fie
 @pytest.fixture
 def threads():
     return {
-        "a": save("thread-a", "alice", "sess-a"),
-        "b": save("thread-b", "bob", "sess-b"),
+        "a": save("thread-a", "alice", "sess-a", agent="smart"),
+        "b": save("thread-b", "bob", "sess-b", agent="smart"),
     }
 
 

@@ -36,11 +36,6 @@ DATE_FUNCTIONS = re.compile(
 
 
 @pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture(autouse=True)
 def no_default_budget(settings):
     settings.OMNI_DAILY_BUDGET_USD = 0
 

@@ -9,7 +9,6 @@ import json
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
@@ -20,6 +19,8 @@ from chat_app import limits
 from omni.asgi import application
 from sessions_app import services, tokens
 from sessions_app.models import ApiToken, SessionMapping
+from tests import helpers
+from tests.helpers import error_of
 
 JSON = "application/json"
 
@@ -27,7 +28,6 @@ JSON = "application/json"
 @pytest.fixture(autouse=True)
 def auth_required(settings):
     settings.OMNI_AUTH = "required"
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def issue(username, *args) -> str:
@@ -36,22 +36,12 @@ def issue(username, *args) -> str:
     return out.getvalue().strip().splitlines()[-1]
 
 
-def save(thread_id, resource_id, session_id=None):
-    return async_to_sync(services.save_session)(
-        thread_id, resource_id, session_id or f"s-{resource_id}-{thread_id}", user_message="hi"
-    )
+def save(thread_id, resource_id):
+    return helpers.save(thread_id, resource_id, f"s-{resource_id}-{thread_id}", user_message="hi")
 
 
 def bearer(token):
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}
-
-
-def error_of(response, status):
-    assert response.status_code == status, (response.status_code, response.content)
-    assert response["Content-Type"].startswith(JSON)
-    data = json.loads(response.content)
-    assert set(data) == {"error"} and set(data["error"]) == {"code", "message"}, data
-    return data["error"]
 
 
 def post(client, path, payload, **extra):

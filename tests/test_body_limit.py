@@ -69,7 +69,7 @@ def test_a_huge_content_length_is_413_at_once(server):
             sock.sendall(head(server, path, "Content-Type: application/json",
                               f"Content-Length: {256 * 1024 * 1024}") + b'{"message": "')
             status, headers, body = read_answer(sock, timeout=5)
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 2  # expected ~50 ms: refused before the body is read
             assert_too_large(status, headers, body)
             assert sock.recv(1) == b""  # and the connection is closed
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -102,7 +102,7 @@ def test_a_chunked_body_is_counted_and_cut_at_the_limit(server):
                 break
             sent += len(piece)
         assert_too_large(*read_answer(sock, timeout=5))
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 5  # expected well under 1 s: refused once the limit is read
     assert LIMIT <= sent < 32 * 1024 * 1024, sent
     assert rss_kb(server.proc.pid) - before < 10_000
     assert server.request("GET", "/api/health")[0] == 200

@@ -2,9 +2,7 @@
 the CLI, and the CLI's environment holds none of the server's secrets.
 Real SDK and CLI in this process, offline model."""
 
-import asyncio
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +12,7 @@ from chat_app import sdk
 from chat_app.schemas import ChatEvent
 from chat_app.turns import start_turn
 from tests.e2e import descendants, is_cli
+from tests.helpers import turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
@@ -27,8 +26,7 @@ SECRETS = {
 }
 
 
-def body(message, thread, **extra):
-    return SimpleNamespace(message=message, threadId=thread, resourceId="erin", agent=None, **extra)
+body = turn_bodies("erin")
 
 
 EVENT = TypeAdapter(ChatEvent)
@@ -73,14 +71,11 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 async def wait_for_cli(timeout: float = 30) -> int:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        # the launcher execs the CLI in its place: wait for the real binary
-        found = [p for p in descendants(os.getpid()) if is_cli(p) and "claude-launcher" not in _cmd(p)]
-        if found:
-            return found[0]
-        await asyncio.sleep(0.02)
-    raise AssertionError("no CLI process appeared")
+    # the launcher execs the CLI in its place: wait for the real binary
+    found = await wait_for_async(
+        lambda: [p for p in descendants(os.getpid()) if is_cli(p) and "claude-launcher" not in _cmd(p)],
+        timeout=timeout, interval=0.02, message="a CLI process")
+    return found[0]
 
 
 def _cmd(pid: int) -> str:

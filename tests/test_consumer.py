@@ -122,7 +122,7 @@ async def test_busy_thread_interrupt_and_follow(offline_chat):
     started = loop.time()
     await comm.send_json_to({"type": "interrupt", "threadId": "busy"})
     rest = await until_end(comm)
-    assert loop.time() - started < 2.5  # the slow reply alone takes 3 s
+    assert loop.time() - started < 2.5  # the slow reply alone takes 3 s; expected under 0.8 s
     assert rest[-1]["type"] == "done" and rest[-1]["result"]["isError"] is True
     followed = await until_end(watcher)
     assert followed[-1] == rest[-1]

@@ -16,12 +16,12 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
 from chat_app.sdk import runtime_dir
-from tests.e2e import Server, WSClient, _is_zombie, cmdline, run_database
+from tests.e2e import Server, WSClient, _is_zombie, cmdline, run_database, stop_server
+from tests.helpers import wait_for_async
 
 pytestmark = [pytest.mark.e2e]
 
@@ -40,16 +40,17 @@ async def test_sigterm_stops_the_spares_of_a_worker_that_ran_no_turn(tmp_path):
         ws = await WSClient.connect(server)  # the page connects: spares start
         try:
             # every spare started (none still starting), each a CLI below daphne
-            deadline = time.monotonic() + 90
-            while True:
+            def all_ready():
                 _, _, health = server.request("GET", "/api/health")
                 ready = {int(m) for m in re.findall(r"\[POOL\] Spare client ready agent=\S+ pid=(\d+)",
                                                      server.log())}
                 if ready and health["processes"]["spare"] == len(ready) \
                         and set(server.cli_children()) == ready:
-                    break
-                assert time.monotonic() < deadline, f"no spare within 90 s: {health}\n{server.log()[-3000:]}"
-                await asyncio.sleep(0.1)
+                    return health, ready
+                return None
+
+            health, ready = await wait_for_async(all_ready, timeout=90, interval=0.1,
+                                                 message=lambda: f"every spare ready:\n{server.log()[-3000:]}")
             assert health["processes"]["running"] == health["processes"]["warm"] == 0
             assert "Saved session mapping" not in server.log(), "a turn ran"
             cli = ready
@@ -82,8 +83,4 @@ async def test_sigterm_stops_the_spares_of_a_worker_that_ran_no_turn(tmp_path):
             f"the pool did not close the spares at shutdown (closed {closed} of {sorted(cli)}):\n{log[-4000:]}")
         assert not runtime[0].exists(), "the server left its runtime directory behind"
     finally:
-        try:
-            server.stop()
-        finally:
-            if pg:
-                pg.drop()
+        stop_server(server, pg)

@@ -18,25 +18,13 @@ from django.urls import reverse
 from sessions_app import services, transcripts
 from sessions_app.models import SessionMapping, TranscriptEntry, TranscriptSummary
 from sessions_app.transcripts import DjangoSessionStore
+from tests.helpers import error_of
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("config_dir")]
 
 JSON = "application/json"
 PROJECT = "-srv-omni-workspace"
 SUBAGENT = "subagents/agent-1"
-
-
-@pytest.fixture(autouse=True)
-def config_dir(settings, tmp_path):
-    """The CLI's config dir of this test: a tmp dir of its own."""
-    settings.CLAUDE_CONFIG_DIR = tmp_path / "claude"
-    settings.CLAUDE_CONFIG_DIR.mkdir()
-    return settings.CLAUDE_CONFIG_DIR
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 class Stored:
@@ -107,15 +95,6 @@ class Stored:
 
 def rest_delete(client, payload):
     return client.delete("/api/sessions", data=json.dumps(payload), content_type=JSON)
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, (response.status_code, response.content[:500])
-    assert response["Content-Type"].startswith(JSON), response["Content-Type"]
-    data = json.loads(response.content)
-    assert set(data) == {"error"} and set(data["error"]) == {"code", "message"}, data
-    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
-    return data["error"]
 
 
 # --- the three ways to delete ----------------------------------------------------

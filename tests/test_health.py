@@ -10,6 +10,7 @@ import time
 import pytest
 
 from omni import health
+from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.engine_agnostic
 
@@ -44,7 +45,7 @@ async def test_concurrent_requests_share_one_probe():
     check = Blocking()
     probe = health.ThreadProbe("test", check)
     waiting = asyncio.ensure_future(answers(probe, 20))
-    await asyncio.sleep(0.2)
+    await wait_for_async(lambda: check.calls, timeout=10, message="the probe's thread started")
     assert check.calls == 1 and probe.threads() == 1
     check.release.set()
     assert await waiting == ["ok"] * 20
@@ -59,7 +60,7 @@ async def test_a_recent_result_is_reused_then_probed_again(monkeypatch):
     assert await answers(probe, 3) == ["ok"] * 3
     assert await answers(probe, 3) == ["ok"] * 3
     assert check.calls == 1
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # the behaviour under test: the result ages past FRESH_SECONDS
     assert await answers(probe, 1) == ["ok"]
     assert check.calls == 2
 
@@ -80,19 +81,18 @@ async def test_a_hung_probe_answers_error_in_time_and_is_given_up_with_bounded_t
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await answers(probe, 10, timeout=0.2) == ["error"] * 10
-    assert loop.time() - started < 0.5
+    assert loop.time() - started < 1  # expected 0.2 s (the requests' timeout); the probe hangs for 10 s
     assert check.calls == 1  # still the first one, in flight
     # Polled for a long time: a new probe after each stale period, but never
     # more than MAX_ABANDONED hung ones left behind plus the one in flight.
     for _ in range(12):
         await answers(probe, 2, timeout=0.1)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # polled over time: the probes go stale (the behaviour under test)
         assert probe.threads() <= health.MAX_ABANDONED + 1
     assert check.calls == health.MAX_ABANDONED + 1
     check.release.set()  # the database answers again: the hung probes end
-    await asyncio.sleep(0.2)
-    assert probe.threads() == 0
-    await asyncio.sleep(0.6)  # past the stale in-flight probe: a fresh one
+    await wait_for_async(lambda: probe.threads() == 0, timeout=10, message="the hung probes' threads ended")
+    await asyncio.sleep(0.6)  # the behaviour under test: past the stale in-flight probe, a fresh one
     assert await answers(probe, 1) == ["ok"]
 
 
@@ -101,7 +101,7 @@ async def test_the_channel_layer_probe_is_single_flight_too(monkeypatch):
 
     async def ping():
         calls.append(1)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a slow channel layer (the behaviour under test)
         return "ok"
 
     probe = health.LoopProbe("test", ping)
@@ -114,9 +114,9 @@ async def test_a_hung_channel_layer_is_an_error_within_the_budget(monkeypatch):
     monkeypatch.setattr(health, "CHECK_SECONDS", 0.3)
 
     async def hang():
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # a hung channel layer (the behaviour under test)
 
     probe = health.LoopProbe("test", hang)
     started = time.monotonic()
     assert await asyncio.gather(*(probe.result() for _ in range(5))) == ["error"] * 5
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 1  # expected CHECK_SECONDS (0.3 s); the channel layer hangs for 30 s

@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import ci
 from tests.e2e import PostgresDatabase, Server, postgres_url
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
 
@@ -127,6 +128,17 @@ def threads_of(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
 
+def settled_threads(pid: int) -> int:
+    """``threads_of(pid)`` once it has not changed for half a second."""
+    seen: list[int] = []
+
+    def steady():
+        seen.append(threads_of(pid))
+        return len(seen) >= 6 and len(set(seen[-6:])) == 1 and seen[-1]
+
+    return wait_for(steady, timeout=15, interval=0.1, message=lambda: f"a steady thread count: {seen[-10:]}")
+
+
 @pytest.fixture(scope="module")
 def outage(tmp_path_factory):
     """(server, proxy): a daphne server whose PostgreSQL database (its own) is behind the proxy."""
@@ -167,12 +179,11 @@ def test_a_black_holed_database_is_reported_promptly_with_bounded_threads(outage
     with ThreadPoolExecutor(16) as pool:
         assert {r[1] for r in pool.map(lambda _: timed(server, "GET", "/static/chat/chat.css"),
                                        range(64))} == {200}
-    time.sleep(0.5)  # the requests' own threads end
-    threads_before = threads_of(pid)
+    threads_before = settled_threads(pid)  # the requests' own threads ended
 
     proxy.black_hole()
     outage_started = time.monotonic()
-    time.sleep(1.2)  # the last good result (reused for up to a second) is stale now
+    time.sleep(1.2)  # the behaviour under test: the last good result (reused for up to a second) is stale now
     most_threads, most_excess = threads_before, 0
     static_times: list[float] = []
     with ThreadPoolExecutor(PROBES + 2) as pool:
@@ -196,7 +207,7 @@ def test_a_black_holed_database_is_reported_promptly_with_bounded_threads(outage
             threads = threads_of(pid)
             most_threads = max(most_threads, threads)
             most_excess = max(most_excess, threads - threads_before - in_flight)
-            time.sleep(0.02)
+            time.sleep(0.02)  # pacing of the static files sampled during the outage
         answers = [p.result() for p in probes]
         rest_took, rest_status, rest_headers, rest_body = rest.result()
 
@@ -204,30 +215,24 @@ def test_a_black_holed_database_is_reported_promptly_with_bounded_threads(outage
         assert status == 503, body
         assert body["status"] == "error" and body["checks"]["database"] == "error", body
         assert set(body) == {"status", "checks", "processes"}
-        assert took < 2.5, [a[0] for a in answers]
+        assert took < 3.5, [a[0] for a in answers]  # expected health.CHECK_SECONDS (1 s)
     # Threads: the requests' own, the one probe in flight; not one parked per probe.
     print(f"threads: {threads_before} before, at most {most_threads} during the outage,"
           f" at most {most_excess} beyond the requests in flight")
     assert most_excess <= 6, (threads_before, most_threads, most_excess)
-    assert static_times and max(static_times) < 0.5, static_times
+    assert static_times and max(static_times) < 0.5, static_times  # expected ~20 ms
 
     # A REST call that needs the database: 503 with Retry-After, never a 500.
     assert rest_status == 503, rest_body
     assert rest_body == {"error": {"code": "unavailable", "message": rest_body["error"]["message"]}}
     assert int(rest_headers["retry-after"]) >= 1
-    assert rest_took < 6, rest_took  # PostgreSQL's connect timeout (3 s), not ~2 minutes
-    assert time.monotonic() - outage_started < 20
+    assert rest_took < 10, rest_took  # expected PostgreSQL's connect timeout (3 s), not ~2 minutes
+    assert time.monotonic() - outage_started < 20  # expected ~6.5 s: 1.2 + PROBE_SECONDS + a check
 
     proxy.heal()
-    deadline = time.monotonic() + 8
-    while True:
-        _, status, _, body = timed(server, "GET", "/api/health")
-        if status == 200:
-            break
-        assert time.monotonic() < deadline, body
-        time.sleep(0.2)
-    assert body["checks"]["database"] == "ok"
+    healthy = wait_for(lambda: (answer := timed(server, "GET", "/api/health"))[1] == 200 and answer,
+                       timeout=8, interval=0.2, message="/api/health is 200 again")  # expected ~2 s
+    assert healthy[3]["checks"]["database"] == "ok"
     assert timed(server, "GET", "/api/sessions?resourceId=alice")[1] == 200
-    time.sleep(1)
-    assert threads_of(pid) <= threads_before + 1, ("threads left behind by the outage",
-                                                   threads_before, most_threads, threads_of(pid))
+    wait_for(lambda: threads_of(pid) <= threads_before + 1, timeout=10,
+             message=lambda: ("threads left behind by the outage", threads_before, most_threads, threads_of(pid)))

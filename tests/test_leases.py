@@ -14,6 +14,7 @@ from django.utils import timezone
 from chat_app import leases
 from chat_app.models import ThreadLease
 from sessions_app.errors import Conflict
+from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -116,7 +117,10 @@ async def test_keep_renewed_reports_a_lost_lease(settings):
 
     task = asyncio.create_task(leases.keep_renewed(lease, on_lost))
     try:
-        await asyncio.sleep(0.25)  # renewed at least once: still live past the first TTL
+        first_expiry = lease.expires_at
+        # renewed at least once, and past the first TTL: still live
+        await wait_for_async(lambda: lease.expires_at > first_expiry and timezone.now() > first_expiry,
+                             timeout=10, interval=0.02, message="a renewal, then the first TTL's end")
         assert await leases.active("r", "lost") is not None
         from asgiref.sync import sync_to_async
 

@@ -370,7 +370,7 @@ async def test_redis_down_lets_turns_start_uncounted_with_a_warning(rate, clock,
         loop = asyncio.get_running_loop()
         started = loop.time()
         admission = await backend.admit("alice", "t0")
-        assert not admission.counted and loop.time() - started < 3
+        assert not admission.counted and loop.time() - started < 3  # expected ~10 ms: connection refused
         await admission.cancel()  # nothing to give back
         for n in range(10):  # meanwhile Redis is not tried again: no wait per turn
             assert not (await backend.admit("alice", f"t{n + 1}")).counted

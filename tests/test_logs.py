@@ -17,6 +17,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from omni import logs
+from tests.helpers import events_of, turn_bodies
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -116,7 +117,7 @@ async def test_each_task_logs_its_own_ids_and_tasks_it_starts_inherit_them(json_
         await both.wait()  # the two tasks interleave
         log.info("from turn %s", n)
         logs.bind(pid=1000 + n)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # not a wait: lets the other task run in between (the interleaving under test)
         log.info("pid of turn %s", n)
         await asyncio.create_task(child(n))
 
@@ -231,12 +232,7 @@ logging.getLogger("django.request").error("a request failed")
 
 # --- real turns (the SDK and CLI, the offline model) -----------------------------------
 
-def body(message, thread, resource="lena", agent=None):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=agent)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
+body = turn_bodies("lena")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,8 +9,9 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
 
-from sessions_app import services
 from sessions_app.transcripts import DjangoSessionStore
+from tests import helpers
+from tests.helpers import error_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -19,18 +20,12 @@ PATH = "/api/sessions/messages"
 PROJECT = "-srv-omni-workspace"
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def new_uuid() -> str:
     return str(uuid.uuid4())
 
 
 def save(thread_id, resource_id="alice", session_id=None):
-    return async_to_sync(services.save_session)(
-        thread_id, resource_id, session_id or new_uuid(), user_message="What is 2+2?")
+    return helpers.save(thread_id, resource_id, session_id, user_message="What is 2+2?")
 
 
 def append(session_id, entries, project_key=PROJECT, **key):
@@ -70,14 +65,6 @@ def ok(response) -> dict:
         assert isinstance(message["text"], str) and message["text"]
         assert isinstance(message["uuid"], str) and message["uuid"]
     return data
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, (response.status_code, response.content[:500])
-    assert response["Content-Type"].startswith(JSON)
-    data = json.loads(response.content)
-    assert set(data) == {"error"} and set(data["error"]) == {"code", "message"}, data
-    return data["error"]
 
 
 @pytest.fixture

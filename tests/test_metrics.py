@@ -2,7 +2,6 @@
 turns in this process (SDK and CLI against the offline model); the metrics
 are this process's, so each test compares before and after."""
 
-from types import SimpleNamespace
 
 import pytest
 from channels.testing import WebsocketCommunicator
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chat_app.turns import start_turn
 from omni.asgi import application
+from tests.helpers import turn_bodies
 
 TOKEN = "metrics-test-token"
 
@@ -104,8 +104,7 @@ def test_it_serves_the_contracts_names_and_is_not_in_the_api_document(token):
     assert Client().post("/metrics", HTTP_AUTHORIZATION=f"Bearer {TOKEN}").status_code == 405
 
 
-def body(message, thread, resource="mona"):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=None)
+body = turn_bodies("mona")
 
 
 async def run(message, thread):

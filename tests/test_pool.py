@@ -16,22 +16,12 @@ from chat_app.turns import registry, start_turn
 from sessions_app import selectors, services
 from sessions_app.errors import RateLimited, ServerBusy
 from sessions_app.models import SessionMapping
+from tests.helpers import cli_processes, turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-@pytest.fixture
-def warm(offline_chat):
-    """One budget, no spares unless a test asks, and a short wait for idle eviction."""
-    offline_chat.OMNI_SPARE_CLIENTS = 0
-    offline_chat.OMNI_MAX_PROCESSES = 4
-    offline_chat.OMNI_WARM_CLIENTS = 4
-    return offline_chat
-
-
-def body(message, thread="warm-1", **extra):
-    extra.setdefault("agent", None)
-    return SimpleNamespace(message=message, threadId=thread, resourceId="wes", **extra)
+body = turn_bodies("wes", "warm-1")
 
 
 async def turn(message, thread="warm-1", **extra):
@@ -59,11 +49,8 @@ def alive(pid):
 
 
 async def gone(pid, timeout=10.0):
-    for _ in range(int(timeout / 0.05)):
-        if not alive(pid):
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    """Wait until process ``pid`` has exited (fails the test if it has not within ``timeout``)."""
+    return await wait_for_async(lambda: not alive(pid), timeout=timeout, message=f"process {pid} exited")
 
 
 def idle_pid(thread="warm-1"):
@@ -94,7 +81,7 @@ async def test_reuse_evictions_and_refusals_are_logged(warm, caplog):
         await turn("two")
         assert "[POOL] Reusing warm client thread=warm-1" in caplog.text
         await services.delete_session("warm-1", "wes")
-        await asyncio.sleep(0.1)
+        await wait_for_async(lambda: "[POOL] Closing client thread=warm-1" in caplog.text, timeout=10)
         assert "[POOL] Closing client thread=warm-1" in caplog.text and "deleted" in caplog.text
     finally:
         logging.getLogger("omni").removeHandler(caplog.handler)
@@ -217,10 +204,8 @@ async def test_shutdown_leaves_no_cli_process(warm):
         if event["type"] == "text":
             break
     pid_b = client_pid(running._client)
-    for _ in range(100):  # the spare the first turn's end started
-        if pool.spares.get("smart"):
-            break
-        await asyncio.sleep(0.05)
+    # the spare the first turn's end started
+    await wait_for_async(lambda: pool.spares.get("smart"), timeout=30, message="a spare")
     spare_pid = pool.spares["smart"][0].pid
     await lifecycle.shutdown()  # the server's order: turns, then every warm client and spare
     for pid in (pid_a, pid_b, spare_pid):
@@ -231,18 +216,13 @@ async def test_shutdown_leaves_no_cli_process(warm):
 async def test_a_spare_answers_a_new_thread_and_is_replaced(warm, chat_log):
     warm.OMNI_SPARE_CLIENTS = 1
     pool.fill_spares()
-    for _ in range(200):
-        if pool.spares.get("smart"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_for_async(lambda: pool.spares.get("smart"), timeout=30, message="a spare")
     spare_pid = pool.spares["smart"][0].pid
     events, pid = await turn("brand new", thread="spare-1")
     assert pid == spare_pid and events[0]["resumed"] is False
     assert "[CHAT] Saved session mapping thread=spare-1" in chat_log.text
-    for _ in range(200):  # replaced in the background after the turn
-        if pool.spares.get("smart"):
-            break
-        await asyncio.sleep(0.05)
+    # replaced in the background after the turn
+    await wait_for_async(lambda: pool.spares.get("smart"), timeout=30, message="a new spare")
     assert pool.spares["smart"][0].pid not in (None, spare_pid)
 
 
@@ -259,14 +239,6 @@ async def test_a_full_budget_refuses_with_server_busy_and_recovers(warm):
     assert events[-1]["type"] == "done" and list(pool.idle) == [("wes", "budget-b")]
 
 
-def cli_processes():
-    """The CLI processes this (test) process started and that still run."""
-    from tests.e2e import _ppid, is_cli
-
-    return [int(p) for p in os.listdir("/proc")
-            if p.isdigit() and _ppid(int(p)) == os.getpid() and is_cli(int(p))]
-
-
 async def test_an_evicted_client_still_exiting_counts_against_the_budget(warm):
     warm.OMNI_MAX_PROCESSES = 2
     await turn("first", thread="strict-a")
@@ -278,7 +250,7 @@ async def test_an_evicted_client_still_exiting_counts_against_the_budget(warm):
         nonlocal peak
         while True:
             peak = max(peak, len(cli_processes()))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # sampling the process count, not waiting
 
     watcher = asyncio.create_task(watch())
     try:

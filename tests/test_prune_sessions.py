@@ -19,17 +19,10 @@ from sessions_app import services
 from sessions_app.models import SessionMapping, TranscriptEntry, TranscriptSummary
 from sessions_app.transcripts import DjangoSessionStore
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("config_dir")]
 
 PROJECT = "-srv-omni-workspace"
 DAY_MS = 24 * 3600 * 1000
-
-
-@pytest.fixture(autouse=True)
-def config_dir(settings, tmp_path):
-    settings.CLAUDE_CONFIG_DIR = tmp_path / "claude"
-    settings.CLAUDE_CONFIG_DIR.mkdir()
-    return settings.CLAUDE_CONFIG_DIR
 
 
 def store_transcript(config_dir: Path, session_id: str) -> list[Path]:

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from unittest import mock
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
 from django.contrib.staticfiles import finders
 from django.db import IntegrityError, OperationalError, connection
@@ -17,6 +16,8 @@ from django.utils import timezone
 
 from sessions_app import services
 from sessions_app.models import SessionMapping
+from tests import helpers
+from tests.helpers import error_of, json_of
 
 pytestmark = pytest.mark.django_db
 
@@ -28,37 +29,16 @@ ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 JSON = "application/json"
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def save(thread_id, resource_id="alice", session_id=None, **kwargs) -> SessionMapping:
+    """``helpers.save`` with the session id and first message this module expects."""
     kwargs.setdefault("user_message", f"question in {thread_id}")
-    return async_to_sync(services.save_session)(
-        thread_id, resource_id, session_id or f"s-{thread_id}", **kwargs
-    )
+    return helpers.save(thread_id, resource_id, session_id or f"s-{thread_id}", **kwargs)
 
 
 def set_updated_at(thread_id, resource_id, when):
     SessionMapping.objects.filter(thread_id=thread_id, resource_id=resource_id).update(
         updated_at=when
     )
-
-
-def body(response) -> dict:
-    assert response["Content-Type"].startswith(JSON), response["Content-Type"]
-    return json.loads(response.content)
-
-
-def assert_error(response, status: int) -> dict:
-    assert response.status_code == status, (response.status_code, response.content)
-    data = body(response)
-    assert set(data) == {"error"}, data
-    assert set(data["error"]) == {"code", "message"}, data
-    assert isinstance(data["error"]["code"], str) and data["error"]["code"]
-    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
-    return data["error"]
 
 
 def assert_session(session: dict):
@@ -94,7 +74,7 @@ def test_list_shape(client):
     save("t2", forked_from_thread_id="t1")
     response = listing(client, resourceId="alice")
     assert response.status_code == 200
-    data = body(response)
+    data = json_of(response)
     assert set(data) == {"sessions", "count", "nextCursor"}
     assert data["count"] == len(data["sessions"]) == 2
     assert data["nextCursor"] is None
@@ -117,7 +97,7 @@ def test_list_shape(client):
 
 def test_list_timestamps_match_the_database(client):
     mapping = save("t1")
-    session = body(listing(client, resourceId="alice"))["sessions"][0]
+    session = json_of(listing(client, resourceId="alice"))["sessions"][0]
     created = datetime.fromisoformat(session["createdAt"].replace("Z", "+00:00"))
     updated = datetime.fromisoformat(session["updatedAt"].replace("Z", "+00:00"))
     assert abs(created - mapping.created_at) < timedelta(milliseconds=1)
@@ -132,7 +112,7 @@ def test_list_is_newest_first_and_scoped(client):
     set_updated_at("t1", "alice", now - timedelta(minutes=1))
     set_updated_at("t2", "alice", now - timedelta(minutes=5))
     set_updated_at("t3", "alice", now - timedelta(minutes=3))
-    data = body(listing(client, resourceId="alice"))
+    data = json_of(listing(client, resourceId="alice"))
     assert [s["threadId"] for s in data["sessions"]] == ["t1", "t3", "t2"]
     stamps = [s["updatedAt"] for s in data["sessions"]]
     assert stamps == sorted(stamps, reverse=True)
@@ -140,7 +120,7 @@ def test_list_is_newest_first_and_scoped(client):
 
 
 def test_list_of_an_unknown_resource_is_empty(client):
-    assert body(listing(client, resourceId="nobody")) == {
+    assert json_of(listing(client, resourceId="nobody")) == {
         "sessions": [], "count": 0, "nextCursor": None,
     }
 
@@ -149,20 +129,20 @@ def test_list_limit_default_is_100_and_max_1000(client):
     SessionMapping.objects.bulk_create(
         [SessionMapping(thread_id=f"t{i}", resource_id="alice", session_id=f"s{i}") for i in range(1001)]
     )
-    data = body(listing(client, resourceId="alice"))
+    data = json_of(listing(client, resourceId="alice"))
     assert data["count"] == len(data["sessions"]) == 100
     assert isinstance(data["nextCursor"], str)
-    data = body(listing(client, resourceId="alice", limit=1000))
+    data = json_of(listing(client, resourceId="alice", limit=1000))
     assert data["count"] == len(data["sessions"]) == 1000
     assert isinstance(data["nextCursor"], str)
-    data = body(listing(client, resourceId="alice", limit=1000, cursor=data["nextCursor"]))
+    data = json_of(listing(client, resourceId="alice", limit=1000, cursor=data["nextCursor"]))
     assert data["count"] == 1 and data["nextCursor"] is None
 
 
 @pytest.mark.parametrize("limit", ["1001", "0", "-1", "abc", "1.5", "", "1e3"])
 def test_list_limit_out_of_range_or_not_an_integer_is_400(client, limit):
     save("t1")
-    assert_error(client.get(f"/api/sessions?resourceId=alice&limit={limit}"), 400)
+    error_of(client.get(f"/api/sessions?resourceId=alice&limit={limit}"), 400)
 
 
 def test_list_cursor_paging_covers_every_row_once(client):
@@ -180,7 +160,7 @@ def test_list_cursor_paging_covers_every_row_once(client):
         query = {"resourceId": "alice", "limit": 3}
         if cursor:
             query["cursor"] = cursor
-        data = body(listing(client, **query))
+        data = json_of(listing(client, **query))
         assert data["count"] == len(data["sessions"]) <= 3
         seen += [s["threadId"] for s in data["sessions"]]
         cursor = data["nextCursor"]
@@ -193,7 +173,7 @@ def test_list_cursor_paging_covers_every_row_once(client):
 @pytest.mark.parametrize("cursor", ["garbage", "!!!", "MjAyNQ", "bm90LWEtZGF0ZXw1", "A" * 257, "a b", "ü"])
 def test_list_garbage_cursor_is_400(client, cursor):
     save("t1")
-    assert_error(listing(client, resourceId="alice", cursor=cursor), 400)
+    error_of(listing(client, resourceId="alice", cursor=cursor), 400)
 
 
 # --- DELETE /api/sessions
@@ -204,16 +184,16 @@ def test_delete(client):
     save("t1", resource_id="bob")
     response = delete(client, {"threadId": "t1", "resourceId": "alice"})
     assert response.status_code == 200
-    assert body(response) == {"success": True, "threadId": "t1", "resourceId": "alice"}
+    assert json_of(response) == {"success": True, "threadId": "t1", "resourceId": "alice"}
     assert not SessionMapping.objects.filter(thread_id="t1", resource_id="alice").exists()
     assert SessionMapping.objects.filter(thread_id="t1", resource_id="bob").exists()
-    assert body(listing(client, resourceId="alice"))["count"] == 0
-    assert_error(delete(client, {"threadId": "t1", "resourceId": "alice"}), 404)
-    assert_error(metadata(client, {"threadId": "t1", "resourceId": "alice"}), 404)
+    assert json_of(listing(client, resourceId="alice"))["count"] == 0
+    error_of(delete(client, {"threadId": "t1", "resourceId": "alice"}), 404)
+    error_of(metadata(client, {"threadId": "t1", "resourceId": "alice"}), 404)
 
 
 def test_delete_of_an_unknown_thread_is_404(client):
-    error = assert_error(delete(client, {"threadId": "nope", "resourceId": "alice"}), 404)
+    error = error_of(delete(client, {"threadId": "nope", "resourceId": "alice"}), 404)
     assert error["code"]
 
 
@@ -224,7 +204,7 @@ def test_metadata(client):
     save("t1", agent="correlator", user_message="hello", assistant_message="hi there")
     response = metadata(client, {"threadId": "t1", "resourceId": "alice"})
     assert response.status_code == 200
-    data = body(response)
+    data = json_of(response)
     assert set(data) == {"session"}
     assert_session(data["session"])
     assert data["session"]["threadId"] == "t1"
@@ -238,8 +218,8 @@ def test_metadata(client):
 
 def test_metadata_is_scoped_by_resource(client):
     save("t1")
-    assert_error(metadata(client, {"threadId": "t1", "resourceId": "bob"}), 404)
-    assert_error(metadata(client, {"threadId": "nope", "resourceId": "alice"}), 404)
+    error_of(metadata(client, {"threadId": "t1", "resourceId": "bob"}), 404)
+    error_of(metadata(client, {"threadId": "nope", "resourceId": "alice"}), 404)
 
 
 # --- bad input: 400 with the error shape, never 500
@@ -284,14 +264,14 @@ def thread(db):
 @pytest.mark.parametrize("call", [delete, metadata], ids=["DELETE", "metadata"])
 @pytest.mark.parametrize("payload", BAD_BODIES.values(), ids=BAD_BODIES.keys())
 def test_bad_body_is_400(client, thread, call, payload):
-    assert_error(call(client, payload), 400)
+    error_of(call(client, payload), 400)
     assert SessionMapping.objects.filter(thread_id="t1", resource_id="alice").exists()
 
 
 @pytest.mark.parametrize("call", [delete, metadata], ids=["DELETE", "metadata"])
 @pytest.mark.parametrize("payload", RAW_BODIES.values(), ids=RAW_BODIES.keys())
 def test_unparseable_body_is_400(client, thread, call, payload):
-    assert_error(call(client, payload), 400)
+    error_of(call(client, payload), 400)
     assert SessionMapping.objects.filter(thread_id="t1", resource_id="alice").exists()
 
 
@@ -300,8 +280,8 @@ def test_ids_at_the_limits_are_accepted(client):
     save(long_id, resource_id="R.e_s:o-u.rce9", session_id="s-long")
     response = metadata(client, {"threadId": long_id, "resourceId": "R.e_s:o-u.rce9"})
     assert response.status_code == 200
-    assert body(response)["session"]["threadId"] == long_id
-    data = body(listing(client, resourceId="R.e_s:o-u.rce9"))
+    assert json_of(response)["session"]["threadId"] == long_id
+    data = json_of(listing(client, resourceId="R.e_s:o-u.rce9"))
     assert [s["threadId"] for s in data["sessions"]] == [long_id]
 
 
@@ -320,7 +300,7 @@ def test_ids_at_the_limits_are_accepted(client):
     ],
 )
 def test_bad_query_is_400(client, thread, query):
-    assert_error(client.get(f"/api/sessions?{query}"), 400)
+    error_of(client.get(f"/api/sessions?{query}"), 400)
 
 
 # --- authentication (OMNI_AUTH=required)
@@ -349,11 +329,11 @@ def staff(db):
 
 def test_no_credentials_is_401(client, auth_required):
     save("t1")
-    assert_error(listing(client), 401)
-    assert_error(listing(client, resourceId="alice"), 401)
-    assert_error(delete(client, {"threadId": "t1"}), 401)
-    assert_error(delete(client, {"threadId": "t1", "resourceId": "alice"}), 401)
-    assert_error(metadata(client, {"threadId": "t1", "resourceId": "alice"}), 401)
+    error_of(listing(client), 401)
+    error_of(listing(client, resourceId="alice"), 401)
+    error_of(delete(client, {"threadId": "t1"}), 401)
+    error_of(delete(client, {"threadId": "t1", "resourceId": "alice"}), 401)
+    error_of(metadata(client, {"threadId": "t1", "resourceId": "alice"}), 401)
     assert SessionMapping.objects.filter(thread_id="t1", resource_id="alice").exists()
 
 
@@ -361,34 +341,34 @@ def test_a_user_acts_on_its_own_resource_by_default(client, auth_required, alice
     save("t1", resource_id="alice")
     save("t2", resource_id="bob")
     client.force_login(alice)
-    data = body(listing(client))
+    data = json_of(listing(client))
     assert [s["threadId"] for s in data["sessions"]] == ["t1"]
-    assert body(listing(client, resourceId="alice"))["count"] == 1
+    assert json_of(listing(client, resourceId="alice"))["count"] == 1
     response = metadata(client, {"threadId": "t1"})
     assert response.status_code == 200
-    assert body(response)["session"]["resourceId"] == "alice"
+    assert json_of(response)["session"]["resourceId"] == "alice"
     response = delete(client, {"threadId": "t1"})
-    assert body(response) == {"success": True, "threadId": "t1", "resourceId": "alice"}
+    assert json_of(response) == {"success": True, "threadId": "t1", "resourceId": "alice"}
     assert not SessionMapping.objects.filter(resource_id="alice").exists()
 
 
 def test_another_resource_is_403(client, auth_required, alice):
     save("t2", resource_id="bob")
     client.force_login(alice)
-    assert_error(listing(client, resourceId="bob"), 403)
-    assert_error(metadata(client, {"threadId": "t2", "resourceId": "bob"}), 403)
-    assert_error(delete(client, {"threadId": "t2", "resourceId": "bob"}), 403)
+    error_of(listing(client, resourceId="bob"), 403)
+    error_of(metadata(client, {"threadId": "t2", "resourceId": "bob"}), 403)
+    error_of(delete(client, {"threadId": "t2", "resourceId": "bob"}), 403)
     assert SessionMapping.objects.filter(thread_id="t2", resource_id="bob").exists()
 
 
 def test_staff_may_name_another_resource(client, auth_required, staff):
     save("t2", resource_id="bob")
     client.force_login(staff)
-    data = body(listing(client, resourceId="bob"))
+    data = json_of(listing(client, resourceId="bob"))
     assert [s["threadId"] for s in data["sessions"]] == ["t2"]
-    assert body(listing(client))["count"] == 0  # its own resource is "ops"
+    assert json_of(listing(client))["count"] == 0  # its own resource is "ops"
     assert metadata(client, {"threadId": "t2", "resourceId": "bob"}).status_code == 200
-    assert body(delete(client, {"threadId": "t2", "resourceId": "bob"})) == {
+    assert json_of(delete(client, {"threadId": "t2", "resourceId": "bob"})) == {
         "success": True, "threadId": "t2", "resourceId": "bob",
     }
     assert not SessionMapping.objects.filter(resource_id="bob").exists()
@@ -398,7 +378,7 @@ def test_an_inactive_user_is_not_authenticated(client, auth_required, alice):
     client.force_login(alice)
     alice.is_active = False
     alice.save()
-    assert_error(listing(client), 401)
+    error_of(listing(client), 401)
 
 
 # --- 503: the database is unreachable
@@ -418,7 +398,7 @@ def test_database_errors_are_503(client, target, request_):
         services, target, side_effect=OperationalError("could not connect to server")
     ):
         response = request_(client)
-    error = assert_error(response, 503)
+    error = error_of(response, 503)
     assert "could not connect" not in error["message"]  # no driver details to clients
     assert int(response["Retry-After"]) >= 1  # when to try again
 
@@ -427,7 +407,7 @@ def test_every_database_503_says_when_to_try_again(client, settings):
     settings.OMNI_BUSY_RETRY_AFTER = 7
     with mock.patch.object(services, "list_sessions", side_effect=IntegrityError("duplicate key")):
         response = listing(client, resourceId="alice")
-    assert assert_error(response, 503)["code"] == "database_error"
+    assert error_of(response, 503)["code"] == "database_error"
     assert response["Retry-After"] == "7"
 
 
@@ -441,7 +421,7 @@ def test_a_lost_database_connection_is_503(client):
         for response in (listing(client, resourceId="alice"),
                          metadata(client, {"threadId": "t1", "resourceId": "alice"}),
                          delete(client, {"threadId": "t1", "resourceId": "alice"})):
-            assert assert_error(response, 503)["code"] == "unavailable"
+            assert error_of(response, 503)["code"] == "unavailable"
             assert int(response["Retry-After"]) >= 1
     assert SessionMapping.objects.filter(thread_id="t1").exists()
 
@@ -452,7 +432,7 @@ def test_a_lost_database_connection_is_503(client):
 def test_openapi_document(client):
     response = client.get("/api/openapi.json")
     assert response.status_code == 200
-    doc = body(response)
+    doc = json_of(response)
     assert doc["openapi"].startswith("3.")
     assert doc["info"]["title"]
     paths = doc["paths"]

@@ -15,20 +15,16 @@ from django.utils import timezone
 from chat_app import leases, streams
 from chat_app.models import ThreadLease
 from chat_app.pool import pool
-from chat_app.turns import registry, start_turn
+from chat_app.turns import start_turn
 from tests.test_consumer import connect, until_end
 from sessions_app import selectors, services
 from sessions_app.models import SessionMapping, TranscriptEntry
+from tests.helpers import cli_processes, collect, events_of, turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread, resource="rob"):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=None)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
+body = turn_bodies("rob")
 
 
 async def until(turn, kind):
@@ -62,10 +58,11 @@ async def test_a_delete_stops_the_running_turn_and_is_never_undone(offline_chat,
     started = asyncio.get_running_loop().time()
     await services.delete_session(thread, "rob")
     events = await asyncio.wait_for(events_of(turn), 10)
-    assert asyncio.get_running_loop().time() - started < 2.5  # stopped, not run to its end (3 s)
+    assert asyncio.get_running_loop().time() - started < 2.5  # stopped, not run to its end (3 s); expected under 0.8 s
     assert events[-1]["type"] == "error" and events[-1]["code"] == "thread_deleted"
     assert events[-1]["threadId"] == thread and events[-1]["turnId"] == turn.turn_id
-    await asyncio.sleep(0.3)  # anything the CLI flushed late is erased too
+    # anything the CLI flushed late is erased too: once it has exited, it can flush nothing more
+    await wait_for_async(lambda: not cli_processes(), message="the turn's CLI exited")
     await assert_gone(thread, session["sessionId"])
     # the thread id starts afresh: nothing of the deleted conversation comes back
     again = await events_of(await start_turn(None, body("Hello again", thread)))
@@ -93,7 +90,7 @@ async def test_a_delete_from_another_process_stops_the_turn_through_its_lease(of
     await sync_to_async(delete_behind_our_back)()
     events = await asyncio.wait_for(events_of(turn), 10)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "thread_deleted"
-    await asyncio.sleep(0.3)
+    await wait_for_async(lambda: not cli_processes(), message="the turn's CLI exited")  # it can flush no more
     assert await selectors.get_mapping(thread, "rob") is None
     assert await stored_lines(session["sessionId"]) == 0
 
@@ -214,9 +211,9 @@ async def test_a_socket_forgets_its_finished_turns(offline_chat):
             await comm.send_json_to({"type": "message", "message": f"Turn {i}",
                                      "threadId": f"mem-{i}", "resourceId": "rob"})
             await until_end(comm)
-        await asyncio.sleep(0.1)
         consumer = consumers[0]
-        assert consumer.forwarders == {} and consumer.own_turns == {}
+        await wait_for_async(lambda: consumer.forwarders == {} and consumer.own_turns == {}, timeout=10,
+                             message=lambda: (consumer.forwarders, consumer.own_turns))
     finally:
         await comm.disconnect()
 
@@ -312,12 +309,8 @@ async def test_a_follow_past_the_end_of_a_turn_ends(offline_chat, monkeypatch):
     await streams.hub.attach(turn)  # as when the turn started on a Redis deployment
     started = asyncio.get_running_loop().time()
     follow = await RemoteFollow.open(turn.turn_id, "past-end", len(events) + 3, NotFound("gone"))
-    assert await asyncio.wait_for(collect_all(follow), 5) == []
-    assert asyncio.get_running_loop().time() - started < 5
-
-
-async def collect_all(stream):
-    return [event async for event in stream]
+    assert await asyncio.wait_for(collect(follow), 5) == []
+    assert asyncio.get_running_loop().time() - started < 5  # expected at once (one channel-layer round trip)
 
 
 async def test_a_delete_the_instant_a_turn_starts_returns_at_once(offline_chat):
@@ -326,8 +319,8 @@ async def test_a_delete_the_instant_a_turn_starts_returns_at_once(offline_chat):
     await events_of(await start_turn(None, body("First", "del-instant")))
     for i in range(3):
         turn = await start_turn(None, body(f"Again {i} [slow]", "del-instant"))
-        while turn._client is None:  # its message is on its way to the CLI
-            await asyncio.sleep(0)
+        # its message is on its way to the CLI (checked at every turn of the loop: the instant matters)
+        await wait_for_async(lambda: turn._client is not None, interval=0, message="the turn has its client")
         await asyncio.wait_for(services.delete_session("del-instant", "rob"), 3)
         events = await asyncio.wait_for(events_of(turn), 10)
         assert events[-1]["code"] == "thread_deleted"

@@ -4,13 +4,11 @@ coverage and fuzzing phases), every check (``[checks] enabled = true``):
 no 500, no schema-valid request rejected, every answer as documented (every
 error the contract's JSON). A bounded number of examples per operation."""
 
-import subprocess
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.e2e import ROOT, make_server, python_bin
+from tests.e2e import issue_token, make_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -19,14 +17,6 @@ HYPOTHESIS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
     suppress_health_check=list(HealthCheck),
 )
-
-
-def issue_token(server, username: str) -> str:
-    done = subprocess.run(
-        [python_bin(), "manage.py", "issue_token", username],
-        cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=120, check=True,
-    )
-    return done.stdout.strip().splitlines()[-1]
 
 
 def live(tmp_path_factory, **env):
@@ -43,11 +33,7 @@ def servers(tmp_path_factory):
         yield {mode: server for mode, (server, _) in made.items()}
     finally:
         for server, pg in made.values():
-            try:
-                server.stop()
-            finally:
-                if pg:
-                    pg.drop()
+            stop_server(server, pg)
 
 
 # Every check schemathesis has (`--checks all`; `enabled = true` also turns on

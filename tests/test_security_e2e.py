@@ -5,22 +5,21 @@ mid-turn: its CLI dies with it and the thread carries on after a restart."""
 
 import os
 import signal
-import subprocess
 import time
 
 import aiohttp
 import pytest
 
 from tests.e2e import (
-    ROOT,
     WSClient,
     is_cli,
+    issue_token,
     serving,
     new_id,
     processes_with_env,
-    python_bin,
     reply,
 )
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -32,14 +31,6 @@ def server(tmp_path_factory):
     # a long lease: a server killed mid-turn and restarted must not wait it out
     yield from serving(tmp_path_factory, extra_env={
         "OMNI_AUTH": "required", "OMNI_SECRET_KEY": SECRET_KEY, "OMNI_LEASE_SECONDS": "120"})
-
-
-def issue_token(server, username: str) -> str:
-    done = subprocess.run(
-        [python_bin(), "manage.py", "issue_token", username],
-        cwd=ROOT, env=server.env(), capture_output=True, text=True, timeout=120, check=True,
-    )
-    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +50,6 @@ def sse(server, token, body, path="/api/chat"):
 def environ_of(pid: int) -> bytes:
     with open(f"/proc/{pid}/environ", "rb") as f:
         return f.read()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def test_tokens_on_http_and_sse(server, token):
@@ -182,7 +165,7 @@ def test_the_server_killed_mid_turn_takes_its_cli_along(server, token):
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
         started = time.monotonic()
-        wait_for(lambda: not [p for p in clis if is_cli(p)], 3, "the CLI to die with its server")
+        wait_for(lambda: not [p for p in clis if is_cli(p)], 10, message="the CLI to die with its server")
         died_in = time.monotonic() - started
         assert processes_with_env("CLAUDE_CONFIG_DIR", str(server.claude_dir)) == []
     finally:

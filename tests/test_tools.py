@@ -16,22 +16,18 @@ from chat_app.turns import registry, start_turn
 from sessions_app import selectors, services
 from sessions_app.errors import Conflict, Forbidden, NotFound
 from sessions_app.models import ToolCall
+from tests.helpers import events_of, turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread, resource="tess", agent=None):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=agent)
+body = turn_bodies("tess")
 
 
 def decision(call_or_id, choice, thread, resource="tess", message=None):
     approval_id = call_or_id if isinstance(call_or_id, str) else call_or_id["approvalId"]
     return SimpleNamespace(threadId=thread, resourceId=resource, approvalId=approval_id,
                            decision=choice, message=message)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
 
 
 async def until(turn, kind, timeout=30):
@@ -93,13 +89,8 @@ async def waiting_turn(thread, target, resource="tess"):
                                        thread, resource))
     request = await until(turn, "approval_request")
     assert request["tool"] == "mcp__omni__delete_conversation" and request["input"] == {"threadId": target}
-    await asyncio.wait_for(_until_waiting(turn), 20)
+    await wait_for_async(lambda: turn.waiting, timeout=20, message="the turn waits for the decision")
     return turn, request
-
-
-async def _until_waiting(turn):
-    while not turn.waiting:
-        await asyncio.sleep(0.02)
 
 
 async def test_allow_runs_the_call_once_and_the_turn_goes_on(offline_chat):
@@ -211,12 +202,8 @@ async def test_a_decided_call_whose_turn_is_gone_is_continued_by_the_sweeper(off
     approvals.start_sweeper()  # as the server does at its start (chat_app.lifecycle.startup)
     await approvals.decide(None, decision(request, "allow", "t-sweep"))
 
-    async def continuation():
-        while (found := registry.get("tess", "t-sweep")) is None:
-            await asyncio.sleep(0.05)
-        return found
-
-    resumed = await asyncio.wait_for(continuation(), 10)
+    resumed = await wait_for_async(lambda: registry.get("tess", "t-sweep"), timeout=10,
+                                   message="the continuation started")
     assert resumed.turn_id != turn.turn_id
     rest = await asyncio.wait_for(events_of(resumed), 30)
     assert kinds(rest) == ["session", "approval", "tool_result", "done"]

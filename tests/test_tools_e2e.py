@@ -6,14 +6,13 @@ follows. (Across two workers: tests/test_scale_out.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 
 import pytest
 
 from tests.e2e import WSClient, new_id, serving
+from tests.helpers import wait_for_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -58,10 +57,9 @@ async def test_a_waiting_call_holds_no_process_and_a_reconnected_socket_decides_
     async with await WSClient.connect(server) as ws:
         request = await wait_request(ws, frame)
         turn_id, last = request["turnId"], request["seq"]
-    deadline = time.monotonic() + 10  # the CLI of the waiting turn exits
-    while running(server) or len(server.cli_children()) > 1:  # at most the datadog warm client
-        assert time.monotonic() < deadline, (running(server), server.cli_children())
-        await asyncio.sleep(0.1)
+    # the CLI of the waiting turn exits: at most the datadog warm client is left
+    await wait_for_async(lambda: not running(server) and len(server.cli_children()) <= 1, timeout=10,
+                         interval=0.1, message=lambda: (running(server), server.cli_children()))
     assert exists(server, target, resource)
     async with await WSClient.connect(server) as ws:  # the page came back
         await ws.send({"type": "follow", "threadId": thread, "resourceId": resource,

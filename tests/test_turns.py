@@ -1,22 +1,17 @@
 """The turn pipeline itself, in this process (real SDK and CLI, offline model)."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
 from chat_app.turns import registry, start_turn
 from sessions_app import selectors, services
+from tests.helpers import events_of, turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread="pipe-1", **extra):
-    return SimpleNamespace(message=message, threadId=thread, resourceId="erin", agent=None, **extra)
-
-
-async def events_of(turn):
-    return [event async for event in turn.listen()]
+body = turn_bodies("erin", "pipe-1")
 
 
 async def test_the_next_turn_may_start_as_soon_as_done_is_seen(offline_chat):

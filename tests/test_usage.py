@@ -1,10 +1,8 @@
 """Per-turn usage, totals and daily budgets (contract §10), in this process
 (real SDK and CLI, offline model)."""
 
-import asyncio
 from datetime import timedelta
 from decimal import Decimal
-from types import SimpleNamespace
 
 import pytest
 from django.test import AsyncClient
@@ -14,12 +12,12 @@ from chat_app.pool import pool
 from chat_app.turns import start_turn
 from sessions_app import usage
 from sessions_app.models import ResourceBudget, SessionMapping, TurnRecord
+from tests.helpers import turn_bodies
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 
 
-def body(message, thread, resource="una"):
-    return SimpleNamespace(message=message, threadId=thread, resourceId=resource, agent=None)
+body = turn_bodies("una")
 
 
 async def run(message, thread, resource="una"):

@@ -8,7 +8,6 @@ permission is refused other resources and gets no more of their turns'
 events. Cross-resource access needs the project's permission
 (``sessions_app.access_all_resources``), not the staff flag."""
 
-import asyncio
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -29,7 +28,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def auth_required(settings):
     settings.OMNI_AUTH = "required"
     settings.OMNI_WS_RECHECK_SECONDS = 0  # every frame checks again (the cache has a test of its own)
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @sync_to_async
