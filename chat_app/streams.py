@@ -158,6 +158,25 @@ class Stream:
 
 # --- the owner's side ------------------------------------------------------------
 
+async def received(channel: str, who: str) -> AsyncIterator[dict]:
+    """The messages of a channel of this process, as they come; a failing
+    channel layer (Redis down) is retried every second, logged once per outage."""
+    failing = False
+    while True:
+        try:
+            message = await layer().receive(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not failing:
+                log.warning("%s: channel layer receive failed; retrying every second", who, exc_info=True)
+            failing = True
+            await asyncio.sleep(1)
+            continue
+        failing = False
+        yield message
+
+
 class Hub:
     """This process's end of the channel layer: answers ``subscribe`` and
     ``interrupt`` for the turns it runs, sends their events to remote
@@ -225,15 +244,7 @@ class Hub:
                 log.warning("could not publish an event to %s", group, exc_info=True)
 
     async def _read(self) -> None:
-        while True:
-            try:
-                message = await layer().receive(self.channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("hub: channel layer receive failed", exc_info=True)
-                await asyncio.sleep(1)
-                continue
+        async for message in received(self.channel, "hub"):
             try:
                 await self._handle(message)
             except Exception:
@@ -338,14 +349,7 @@ class ThreadWatch:
         return self
 
     async def _read(self) -> None:
-        while True:
-            try:
-                message = await layer().receive(self.channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(1)
-                continue
+        async for message in received(self.channel, f"follower of thread {self.key[1]}"):
             if message.get("type") == "omni.started":
                 self.woken.set()
 

@@ -454,17 +454,9 @@ def test_the_audit_admin_on_a_libsql_server(tmp_path):
     """The list (every filter, search, sorting), a call's page, the thread's
     page and the thread's deletion need no SQL date function, which a remote
     libSQL connection lacks (README, "The libSQL engine")."""
-    from tests.hrana_server import start_hrana_server
-    from tests.test_engine_remote import output, run_django
+    from tests.test_engine_remote import on_a_libsql_server
 
-    server = start_hrana_server(tmp_path / "remote.db", token="t0k")
-    try:
-        url = f"{server.url}?authToken=t0k"
-        for step in (["migrate", "--noinput"], REMOTE_SCRIPT):
-            proc = run_django(step, url, tmp_path / "data", timeout=300)
-            assert proc.returncode == 0, output(proc)
-    finally:
-        server.stop()
+    proc = on_a_libsql_server(tmp_path, REMOTE_SCRIPT)
     assert "REMOTE ADMIN OK" in proc.stdout
 
 

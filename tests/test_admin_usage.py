@@ -562,15 +562,7 @@ def test_the_usage_admin_on_a_libsql_server(tmp_path):
     """The spend page (sorts, search, range), the budgets and the records
     over a remote libSQL connection, which has no SQL date functions
     (README, "The libSQL engine")."""
-    from tests.hrana_server import start_hrana_server
-    from tests.test_engine_remote import output, run_django
+    from tests.test_engine_remote import on_a_libsql_server
 
-    server = start_hrana_server(tmp_path / "remote.db", token="t0k")
-    try:
-        url = f"{server.url}?authToken=t0k"
-        for step in (["migrate", "--noinput"], REMOTE_SCRIPT):
-            proc = run_django(step, url, tmp_path / "data", timeout=300, OMNI_DAILY_BUDGET_USD="0")
-            assert proc.returncode == 0, output(proc)
-    finally:
-        server.stop()
+    proc = on_a_libsql_server(tmp_path, REMOTE_SCRIPT, OMNI_DAILY_BUDGET_USD="0")
     assert "REMOTE USAGE ADMIN OK" in proc.stdout

@@ -46,6 +46,21 @@ def output(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
+def on_a_libsql_server(tmp_path: Path, script: str, **extra_env: str) -> subprocess.CompletedProcess:
+    """``script`` run with Django on a fresh libSQL server (Hrana, this
+    suite's own) that the engine migrated first; fails the test if either
+    step fails."""
+    server = start_hrana_server(tmp_path / "remote.db", token="t0ken")
+    try:
+        url = f"{server.url}?authToken=t0ken"
+        for step in (["migrate", "--noinput"], script):
+            proc = run_django(step, url, tmp_path / "data", timeout=300, **extra_env)
+            assert proc.returncode == 0, output(proc)
+    finally:
+        server.stop()
+    return proc
+
+
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory):
     """A Hrana server over a fresh file, migrated through the engine."""

@@ -448,17 +448,8 @@ print("AGAIN", backend.admit_sync("alice", "t5").counted, TurnStart.objects.coun
 @pytest.mark.engine_agnostic
 def test_db_backend_over_a_libsql_server(tmp_path, settings):
     """The same statements through the libSQL engine's remote path."""
-    from tests.hrana_server import start_hrana_server
-    from tests.test_engine_remote import output, run_django
+    from tests.test_engine_remote import on_a_libsql_server, output
 
-    server = start_hrana_server(tmp_path / "remote.db", token="t0ken")
-    try:
-        url = f"{server.url}?authToken=t0ken"
-        migrate = run_django(["migrate", "--noinput"], url, tmp_path / "data")
-        assert migrate.returncode == 0, output(migrate)
-        proc = run_django(REMOTE_SCRIPT, url, tmp_path / "data")
-    finally:
-        server.stop()
-    assert proc.returncode == 0, output(proc)
+    proc = on_a_libsql_server(tmp_path, REMOTE_SCRIPT)
     assert proc.stdout.split("\n")[:4] == [
         "RATE 60", f"RUNNING {settings.OMNI_BUSY_RETRY_AFTER}", "ROWS ['t1']", "AGAIN True 1"], output(proc)

@@ -307,17 +307,8 @@ print("SUMMARY", sql.summary_lock(connection, project_key="p", session_id="s1")[
 
 @pytest.mark.engine_agnostic
 def test_the_statements_over_a_libsql_server(tmp_path):
-    from tests.hrana_server import start_hrana_server
-    from tests.test_engine_remote import output, run_django
+    from tests.test_engine_remote import on_a_libsql_server, output
 
-    server = start_hrana_server(tmp_path / "remote.db", token="t0ken")
-    try:
-        url = f"{server.url}?authToken=t0ken"
-        migrate = run_django(["migrate", "--noinput"], url, tmp_path / "data")
-        assert migrate.returncode == 0, output(migrate)
-        proc = run_django(REMOTE_SCRIPT, url, tmp_path / "data")
-    finally:
-        server.stop()
-    assert proc.returncode == 0, output(proc)
+    proc = on_a_libsql_server(tmp_path, REMOTE_SCRIPT)
     assert proc.stdout.split("\n")[:4] == [
         "FINISH 1 0.25000000 4 3 Q", "MAPPING 3 3", "LEFT 0.75000000", "SUMMARY (7, '{}')"], output(proc)
