@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from chat_app import limits
 from omni.asgi import application
-from sessions_app import services, tokens
+from sessions_app import selectors, services, tokens
 from sessions_app.models import ApiToken, SessionMapping
 from tests import helpers
 from tests.helpers import error_of
@@ -468,7 +468,7 @@ def test_a_database_down_is_503_json_for_chat_calls_too(client):
     from chat_app import leases
 
     token = issue("alice")
-    with mock.patch.object(services, "get_mapping", side_effect=OperationalError("refused")), \
+    with mock.patch.object(selectors, "get_mapping", side_effect=OperationalError("refused")), \
             mock.patch.object(leases, "acquire_sync", side_effect=OperationalError("refused")):
         for path, payload in (
             ("/api/chat", {"message": "hi", "threadId": "t1"}),
