@@ -44,6 +44,7 @@ async def startup() -> None:
     pool.start()
     pool.fill_spares()  # a process ready for the first new thread
     start_sweeper()
+    await hub.start()  # on the channel layer: deletes, followers and interrupts from other workers
 
 
 async def shutdown(grace: float | None = None) -> None:

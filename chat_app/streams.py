@@ -190,6 +190,17 @@ class Hub:
         self._loop = None
         self._published: set[str] = set()  # turns whose events go to their event group
 
+    async def start(self) -> None:
+        """Join the channel layer (with the server: :func:`chat_app.lifecycle.startup`).
+        A layer that is down then is joined again by the next turn (:meth:`attach`)."""
+        if not distributed():
+            return
+        try:
+            await self._ensure_started()
+        except Exception:
+            log.warning("channel layer unavailable at start: turns are followable from other "
+                        "workers once it answers", exc_info=True)
+
     async def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()
         if self._reader is not None and self._loop is loop and not self._reader.done():
