@@ -14,7 +14,7 @@ from django.contrib.staticfiles import finders
 from django.db import IntegrityError, OperationalError, connection
 from django.utils import timezone
 
-from sessions_app import services
+from sessions_app import selectors, services
 from sessions_app.models import SessionMapping
 from tests import helpers
 from tests.helpers import error_of, json_of
@@ -385,17 +385,18 @@ def test_an_inactive_user_is_not_authenticated(client, auth_required, alice):
 
 
 @pytest.mark.parametrize(
-    "target, request_",
+    "module, target, request_",
     [
-        ("list_sessions", lambda c: listing(c, resourceId="alice")),
-        ("delete_session", lambda c: delete(c, {"threadId": "t1", "resourceId": "alice"})),
-        ("get_metadata", lambda c: metadata(c, {"threadId": "t1", "resourceId": "alice"})),
+        ("selectors", "list_sessions", lambda c: listing(c, resourceId="alice")),
+        ("services", "delete_session", lambda c: delete(c, {"threadId": "t1", "resourceId": "alice"})),
+        ("selectors", "get_metadata", lambda c: metadata(c, {"threadId": "t1", "resourceId": "alice"})),
     ],
     ids=["list", "delete", "metadata"],
 )
-def test_database_errors_are_503(client, target, request_):
+def test_database_errors_are_503(client, module, target, request_):
     with mock.patch.object(
-        services, target, side_effect=OperationalError("could not connect to server")
+        {"selectors": selectors, "services": services}[module], target,
+        side_effect=OperationalError("could not connect to server")
     ):
         response = request_(client)
     error = error_of(response, 503)
@@ -405,7 +406,7 @@ def test_database_errors_are_503(client, target, request_):
 
 def test_every_database_503_says_when_to_try_again(client, settings):
     settings.OMNI_BUSY_RETRY_AFTER = 7
-    with mock.patch.object(services, "list_sessions", side_effect=IntegrityError("duplicate key")):
+    with mock.patch.object(selectors, "list_sessions", side_effect=IntegrityError("duplicate key")):
         response = listing(client, resourceId="alice")
     assert error_of(response, 503)["code"] == "database_error"
     assert response["Retry-After"] == "7"
