@@ -126,10 +126,6 @@ def mapping_of(resource_ref, thread_ref):
     return SessionMapping.objects.filter(resource_id=resource_ref, thread_id=thread_ref)
 
 
-async def thread_count(resource_id: str) -> int:
-    return await SessionMapping.objects.filter(resource_id=resource_id).acount()
-
-
 def search_sync(resource_id: str, query: str, *, exclude_thread: str, limit: int) -> list[tuple]:
     """The resource's threads (but ``exclude_thread``) whose title, last
     message or transcript holds ``query``: ``(mapping, where)`` pairs, best

@@ -135,8 +135,6 @@ def check_budget_sync(resource_id: str, state=None) -> Decimal | None:
     return budget - spent
 
 
-async def check_budget(resource_id: str) -> Decimal | None:
-    return await sync_to_async(check_budget_sync)(resource_id)
 
 
 # --- reading -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 from django.utils import timezone
 
@@ -138,5 +139,5 @@ async def test_a_budget_refusal_shows_both_amounts_with_every_digit_they_have(se
         await usage.record_turn({"turn_id": f"digits-{n}", "resource_id": "una", "thread_id": "x",
                                  "started_at": timezone.now(), "outcome": "done", "cost_usd": Decimal(cost)})
     with pytest.raises(usage.BudgetExceeded) as refused:
-        await usage.check_budget("una")
+        await sync_to_async(usage.check_budget_sync)("una")
     assert shown in refused.value.message, refused.value.message
