@@ -187,3 +187,17 @@ async def test_a_waiting_turn_over_its_budget_is_refused_like_a_message(offline_
     rest = await events_of(started[0])
     assert rest[-1]["type"] == "done" and started[0].history[:3] == [S.ADMITTED, S.CONTINUING, S.STREAMING]
     assert await selectors.get_mapping("st-keep", "tess") is None
+
+
+async def test_a_turn_cancelled_before_it_ran_gives_its_process_back_and_ends(offline_chat):
+    """The loop closing under a turn admitted a moment ago: its task never
+    ran its own cleanup, so the registry's callback has the turn let go."""
+    spec = TurnSpec("tess", "st-6", "hi", "default", {})
+    slot = pool.checkout(spec.key, agent="default", session_id=None, version=None, fork=False)
+    assert pool.counts()["running"] == 1
+    turn = registry.start(Turn(spec, slot))
+    turn.task.cancel()
+    events = await events_of(turn, timeout=10)
+    assert [e["type"] for e in events] == ["error"] and events[0]["code"] == "turn_failed"
+    assert turn.history == [S.ADMITTED, S.FINISHING, S.ENDED]
+    assert pool.counts()["running"] == 0 and registry.get("tess", "st-6") is None

@@ -356,10 +356,15 @@ class Turn:
 
     def abandon(self) -> None:
         """The turn's task was cancelled before it ran (the loop closing):
-        its process goes back; its lease lapses at its expiry."""
-        if self.state is State.ADMITTED and self.slot is not None:
+        its process goes back, its listeners get its end; its lease lapses
+        at its expiry."""
+        if self.state is not State.ADMITTED:
+            return
+        if self.slot is not None:
             pool.discard(self.slot, "turn cancelled")
             self.slot = None
+        self._enter(State.FINISHING)
+        self._publish_ending()
 
     async def _free_process(self, reason: str) -> None:
         """Give the turn's process back to the pool: the one place it is.
