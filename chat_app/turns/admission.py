@@ -60,52 +60,47 @@ class Kind:
 
 async def admit(spec: TurnSpec, kind: Kind) -> Turn:
     """Admit a new turn (see the module doc) and start it."""
-    try:
-        if registry.draining:
-            raise ServerBusy("the server is shutting down; try again (another worker will answer)",
-                             retry_after=1)
-        if running := registry.get(spec.resource_id, spec.thread_id):
-            raise leases.busy_error(spec.thread_id, running.retry_after())
-        backend = limits.backend()
-        inline = backend if isinstance(backend, limits.DatabaseBackend) else None
-        lease, admission = await sync_to_async(_admit_sync)(spec, kind, inline)
-        try:
-            if admission is None:
-                admission = await limits.admit(spec.resource_id, spec.turn_id)
-            try:
-                slot = _process(spec)
-            except BaseException:
-                await asyncio.shield(admission.cancel())  # it did not start: it does not count
-                raise
-        except BaseException:
-            await asyncio.shield(lease.discard())  # refused: the thread as it was, no new row
-            raise
-    except ApiError as exc:
-        if kind.count_busy or exc.code != "thread_busy":
-            metrics.refused(exc.code)
-        raise
+    lease, slot = await _admitted(spec, kind)
     return registry.start(Turn(spec, slot, lease, readmit=readmit))
 
 
 async def readmit(turn: Turn) -> None:
-    """A waiting turn goes on after a decision: the same checks as any turn
+    """A waiting turn goes on after a decision: the same steps as any turn
     under the lease it holds (the thread's mapping, the budget, the limits, a
     process). Refused, the turn ends with that error and the decided call
     waits for the sweeper (on any worker)."""
-    spec = turn.spec
+    _, turn.slot = await _admitted(turn.spec, CONTINUATION, held=turn.lease)
+
+
+async def _admitted(spec: TurnSpec, kind: Kind, held: leases.Lease | None = None) -> tuple:
+    """Steps 1-6 in order (step 1 and the lease's take only for a new turn,
+    ``held`` is None): the lease and a process. A refusal is counted, gives
+    back a lease taken here and uncounts the start."""
     try:
+        if held is None:
+            if registry.draining:
+                raise ServerBusy("the server is shutting down; try again (another worker will answer)",
+                                 retry_after=1)
+            if running := registry.get(spec.resource_id, spec.thread_id):
+                raise leases.busy_error(spec.thread_id, running.retry_after())
         backend = limits.backend()
         inline = backend if isinstance(backend, limits.DatabaseBackend) else None
-        _, admission = await sync_to_async(_admit_sync)(spec, CONTINUATION, inline, lease=turn.lease)
-        if admission is None:
-            admission = await limits.admit(spec.resource_id, spec.turn_id)
+        lease, admission = await sync_to_async(_admit_sync)(spec, kind, inline, lease=held)
         try:
-            turn.slot = _process(spec)
+            if admission is None:
+                admission = await limits.admit(spec.resource_id, spec.turn_id)
+            try:
+                return lease, _process(spec)
+            except BaseException:
+                await asyncio.shield(admission.cancel())  # it did not start: it does not count
+                raise
         except BaseException:
-            await asyncio.shield(admission.cancel())
+            if held is None:
+                await asyncio.shield(lease.discard())  # refused: the thread as it was, no new row
             raise
     except ApiError as exc:
-        metrics.refused(exc.code)
+        if kind.count_busy or exc.code != "thread_busy":
+            metrics.refused(exc.code)
         raise
 
 
