@@ -427,10 +427,7 @@ async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None
     except NotFound:
         if turn_id is not None:
             raise
-        waiting = await follow_waiting_call(resource_id, thread_id, exclude=exclude)
-        if waiting is False:
-            raise
-        return waiting
+        return await follow_waiting_call(resource_id, thread_id, exclude=exclude)
 
 
 async def _follow_turn(resource_id: str, thread_id: str, *, turn_id: str | None = None,
@@ -483,21 +480,18 @@ class WaitingStream(Stream):
                 yield pair
 
 
-async def follow_waiting_call(resource_id: str, thread_id: str, *, exclude=()) -> Stream | None | bool:
+async def follow_waiting_call(resource_id: str, thread_id: str, *, exclude=()) -> Stream | None:
     """No turn runs on the thread: if its tool call waits for a decision (or
     was decided and waits for the turn that goes on), a stream of the call's
     ``approval_request`` (as it was first published, under the turn that
     asked, with ``seq`` 0: its first position is not kept), then of the
-    continuation, wherever it starts, through its ``done``. False when no
-    call waits (404); None if the asking turn is one of ``exclude``."""
+    continuation, wherever it starts, through its ``done``. Raises 404 when
+    no call waits; None if the asking turn is one of ``exclude``."""
     key = (resource_id, thread_id)
     call = await sync_to_async(calls.pending_for_thread_sync)(resource_id, thread_id)
     if call is None or not call.approval_id:
-        # the continuation may have taken the call up just now
-        try:
-            return await _follow_turn(resource_id, thread_id, exclude=exclude)
-        except NotFound:
-            return False
+        # the continuation may have taken the call up just now (404 if not)
+        return await _follow_turn(resource_id, thread_id, exclude=exclude)
     if call.turn_id in exclude:
         return None
     request = {**events.approval_request_event(call), "seq": 0, "turnId": call.turn_id, "threadId": thread_id}
