@@ -61,7 +61,7 @@ class TurnRegistry:
         # it, so it must not use that request's thread-sensitive executor.
         loop = asyncio.get_running_loop()
         turn.task = loop.create_task(self._run(turn), context=contextvars.Context())
-        turn.task.add_done_callback(lambda _: self._cancelled_before_run(turn))
+        turn.task.add_done_callback(lambda _: self._task_done(turn))
         return turn
 
     async def _run(self, turn: Turn) -> None:
@@ -69,9 +69,10 @@ class TurnRegistry:
             await hook(turn)
         await turn.run(on_free=self._release)
 
-    def _cancelled_before_run(self, turn: Turn) -> None:
-        """A task cancelled before its first step never ran the turn's own
-        cleanup: the turn gives its process back, the thread is freed here."""
+    def _task_done(self, turn: Turn) -> None:
+        """The turn's task ended. One cancelled before its first step never
+        ran the turn's own cleanup: the turn gives its process back and ends
+        its stream (a no-op for a turn that ran), the thread is freed here."""
         turn.abandon()
         self._release(turn)
 
