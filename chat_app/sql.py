@@ -15,16 +15,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db import connections, router
 from django.utils import timezone
 
-from sessions_app.sql import Sql, insert_values, names
+from sessions_app.sql import Sql, connection_for, insert_values, names
 
 from .models import ThreadLease, TurnStart
-
-
-def _on(model):
-    return connections[router.db_for_write(model)]  # the primary: no replica lag
 
 
 def _stamp(connection, when):
@@ -39,7 +34,7 @@ def lease_take(*, resource_id: str, thread_id: str, turn_id: str, now, expires, 
     """The atomic take of a thread's lease (see :mod:`chat_app.leases`): a
     new row with token 1, or the row taken over if its lease expired (token
     + 1, every other column rewritten). The new token, or None (a live lease)."""
-    connection = _on(ThreadLease)
+    connection = connection_for(ThreadLease)
     table, column = names(ThreadLease, connection)
     columns, placeholders, params = insert_values(ThreadLease, connection, {
         "resource_id": resource_id, "thread_id": thread_id, "token": Sql("1"), "turn_id": turn_id,
@@ -62,7 +57,7 @@ def lease_take_from_dead(*, pk: int, held_turn_id: str, held_token: int, turn_id
                          host_id: str, pid: int | None, pid_started: int | None) -> int | None:
     """Take a live lease (row ``pk``) whose holder died, if it is still
     that holder's take (``held_turn_id``, ``held_token``): the new token, or None."""
-    connection = _on(ThreadLease)
+    connection = connection_for(ThreadLease)
     table, column = names(ThreadLease, connection)
     written = {"turn_id": turn_id, "expires_at": _stamp(connection, expires), "host": host,
                "host_id": host_id, "pid": pid, "pid_started": pid_started}
@@ -80,7 +75,7 @@ def lease_take_from_dead(*, pk: int, held_turn_id: str, held_token: int, turn_id
 def lease_release_if_held(*, resource_id: str, thread_id: str, turn_id: str, token: int, now) -> bool:
     """Let a lease lapse now (``expires_at`` a second ago) if it is still
     this take's and live: one ``UPDATE``. False if it was lost."""
-    connection = _on(ThreadLease)
+    connection = connection_for(ThreadLease)
     table, column = names(ThreadLease, connection)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -105,7 +100,7 @@ def _live_leases(connection, resource_id: str) -> tuple[str, dict]:
 
 def live_leases(*, resource_id: str) -> int:
     """How many turns of ``resource_id`` run now, on every worker: one ``SELECT``."""
-    connection = _on(ThreadLease)
+    connection = connection_for(ThreadLease)
     sql, params = _live_leases(connection, resource_id)
     with connection.cursor() as cursor:
         cursor.execute("SELECT " + sql, params)
@@ -122,7 +117,7 @@ def turn_start_take(*, resource_id: str, turn_id: str, now_ms: int, cutoff_ms: i
     above 0) runs at most ``max_turns`` (see :mod:`chat_app.limits.db`): one
     statement. The slot taken, or None (refused, or the free slot was taken
     by another worker meanwhile)."""
-    connection = _on(TurnStart)
+    connection = connection_for(TurnStart)
     table, col = names(TurnStart, connection)
     columns, placeholders, params = insert_values(TurnStart, connection, {
         "resource_id": resource_id, "slot": Sql("n"), "turn_id": turn_id, "started_ms": now_ms})
@@ -157,7 +152,7 @@ def turn_start_counts(*, resource_id: str, cutoff_ms: int, max_turns: int) -> tu
     """Why a start was refused: the resource's starts since ``cutoff_ms``,
     the oldest of them (ms) and (``max_turns`` above 0, else 0) its running
     turns. One ``SELECT``."""
-    connection = _on(TurnStart)
+    connection = connection_for(TurnStart)
     table, col = names(TurnStart, connection)
     params = {"resource": resource_id, "cutoff": cutoff_ms}
     running = "0"
@@ -173,7 +168,7 @@ def turn_start_counts(*, resource_id: str, cutoff_ms: int, max_turns: int) -> tu
 
 def turn_start_prune(*, before_ms: int) -> int:
     """Delete every start at or before ``before_ms``: one ``DELETE``."""
-    connection = _on(TurnStart)
+    connection = connection_for(TurnStart)
     table, col = names(TurnStart, connection)
     with connection.cursor() as cursor:
         cursor.execute(f"DELETE FROM {table} WHERE {col['started_ms']} <= %(before)s", {"before": before_ms})
@@ -182,7 +177,7 @@ def turn_start_prune(*, before_ms: int) -> int:
 
 def turn_start_delete(*, resource_id: str, slot: int, turn_id: str) -> int:
     """Uncount a start (its slot, if still this turn's): one ``DELETE``."""
-    connection = _on(TurnStart)
+    connection = connection_for(TurnStart)
     table, col = names(TurnStart, connection)
     with connection.cursor() as cursor:
         cursor.execute(

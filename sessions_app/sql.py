@@ -99,7 +99,8 @@ def insert_values(model, connection, given: dict):
     return columns, placeholders, params
 
 
-def _on(model, connection=None, *, write: bool = True):
+def connection_for(model, connection=None, *, write: bool = True):
+    """``connection``, else the model's (the primary when ``write``: no replica lag)."""
     if connection is not None:
         return connection
     alias = router.db_for_write(model) if write else router.db_for_read(model)
@@ -112,7 +113,7 @@ def _on(model, connection=None, *, write: bool = True):
 def mapping_for_turn(*, thread_id: str, resource_id: str, fields: list[str]) -> tuple | None:
     """The thread's mapping's ``fields`` (a turn reads them before it
     starts), or None: one ``SELECT``."""
-    connection = _on(SessionMapping, write=False)
+    connection = connection_for(SessionMapping, write=False)
     table, column = names(SessionMapping, connection)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -130,7 +131,7 @@ def mapping_turn_update(*, thread_id: str, resource_id: str, session_id: str, ad
     only when given ``agent``, ``last_message``, ``title`` (set only while
     empty) and ``cost_usd`` (added). One ``UPDATE``; False if the mapping
     is gone."""
-    connection = _on(SessionMapping)
+    connection = connection_for(SessionMapping)
     table, column = names(SessionMapping, connection)
     sets = [f"{column['session_id']} = %(session)s", f"{column['updated_at']} = %(now)s",
             f"{column['message_count']} = {column['message_count']} + %(added)s",
@@ -160,7 +161,7 @@ def mapping_turn_update(*, thread_id: str, resource_id: str, session_id: str, ad
 
 def mapping_add_cost(*, thread_id: str, resource_id: str, cost_usd: Decimal) -> int:
     """Add a turn's cost to its thread's total: one ``UPDATE``."""
-    connection = _on(SessionMapping)
+    connection = connection_for(SessionMapping)
     table, column = names(SessionMapping, connection)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -178,7 +179,7 @@ def turn_record_insert(record: dict) -> bool:
     """Insert a turn's record (``TurnRecord`` fields) unless its turn has one
     already: ``INSERT ... ON CONFLICT (turn_id) DO NOTHING RETURNING``. True
     if this call inserted it (so its cost is to be counted, once)."""
-    connection = _on(TurnRecord)
+    connection = connection_for(TurnRecord)
     table, column = names(TurnRecord, connection)
     columns, placeholders, params = insert_values(TurnRecord, connection, record)
     with connection.cursor() as cursor:
@@ -193,7 +194,7 @@ def record_turn(record: dict) -> bool:
     """A turn's record and its thread's cost, idempotently together: the
     cost is added only if the record was inserted now, in one transaction
     (the caller's, if it has one). True if inserted."""
-    with transaction.atomic(using=_on(TurnRecord).alias, savepoint=False):
+    with transaction.atomic(using=connection_for(TurnRecord).alias, savepoint=False):
         inserted = turn_record_insert(record)
         if inserted and record.get("cost_usd"):
             mapping_add_cost(thread_id=record["thread_id"], resource_id=record["resource_id"],
@@ -207,14 +208,18 @@ def record_turn(record: dict) -> bool:
 BudgetState = tuple  # (has an override, its daily_usd, spent today)
 
 
-def _budget_columns(connection, budgets: str, b: dict, records: str, r: dict) -> str:
+def _budget_columns(connection) -> tuple[str, str]:
     """The override's id and amount, and the day's spend summed only when a
     cap applies (the override's amount above 0, or with no override
-    ``%(default_caps)s``): three columns over ``LEFT JOIN {budgets}``."""
-    return (f"{budgets}.{b['id']}, {budgets}.{b['daily_usd']}, "
-            f"CASE WHEN ({budgets}.{b['id']} IS NULL AND %(default_caps)s) OR {budgets}.{b['daily_usd']} > 0 "
-            f"THEN (SELECT SUM({r['cost_usd']}) FROM {records} "
-            f"WHERE {r['resource_id']} = %(resource)s AND {r['day']} = %(day)s) END")
+    ``%(default_caps)s``): three columns, and the ``LEFT JOIN`` of the
+    resource's override they read."""
+    budgets, b = names(ResourceBudget, connection)
+    records, r = names(TurnRecord, connection)
+    columns = (f"{budgets}.{b['id']}, {budgets}.{b['daily_usd']}, "
+               f"CASE WHEN ({budgets}.{b['id']} IS NULL AND %(default_caps)s) OR {budgets}.{b['daily_usd']} > 0 "
+               f"THEN (SELECT SUM({r['cost_usd']}) FROM {records} "
+               f"WHERE {r['resource_id']} = %(resource)s AND {r['day']} = %(day)s) END")
+    return columns, f"LEFT JOIN {budgets} ON {budgets}.{b['resource_id']} = %(resource)s"
 
 
 def _budget_state(key, amount, spent) -> BudgetState:
@@ -228,13 +233,11 @@ def budget_state(*, resource_id: str, day: date, default_caps: bool) -> BudgetSt
     summed only when a cap applies: the override's amount above 0, or with
     no override ``default_caps`` (``OMNI_DAILY_BUDGET_USD`` above 0). Read
     at every check: an override saved by any worker applies at the next."""
-    connection = _on(ResourceBudget, write=False)
-    budgets, b = names(ResourceBudget, connection)
-    records, r = names(TurnRecord, connection)
+    connection = connection_for(ResourceBudget, write=False)
+    columns, join = _budget_columns(connection)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT {_budget_columns(connection, budgets, b, records, r)} "
-            f"FROM (SELECT 1 AS one) one LEFT JOIN {budgets} ON {budgets}.{b['resource_id']} = %(resource)s",
+            f"SELECT {columns} FROM (SELECT 1 AS one) one {join}",
             {"resource": resource_id, "day": db_value(TurnRecord, "day", day, connection),
              "default_caps": bool(default_caps)})
         return _budget_state(*cursor.fetchone())
@@ -245,18 +248,15 @@ def mapping_and_budget(*, thread_id: str, resource_id: str, fields: list[str], d
     """A message's two reads in one ``SELECT``: the thread's mapping's
     ``fields`` (None: no mapping; ``fields[0]`` must be a NOT NULL column)
     and the resource's :func:`budget_state`."""
-    connection = _on(SessionMapping, write=False)
+    connection = connection_for(SessionMapping, write=False)
     table, column = names(SessionMapping, connection)
-    budgets, b = names(ResourceBudget, connection)
-    records, r = names(TurnRecord, connection)
+    budget_columns, budget_join = _budget_columns(connection)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT {', '.join(f'{table}.{column[name]}' for name in fields)}, "
-            f"{_budget_columns(connection, budgets, b, records, r)} "
+            f"SELECT {', '.join(f'{table}.{column[name]}' for name in fields)}, {budget_columns} "
             f"FROM (SELECT 1 AS one) one "
             f"LEFT JOIN {table} ON {table}.{column['thread_id']} = %(thread)s "
-            f"AND {table}.{column['resource_id']} = %(resource)s "
-            f"LEFT JOIN {budgets} ON {budgets}.{b['resource_id']} = %(resource)s",
+            f"AND {table}.{column['resource_id']} = %(resource)s {budget_join}",
             {"thread": thread_id, "resource": resource_id,
              "day": db_value(TurnRecord, "day", day, connection), "default_caps": bool(default_caps)})
         row = cursor.fetchone()
