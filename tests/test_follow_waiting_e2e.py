@@ -77,15 +77,9 @@ def test_an_sse_follow_after_a_restart_replays_the_request_and_carries_the_conti
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tests.test_scale_out import Cluster, require_services
+    from tests.test_scale_out import running_cluster
 
-    require_services()
-    cluster = Cluster(tmp_path_factory.mktemp("follow-waiting"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_cluster(tmp_path_factory, "follow-waiting")
 
 
 @pytest.mark.engine_agnostic  # on PostgreSQL in every run

@@ -114,15 +114,21 @@ def delete_redis_keys(prefix: str) -> None:
         client.delete(*keys)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def running_cluster(tmp_path_factory, name: str):
+    """A module fixture's body: the services required, a cluster started in
+    a fresh folder ``name``, stopped after the module."""
     require_services()
-    cluster = Cluster(tmp_path_factory.mktemp("scale-out"))
+    cluster = Cluster(tmp_path_factory.mktemp(name))
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from running_cluster(tmp_path_factory, "scale-out")
 
 
 def messages(server: Server, thread: str, resource: str) -> list[tuple[str, str]]:
