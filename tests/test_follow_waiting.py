@@ -159,12 +159,19 @@ async def test_a_websocket_follow_replays_the_request_and_another_socket_decides
     await decider.disconnect()
 
 
+async def following_after_restart(thread, target):
+    """A follower of ``thread``, whose call (to delete ``target``) waits after
+    every process restarted, past the replayed ``approval_request``."""
+    await seed(target)
+    await restarted_while_waiting(thread, target)
+    events = aiter(await streams.follow("tess", thread))
+    assert (await asyncio.wait_for(anext(events), 10))["type"] == "approval_request"
+    return events
+
+
 async def test_a_follower_of_a_waiting_call_whose_thread_is_deleted_ends(restartable, monkeypatch):
     monkeypatch.setattr(streams, "idle_seconds", lambda: 0.2)  # a deletion wakes nobody: it looks again
-    await seed("old4")
-    turn, request = await restarted_while_waiting("t-del", "old4")
-    events = aiter(await streams.follow("tess", "t-del"))
-    assert (await asyncio.wait_for(anext(events), 10))["type"] == "approval_request"
+    events = await following_after_restart("t-del", "old4")
     await services.delete_session("t-del", "tess")
     rest = await asyncio.wait_for(_collect(events), 10)
     assert [e["type"] for e in rest] == ["error"] and rest[0]["code"] == "not_found"
@@ -174,10 +181,7 @@ async def test_stop_after_a_restart_denies_the_waiting_call_and_the_follower_get
     """As Stop denies the call a running turn waits for: with no turn left,
     an interrupt of the thread denies the waiting call; the conversation goes
     on (the sweeper) to the follower."""
-    await seed("old5")
-    turn, request = await restarted_while_waiting("t-stop", "old5")
-    events = aiter(await streams.follow("tess", "t-stop"))
-    assert (await asyncio.wait_for(anext(events), 10))["type"] == "approval_request"
+    events = await following_after_restart("t-stop", "old5")
     await streams.interrupt("tess", "t-stop")
     rest = await asyncio.wait_for(_collect(events), 60)
     assert kinds(rest) == ["session", "approval", "tool_result", "done"], kinds(rest)
