@@ -8,7 +8,7 @@ class ChatAppConfig(AppConfig):
     def ready(self):
         from sessions_app.signals import sessions_pruned, thread_deleted, tool_call_decided
 
-        from . import receivers
+        from . import checks, receivers  # noqa: F401  (checks: registers the workspace check)
         from .streams import announce_started, hub
         from .turns import registry
 

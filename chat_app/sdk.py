@@ -173,17 +173,22 @@ def _runtime_base() -> Path:
 
 def _private_dir(path: Path) -> Path:
     """``path`` as a directory of this user's only (created 0700); a symlink,
-    a file or another user's directory there is an error, never used."""
+    a file or another user's directory there is an error
+    (:class:`NotPrivate`), never used."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise RuntimeError(f"{path} is not a directory of this user: cannot keep the CLIs' pid files there")
+        raise NotPrivate(f"{path} is not a directory of this user: the server cannot use it")
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
+
+
+class NotPrivate(RuntimeError):
+    """A directory the server must own is a symlink, a file or another user's."""
 
 
 def _remove_runtime_dir(pid: int, path: Path) -> None:
@@ -240,9 +245,15 @@ def session_store(*, fork_of: str | None = None):
 
 
 def workspace_dir() -> Path:
-    """The CLI's working directory, ``OMNI_WORKSPACE_DIR`` (default: under the
-    data dir). Its path names the transcripts' project in the store."""
+    """The CLI's working directory, ``OMNI_WORKSPACE_DIR``. Its path names the
+    transcripts' project in the store and the CLI tells it to the model, so
+    every worker should use the same path (the default,
+    ``/tmp/omni-workspace``, is the same on every machine). The default
+    sits in a directory every user can write to: it must be this user's own
+    directory (made 0700), never another user's or a symlink."""
     path = Path(settings.OMNI_WORKSPACE_DIR)
+    if path == settings.DEFAULT_WORKSPACE_DIR:
+        return _private_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

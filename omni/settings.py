@@ -22,9 +22,13 @@ def env_flag(name: str, default: str = "0") -> bool:
 DATA_DIR = Path(os.environ.get("OMNI_DATA_DIR") or BASE_DIR / ".omni-ai").expanduser().resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 CLAUDE_CONFIG_DIR = Path(os.environ.get("CLAUDE_CONFIG_DIR") or DATA_DIR / "claude").expanduser()
-# The CLI's working directory. Its path names the transcripts' project, so
-# server processes sharing a database should use the same path.
-OMNI_WORKSPACE_DIR = Path(os.environ.get("OMNI_WORKSPACE_DIR") or DATA_DIR / "workspace").expanduser()
+# The CLI's working directory: an empty directory (an agent has no file tools).
+# Its path names the transcripts' project and is shown to the model, so the
+# default is one fixed path on every machine, whatever the data dir: a thread
+# moving between workers changes nothing the model sees, and the path tells
+# nothing about the server (chat_app.sdk.workspace_dir).
+DEFAULT_WORKSPACE_DIR = Path("/tmp/omni-workspace")
+OMNI_WORKSPACE_DIR = Path(os.environ.get("OMNI_WORKSPACE_DIR") or DEFAULT_WORKSPACE_DIR).expanduser()
 
 
 def _read_secret_key(path: Path, wait: float = 5.0) -> str | None:

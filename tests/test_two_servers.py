@@ -1,8 +1,9 @@
 """Two live daphne servers sharing ONE database, each with a data dir of its
-own (so its own ``CLAUDE_CONFIG_DIR`` and, unless ``OMNI_WORKSPACE_DIR`` says
-otherwise, its own CLI working directory): a conversation moves between them
-through the transcripts in the database, and deleting it on one leaves no
-trace anywhere.
+own (so its own ``CLAUDE_CONFIG_DIR``) and, in the module's pair, a CLI
+working directory of its own (``OMNI_WORKSPACE_DIR`` set differently, as two
+operators might): a conversation moves between them through the transcripts
+in the database, and deleting it on one leaves no trace anywhere. With the
+default working directory (the same path everywhere) nothing needs moving.
 
 The database is an embedded libSQL file both servers open
 (``DATABASE_URL=file:<tmp>/shared.db``) or, when the test run has
@@ -56,10 +57,12 @@ class Pair(ServerPair):
         # Warm clients off: these tests check that each turn's CLI exits
         # (tests/test_e2e_pool.py moves conversations with them on).
         extra = {"OMNI_WARM_CLIENTS": "0"}
-        if shared_workspace:
-            extra["OMNI_WORKSPACE_DIR"] = str(tmp / "workspace")
-        self.a = PairServer(tmp / "server-a", self.database_url, extra)
-        self.b = PairServer(tmp / "server-b", self.database_url, extra)
+
+        def own(name: str) -> dict[str, str]:  # the default's path, or one of its own
+            return extra if shared_workspace else {**extra, "OMNI_WORKSPACE_DIR": str(tmp / name / "workspace")}
+
+        self.a = PairServer(tmp / "server-a", self.database_url, own("server-a"))
+        self.b = PairServer(tmp / "server-b", self.database_url, own("server-b"))
 
 
     def db_state(self, session_id: str) -> dict[str, int]:
@@ -111,7 +114,7 @@ def start_pair(tmp: Path, shared_workspace: bool) -> Pair:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A and B with working directories of their own (two machines)."""
+    """A and B with working directories of their own (configured so)."""
     pair = start_pair(tmp_path_factory.mktemp("two-servers"), shared_workspace=False)
     try:
         yield pair
@@ -271,8 +274,8 @@ def test_a_fork_reads_its_parent_where_it_is_and_never_moves_it(pair):
 
 
 def test_a_shared_workspace_needs_no_adoption(tmp_path):
-    """``OMNI_WORKSPACE_DIR`` the same on both servers: one CLI project, so B
-    resumes A's session straight from the database."""
+    """The default ``OMNI_WORKSPACE_DIR``, the same path on both servers: one
+    CLI project, so B resumes A's session straight from the database."""
     shared = start_pair(tmp_path, shared_workspace=True)
     try:
         resource, thread = new_id("user"), new_id("thread")
