@@ -35,6 +35,10 @@ hangs past ``STALE_SECONDS`` (a connection black-holed mid-query) is given
 up: a new one may start, with at most ``MAX_ABANDONED`` such threads left
 behind, so a balancer polling every second during an outage costs at most a
 few threads, however long the outage lasts.
+
+A failing check is logged when it starts failing and when it passes again,
+not at every probe: a balancer polling every second through an outage adds
+two lines to the log, not one a second (``Transitions``).
 """
 
 from __future__ import annotations
@@ -125,6 +129,25 @@ def _database() -> str:
     return "ok"
 
 
+class Transitions:
+    """Logs a check's changes: its first failure (an error line) and its
+    first success after failures (a warning line)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.failing = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            self.failing = True
+            log.error("health: %s check failed: %s", self.name, exc or type(exc).__name__)
+
+    def passed(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.warning("health: %s check passes again", self.name)
+
+
 class ThreadProbe:
     """A blocking check run single-flight on a daemon thread of its own.
 
@@ -139,6 +162,7 @@ class ThreadProbe:
         self._current: concurrent.futures.Future | None = None
         self._started = 0.0
         self._abandoned: list[concurrent.futures.Future] = []
+        self.transitions = Transitions(name)
 
     def future(self) -> concurrent.futures.Future:
         """The probe in flight, a fresh enough finished one, or a new one."""
@@ -169,10 +193,11 @@ class ThreadProbe:
         try:
             result = self.check()
         except BaseException as exc:
-            log.error("health: %s check failed: %s", self.name, exc)
+            self.transitions.failed(exc)
             future.finished_at = time.monotonic()
             future.set_exception(exc)
         else:
+            self.transitions.passed()
             future.finished_at = time.monotonic()
             future.set_result(result)
 
@@ -208,16 +233,19 @@ class LoopProbe:
         self.check = check
         self._task: asyncio.Task | None = None
         self._finished = 0.0
+        self.transitions = Transitions(name)
 
     async def _run(self) -> str:
         try:
             async with asyncio.timeout(CHECK_SECONDS):
-                return await self.check()
+                result = await self.check()
         except Exception as exc:
-            log.error("health: %s check failed: %s", self.name, exc or type(exc).__name__)
+            self.transitions.failed(exc)
             return "error"
         finally:
             self._finished = time.monotonic()
+        self.transitions.passed()
+        return result
 
     async def result(self) -> str:
         loop = asyncio.get_running_loop()
@@ -231,15 +259,9 @@ class LoopProbe:
 
 
 async def _channel_layer() -> str:
-    layer = streams.layer()
-    if layer is None or not streams.distributed():
+    if streams.layer() is None or not streams.distributed():
         return "off"  # the in-memory layer: one process, nothing to reach
-    if hasattr(layer, "connection"):  # channels_redis
-        await layer.connection(0).ping()
-    else:  # another backend: a round trip through it
-        channel = await layer.new_channel()
-        await layer.send(channel, {"type": "omni.health"})
-        await layer.receive(channel)
+    await streams.ping()
     return "ok"
 
 
