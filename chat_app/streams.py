@@ -172,12 +172,19 @@ layer_health = LayerHealth()
 
 
 class ChannelLayerDown(Unavailable):
-    """The channel layer (Redis) does not answer: 503 ``unavailable``."""
+    """The channel layer (Redis) does not answer: 503 ``unavailable``. Made
+    from the failure (``exc``, met ``doing`` something), which it reports to
+    :data:`layer_health`."""
 
     def __init__(self, doing: str, exc: BaseException):
         layer_health.failed(doing, exc)
         super().__init__("the channel layer is unreachable: this turn cannot be followed from this "
                          "server process for now; follow it again shortly")
+
+
+def down_event(down: ChannelLayerDown) -> dict:
+    """The ``error`` event that ends a follow when the channel layer is down."""
+    return events.error_event(down.code, down.message, down.retry_after)
 
 
 def control_group(turn_id: str) -> str:
@@ -602,7 +609,7 @@ async def _waiting_events(stream: "WaitingStream", call, key: tuple[str, str],
             try:
                 found = await _continuation(call, key)
             except ChannelLayerDown as down:
-                found = events.error_event(down.code, down.message, down.retry_after)
+                found = down_event(down)
             if isinstance(found, Stream):
                 stream.current = found.turn_id
                 # the turn that asked, found still running (a race): only what came after the request
@@ -773,25 +780,29 @@ class RemoteFollow:
                     return
                 wait = GAP_SECONDS if self.pending else idle_seconds()
                 try:
-                    try:
-                        async with asyncio.timeout(wait):
-                            self._take(await layer().receive(self.channel))
-                        continue
-                    except TimeoutError:
-                        pass
-                    if not self.pending and time.monotonic() - self.heard > 3 * idle_seconds():
-                        lost = events.error_event(
-                            "turn_lost", "the worker running this turn stopped answering")
-                        yield {**lost, "seq": self.next, "turnId": self.turn_id, "threadId": self.thread_id}
-                        return
-                    await self._subscribe()  # a gap, or a quiet turn: ask the owner again
+                    async with asyncio.timeout(wait):
+                        self._take(await layer().receive(self.channel))
+                    continue
+                except TimeoutError:
+                    pass
                 except Exception as exc:  # the channel layer is down: say so, then end
-                    down = ChannelLayerDown(f"following turn {self.turn_id}", exc)
-                    event = events.error_event(down.code, down.message, down.retry_after)
-                    yield {**event, "seq": self.next, "turnId": self.turn_id, "threadId": self.thread_id}
+                    yield self._event(down_event(ChannelLayerDown(f"following turn {self.turn_id}", exc)))
+                    return
+                if not self.pending and time.monotonic() - self.heard > 3 * idle_seconds():
+                    yield self._event(events.error_event(
+                        "turn_lost", "the worker running this turn stopped answering"))
+                    return
+                try:
+                    await self._subscribe()  # a gap, or a quiet turn: ask the owner again
+                except Exception as exc:
+                    yield self._event(down_event(ChannelLayerDown(f"following turn {self.turn_id}", exc)))
                     return
         finally:
             await self._close()
+
+    def _event(self, event: dict) -> dict:
+        """``event`` (the ``error`` that ends this follow) in the turn's numbering."""
+        return {**event, "seq": self.next, "turnId": self.turn_id, "threadId": self.thread_id}
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
