@@ -284,7 +284,8 @@ async def check_channel_layer() -> str:
             summary="Health of this server process")
 async def health(request):
     """`status` is `ok` when every check is `ok` (or `off`: no channel layer to reach); otherwise
-    the answer is 503 and the failing check says `error` (`turns` says `draining` while the
+    the answer is 503 and the failing check says `error` (`database` fails when the database
+    cannot take a write, too: read-only, or out of space; `turns` says `draining` while the
     process is shutting down and takes no new turns). `processes` counts this process's
     live Claude CLI processes: `running` (turns in progress), `warm` (idle warm clients),
     `spare` (started for new threads) and `budget`, their limit. A check's result may be up
