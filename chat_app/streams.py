@@ -381,7 +381,17 @@ class Hub:
                 log.info("[CHAT] Interrupt from another worker: thread %s turn %s",
                          turn.spec.thread_id, turn.turn_id)
                 await turn.interrupt()
-            await layer().send(message["reply"], {"type": "omni.interrupted", "turn": turn.turn_id})
+            await self._answer(message["reply"], {"type": "omni.interrupted", "turn": turn.turn_id})
+
+    async def _answer(self, reply: str, message: dict) -> bool:
+        """Send ``message`` to a follower's (or an interrupter's) channel;
+        False when the channel layer failed (it waits for it again)."""
+        try:
+            await layer().send(reply, message)
+        except Exception as exc:
+            layer_health.failed("answering another worker", exc)
+            return False
+        return True
 
     async def _replay(self, turn, reply: str, after: int) -> None:
         # From here on every new event goes to the event group; the ones so
@@ -393,8 +403,9 @@ class Hub:
         batches = [snapshot[i:i + REPLAY_BATCH] for i in range(0, len(snapshot), REPLAY_BATCH)] or [[]]
         last = len(turn.events) - 1 if turn.finished else None  # the turn's end, once known
         for batch in batches:
-            await layer().send(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch,
-                                       "last": last})
+            if not await self._answer(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch,
+                                              "last": last}):
+                return
 
     async def broadcast_deleted(self, key: tuple[str, str]) -> None:
         """Tell every other worker that the thread ``key`` was deleted."""
