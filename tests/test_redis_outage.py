@@ -109,7 +109,8 @@ def cluster(tmp_path_factory):
         cluster.start()
         yield cluster
     finally:
-        cluster.redis.start() if cluster.redis.proc is None else None  # the workers stop cleanly
+        if cluster.redis.proc is None:
+            cluster.redis.start()  # the workers stop with their Redis there, as in production
         cluster.stop()
 
 
