@@ -40,7 +40,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     logged-out session, a changed password) the socket closes with 4401,
     handling no more frames and forwarding no more events; a caller that
     lost its cross-resource right gets no more events of another resource's
-    turns. The turns themselves run on: they belong to their resource."""
+    turns. The turns themselves run on: they belong to their resource.
+
+    The consumer itself is not on the channel layer (no channel of its own:
+    nothing is ever sent to one): other workers' turns reach it through
+    :mod:`chat_app.streams`, so a Redis outage costs a follower its follow
+    (an ``error`` event), never the socket (channels' own receive loop
+    failing would close it with 1011)."""
+
+    channel_layer_alias = "omni.none"  # no such layer: get_channel_layer() gives None
 
     async def connect(self):
         user = self.scope.get("user")
@@ -176,11 +184,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
         async def pump():
             last = None
-            async for event, text in stream.texts():  # each event's JSON made once for all
-                if not await self.may_forward(resource, stream.thread_id):
-                    return
-                await self.send(text_data=text)
-                last = event
+            try:
+                async for event, text in stream.texts():  # each event's JSON made once for all
+                    if not await self.may_forward(resource, stream.thread_id):
+                        return
+                    await self.send(text_data=text)
+                    last = event
+            except Exception:  # the socket stays open: this stream ends with an error
+                log.exception("[CHAT] Failed to forward turn %s", stream.turn_id)
+                await self.reply_error(events.error_event(
+                    "internal_error", "the server could not go on with this stream"), stream.thread_id or None)
+                return
             if own is None and (last is None or last["type"] not in ("done", "error")):
                 # a cursor at or past the turn's end: nothing more will come
                 await self.reply_error(events.error_event(

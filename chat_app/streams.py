@@ -49,6 +49,17 @@ the call's expiry (or its decision) plus :data:`CONTINUATION_GRACE_SECONDS`.
 
 Without ``REDIS_URL`` (the in-memory layer) every turn is local: follows,
 interrupts and deletes only ever find turns of this process.
+
+When the channel layer (Redis) stops answering (issue 22, item 6), turns go
+on running on their own workers; only what crosses workers stops. A
+follower from afar gets an ``error`` event (``unavailable``, with
+``retryAfter``) and its stream ends (SSE) or its socket stays open
+(websocket); a follow, an interrupt from afar meanwhile is that same error
+(503). :data:`layer_health` logs one line when the layer goes and one when
+it is back, never a traceback per attempt: the hub's reader (always waiting
+on the layer, so the first to notice) pings it with a growing pause
+(:data:`RETRY_SECONDS`) until it answers, then joins its groups again (a
+restarted Redis has forgotten them). Clients follow again once it is back.
 """
 
 from __future__ import annotations
@@ -86,6 +97,7 @@ WORKERS_GROUP = "omni.workers"  # every worker's hub: thread deletions
 # A follower waiting for the turn that goes on after a decision gives up
 # this long after the call's expiry (a pending call) or its decision.
 CONTINUATION_GRACE_SECONDS = 60.0
+RETRY_SECONDS = (0.25, 2.0)  # pauses between pings of a channel layer that is down: first, longest
 
 
 def layer():
@@ -96,6 +108,83 @@ def distributed() -> bool:
     """True when the channel layer reaches other processes (Redis)."""
     current = layer()
     return current is not None and not isinstance(current, InMemoryChannelLayer)
+
+
+async def ping() -> None:
+    """One round trip to the channel layer; raises when it does not answer."""
+    current = layer()
+    if hasattr(current, "connection"):  # channels_redis
+        await current.connection(0).ping()
+    else:  # another backend: a message through it
+        channel = await current.new_channel()
+        await current.send(channel, {"type": "omni.ping"})
+        await current.receive(channel)
+
+
+class LayerHealth:
+    """Whether the channel layer answers, as this process last saw it: one
+    log line when an operation on it first fails, one when it answers again
+    (:meth:`until_back`), whatever the number of failed attempts between."""
+
+    def __init__(self):
+        self.down_since: float | None = None
+        self.on_back: list = []  # async callables run when it answers again (the hub rejoins its groups)
+        self._watch: asyncio.Task | None = None
+
+    def failed(self, doing: str, exc: BaseException) -> None:
+        """An operation on the layer failed (``doing`` it): logged if it is the outage's first."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("channel layer unreachable (%s: %s: %s): turns run on, followers on other "
+                        "workers get an error until it is back", doing, type(exc).__name__, exc)
+
+    async def until_back(self) -> None:
+        """Wait until the layer answers a ping again (one pinging task per
+        process, its pause doubling up to the longest of :data:`RETRY_SECONDS`)."""
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch.done() or self._watch.get_loop() is not loop:
+            self._watch = loop.create_task(self._wait_back(), name="omni-channel-layer-watch")
+        await asyncio.shield(self._watch)
+
+    def answered(self) -> None:
+        """An operation on the layer worked: logged if it ends an outage."""
+        if self.down_since is not None:
+            log.warning("channel layer reachable again after %.1f s: followers can follow again",
+                        time.monotonic() - self.down_since)
+            self.down_since = None
+
+    async def _wait_back(self) -> None:
+        pause, longest = RETRY_SECONDS
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+            try:
+                await ping()
+                for hook in list(self.on_back):
+                    await hook()
+            except Exception:
+                continue
+            self.answered()
+            return
+
+
+layer_health = LayerHealth()
+
+
+class ChannelLayerDown(Unavailable):
+    """The channel layer (Redis) does not answer: 503 ``unavailable``. Made
+    from the failure (``exc``, met ``doing`` something), which it reports to
+    :data:`layer_health`."""
+
+    def __init__(self, doing: str, exc: BaseException):
+        layer_health.failed(doing, exc)
+        super().__init__("the channel layer is unreachable: this turn cannot be followed from this "
+                         "server process for now; follow it again shortly")
+
+
+def down_event(down: ChannelLayerDown) -> dict:
+    """The ``error`` event that ends a follow when the channel layer is down."""
+    return events.error_event(down.code, down.message, down.retry_after)
 
 
 def control_group(turn_id: str) -> str:
@@ -160,20 +249,16 @@ class Stream:
 
 async def received(channel: str, who: str) -> AsyncIterator[dict]:
     """The messages of a channel of this process, as they come; a failing
-    channel layer (Redis down) is retried every second, logged once per outage."""
-    failing = False
+    channel layer (Redis down) is waited out (:meth:`LayerHealth.until_back`)."""
     while True:
         try:
             message = await layer().receive(channel)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            if not failing:
-                log.warning("%s: channel layer receive failed; retrying every second", who, exc_info=True)
-            failing = True
-            await asyncio.sleep(1)
+        except Exception as exc:
+            layer_health.failed(f"{who} receiving", exc)
+            await layer_health.until_back()
             continue
-        failing = False
         yield message
 
 
@@ -189,6 +274,8 @@ class Hub:
         self._outbox: asyncio.Queue | None = None
         self._loop = None
         self._published: set[str] = set()  # turns whose events go to their event group
+        self._answering: set[str] = set()  # turns whose control group it is in
+        layer_health.on_back.append(self._rejoin)
 
     async def start(self) -> None:
         """Join the channel layer (with the server: :func:`chat_app.lifecycle.startup`).
@@ -197,9 +284,10 @@ class Hub:
             return
         try:
             await self._ensure_started()
-        except Exception:
-            log.warning("channel layer unavailable at start: turns are followable from other "
-                        "workers once it answers", exc_info=True)
+        except Exception as exc:  # the next turn joins it again (attach)
+            layer_health.failed("joining it at start", exc)
+        else:
+            layer_health.answered()
 
     async def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,16 +311,28 @@ class Hub:
         """A turn started here: answer for it (registry ``started`` hook)."""
         if not distributed():
             return
+        self._answering.add(turn.turn_id)
         try:
             await self._ensure_started()
             await layer().group_add(control_group(turn.turn_id), self.channel)
-        except Exception:  # the turn runs; only followers from afar miss it
-            log.warning("channel layer unavailable: turn %s is not followable from other workers",
-                        turn.turn_id, exc_info=True)
+        except Exception as exc:  # the turn runs; only followers from afar miss it (until it is back)
+            layer_health.failed(f"answering for turn {turn.turn_id}", exc)
+        else:
+            layer_health.answered()
+
+    async def _rejoin(self) -> None:
+        """The layer answers again: join the groups of the hub (a restarted
+        Redis forgot them) for the turns it still answers for."""
+        if self.channel is None or self._reader is None:
+            return
+        await layer().group_add(WORKERS_GROUP, self.channel)
+        for turn_id in list(self._answering):
+            await layer().group_add(control_group(turn_id), self.channel)
 
     def forgotten(self, turn) -> None:
         """A turn's linger ended (registry ``forgotten`` hook): stop answering."""
         self._published.discard(turn.turn_id)
+        self._answering.discard(turn.turn_id)
         if distributed() and self.channel is not None:
             asyncio.ensure_future(self._discard(control_group(turn.turn_id)))
 
@@ -251,8 +351,10 @@ class Hub:
             group, message = await self._outbox.get()
             try:
                 await layer().group_send(group, message)
-            except Exception:  # followers notice the gap or the silence
-                log.warning("could not publish an event to %s", group, exc_info=True)
+            except Exception as exc:  # followers notice the gap or the silence
+                layer_health.failed(f"publishing to {group}", exc)
+            else:
+                layer_health.answered()
 
     async def _read(self) -> None:
         async for message in received(self.channel, "hub"):
@@ -279,7 +381,17 @@ class Hub:
                 log.info("[CHAT] Interrupt from another worker: thread %s turn %s",
                          turn.spec.thread_id, turn.turn_id)
                 await turn.interrupt()
-            await layer().send(message["reply"], {"type": "omni.interrupted", "turn": turn.turn_id})
+            await self._answer(message["reply"], {"type": "omni.interrupted", "turn": turn.turn_id})
+
+    async def _answer(self, reply: str, message: dict) -> bool:
+        """Send ``message`` to a follower's (or an interrupter's) channel;
+        False when the channel layer failed (it waits for it again)."""
+        try:
+            await layer().send(reply, message)
+        except Exception as exc:
+            layer_health.failed("answering another worker", exc)
+            return False
+        return True
 
     async def _replay(self, turn, reply: str, after: int) -> None:
         # From here on every new event goes to the event group; the ones so
@@ -291,8 +403,9 @@ class Hub:
         batches = [snapshot[i:i + REPLAY_BATCH] for i in range(0, len(snapshot), REPLAY_BATCH)] or [[]]
         last = len(turn.events) - 1 if turn.finished else None  # the turn's end, once known
         for batch in batches:
-            await layer().send(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch,
-                                       "last": last})
+            if not await self._answer(reply, {"type": "omni.events", "turn": turn.turn_id, "events": batch,
+                                              "last": last}):
+                return
 
     async def broadcast_deleted(self, key: tuple[str, str]) -> None:
         """Tell every other worker that the thread ``key`` was deleted."""
@@ -301,8 +414,8 @@ class Hub:
         try:
             await layer().group_send(WORKERS_GROUP, {
                 "type": "omni.deleted", "key": list(key), "origin": self.channel})
-        except Exception:  # their leases go with the row; warm clients with the janitor
-            log.warning("could not tell other workers that thread %s was deleted", key[1], exc_info=True)
+        except Exception as exc:  # their leases go with the row; warm clients with the janitor
+            layer_health.failed(f"telling other workers that thread {key[1]} was deleted", exc)
 
     async def stop(self) -> None:
         for task in (self._reader, self._sender):
@@ -331,8 +444,8 @@ async def announce_started(turn) -> None:
         return
     try:
         await layer().group_send(thread_group(key), {"type": "omni.started", "turn": turn.turn_id})
-    except Exception:  # the followers look at the call and the lease again anyway
-        log.warning("could not announce turn %s to its thread's followers", turn.turn_id, exc_info=True)
+    except Exception as exc:  # the followers look at the call and the lease again anyway
+        layer_health.failed(f"announcing turn {turn.turn_id}", exc)
 
 
 
@@ -354,9 +467,8 @@ class ThreadWatch:
                 self.channel = await layer().new_channel()
                 await layer().group_add(thread_group(self.key), self.channel)
                 self._reader = asyncio.create_task(self._read())
-            except Exception:  # the follower looks again every few seconds anyway
-                log.warning("channel layer unavailable: a follower of thread %s hears only this worker",
-                            self.key[1], exc_info=True)
+            except Exception as exc:  # the follower looks again every few seconds anyway
+                layer_health.failed(f"watching thread {self.key[1]}", exc)
         return self
 
     async def _read(self) -> None:
@@ -390,8 +502,8 @@ async def send_to_turn(turn_id: str, message: dict) -> None:
         return
     try:
         await layer().group_send(control_group(turn_id), {**message, "turn": turn_id})
-    except Exception:  # the waiting turn polls its call anyway
-        log.warning("could not reach turn %s over the channel layer", turn_id, exc_info=True)
+    except Exception as exc:  # the waiting turn polls its call anyway
+        layer_health.failed(f"reaching turn {turn_id}", exc)
 
 
 # --- deletes ---------------------------------------------------------------------
@@ -505,7 +617,10 @@ async def _waiting_events(stream: "WaitingStream", call, key: tuple[str, str],
     yield request, json.dumps(request)
     async with ThreadWatch(key) as watch:  # before looking: a start from now on wakes it
         while True:
-            found = await _continuation(call, key)
+            try:
+                found = await _continuation(call, key)
+            except ChannelLayerDown as down:
+                found = down_event(down)
             if isinstance(found, Stream):
                 stream.current = found.turn_id
                 # the turn that asked, found still running (a race): only what came after the request
@@ -518,7 +633,7 @@ async def _waiting_events(stream: "WaitingStream", call, key: tuple[str, str],
                             continue
                         yield event, text
                 return
-            if isinstance(found, dict):  # gone, or waited too long
+            if isinstance(found, dict):  # gone, waited too long, or the channel layer is down
                 event = {**found, "seq": 1, "turnId": call.turn_id, "threadId": key[1]}
                 yield event, json.dumps(event)
                 return
@@ -576,15 +691,17 @@ async def interrupt(resource_id: str, thread_id: str) -> None:
         f"the thread is free again within {left} s", retry_after=left)
     if not distributed():
         raise lost
-    channel = await layer().new_channel()
-    await layer().group_send(control_group(row.turn_id), {
-        "type": "omni.interrupt", "turn": row.turn_id, "reply": channel})
     try:
+        channel = await layer().new_channel()
+        await layer().group_send(control_group(row.turn_id), {
+            "type": "omni.interrupt", "turn": row.turn_id, "reply": channel})
         async with asyncio.timeout(HANDSHAKE_SECONDS):
             while (await layer().receive(channel)).get("type") != "omni.interrupted":
                 pass
     except TimeoutError:
         raise lost from None
+    except Exception as exc:
+        raise ChannelLayerDown(f"interrupting turn {row.turn_id}", exc) from exc
 
 
 async def _deny_waiting_call(resource_id: str, thread_id: str) -> bool:
@@ -616,9 +733,12 @@ class RemoteFollow:
     @classmethod
     async def open(cls, turn_id: str, thread_id: str, after: int,
                    missing: Exception) -> AsyncIterator[dict]:
-        channel = await layer().new_channel()
-        follow = cls(turn_id, thread_id, after, channel)
-        await layer().group_add(event_group(turn_id), channel)
+        try:
+            channel = await layer().new_channel()
+            follow = cls(turn_id, thread_id, after, channel)
+            await layer().group_add(event_group(turn_id), channel)
+        except Exception as exc:
+            raise ChannelLayerDown(f"following turn {turn_id}", exc) from exc
         try:
             await follow._subscribe()
             try:
@@ -628,8 +748,10 @@ class RemoteFollow:
                         pass
             except TimeoutError:
                 raise missing from None
-        except BaseException:
+        except BaseException as exc:
             await follow._close()
+            if isinstance(exc, Exception) and not isinstance(exc, NotFound):
+                raise ChannelLayerDown(f"following turn {turn_id}", exc) from exc
             raise
         return follow._events()
 
@@ -674,14 +796,24 @@ class RemoteFollow:
                     continue
                 except TimeoutError:
                     pass
-                if not self.pending and time.monotonic() - self.heard > 3 * idle_seconds():
-                    lost = events.error_event(
-                        "turn_lost", "the worker running this turn stopped answering")
-                    yield {**lost, "seq": self.next, "turnId": self.turn_id, "threadId": self.thread_id}
+                except Exception as exc:  # the channel layer is down: say so, then end
+                    yield self._event(down_event(ChannelLayerDown(f"following turn {self.turn_id}", exc)))
                     return
-                await self._subscribe()  # a gap, or a quiet turn: ask the owner again
+                if not self.pending and time.monotonic() - self.heard > 3 * idle_seconds():
+                    yield self._event(events.error_event(
+                        "turn_lost", "the worker running this turn stopped answering"))
+                    return
+                try:
+                    await self._subscribe()  # a gap, or a quiet turn: ask the owner again
+                except Exception as exc:
+                    yield self._event(down_event(ChannelLayerDown(f"following turn {self.turn_id}", exc)))
+                    return
         finally:
             await self._close()
+
+    def _event(self, event: dict) -> dict:
+        """``event`` (the ``error`` that ends this follow) in the turn's numbering."""
+        return {**event, "seq": self.next, "turnId": self.turn_id, "threadId": self.thread_id}
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):

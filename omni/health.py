@@ -5,6 +5,24 @@ dependency is down: one ``SELECT 1`` and one Redis ``PING``, each given about
 a second. No credentials, no data: the checks' names and ``ok``/``off``/
 ``error``, and this process's live CLI counts.
 
+The database must take a *write*, not only answer a read (issue 22, item 5:
+a full disk had turns failing while health said ``ok``). Two things detect
+it, because neither alone does:
+
+* a committed write: the upsert of one row (``sql.health_beat``), at most
+  every ``WRITE_SECONDS`` while it succeeds and at every probe once it
+  failed. It fails on a read-only file, mount or server (a standby after a
+  failover, ``default_transaction_read_only``) and when the write needs
+  space that is not there. It leaves nothing behind (always the same row)
+  and waits at most ``LOCK_WAIT_MS`` for SQLite's write lock: a lock held
+  by a turn means the file takes writes, so a busy lock is not a failure.
+* the free space of the embedded file's filesystem (``statvfs``, every
+  probe): on a full disk SQLite still commits small writes into the WAL's
+  space already allocated after a checkpoint (so the probe's write can
+  pass) while the turns' bigger writes fail. Under ``MIN_FREE_BYTES`` is a
+  failure. PostgreSQL's disk is the server's to watch (its full WAL disk
+  fails the commit above).
+
 A check never piles up (issue 14, item 6). Each is *single-flight*: at most
 one probe of it runs at a time, and health requests that come meanwhile
 await that same probe (each for at most ``CHECK_SECONDS``) instead of
@@ -17,19 +35,29 @@ hangs past ``STALE_SECONDS`` (a connection black-holed mid-query) is given
 up: a new one may start, with at most ``MAX_ABANDONED`` such threads left
 behind, so a balancer polling every second during an outage costs at most a
 few threads, however long the outage lasts.
+
+A failing check is logged when it starts failing and when it passes again,
+not at every probe: a balancer polling every second through an outage adds
+two lines to the log, not one a second (``Transitions``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
-from django.db import connections
+from django.db import OperationalError, connections
 from django.http import JsonResponse
+from django.utils import timezone
 from ninja import Router, Schema
+
+from sessions_app import sql
 
 from chat_app import streams
 from chat_app.turns import process_counts
@@ -40,6 +68,9 @@ CHECK_SECONDS = 1.0  # how long one health request waits for a check
 FRESH_SECONDS = 1.0  # a check's result is reused this long
 STALE_SECONDS = 15.0  # a database probe running longer is given up (connect_timeout is 3 s)
 MAX_ABANDONED = 2  # given-up probe threads that may still be alive
+WRITE_SECONDS = 10.0  # a successful write probe is repeated this long after
+LOCK_WAIT_MS = 500  # how long the write probe waits for SQLite's write lock
+MIN_FREE_BYTES = 1 << 20  # less free space for the embedded file: the database is full
 
 
 class HealthChecks(Schema):
@@ -54,6 +85,35 @@ class HealthOut(Schema):
     processes: dict[str, int | bool]
 
 
+_last_write = 0.0  # monotonic time of the last write probe that committed; 0: due
+
+
+def _free_space(connection) -> None:
+    """Raise ``OSError(ENOSPC)`` when the embedded file's filesystem has less
+    than ``MIN_FREE_BYTES`` for it (the root's reserve counts for a root
+    server, as its writes may use it). Other engines: nothing to look at."""
+    if connection.vendor != "sqlite" or getattr(connection, "is_remote", False):
+        return
+    stat = os.statvfs(Path(connection.settings_dict["NAME"]).parent)
+    free = (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
+    if free < MIN_FREE_BYTES:
+        raise OSError(errno.ENOSPC, f"{free} bytes free for the database file")
+
+
+def _write() -> None:
+    """The committed write, when due (see the module's docstring)."""
+    global _last_write
+    if time.monotonic() - _last_write < WRITE_SECONDS:
+        return
+    try:
+        sql.health_beat(now=timezone.now(), lock_wait_ms=LOCK_WAIT_MS)
+    except OperationalError as exc:
+        if "database is locked" in str(exc):
+            return  # a turn writes: the file takes writes (still due: probed again next time)
+        raise
+    _last_write = time.monotonic()
+
+
 def _database() -> str:
     # A connection of the probe's own thread, closed after: each probe tests
     # reachability (and holds no connection between polls).
@@ -62,9 +122,30 @@ def _database() -> str:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             cursor.fetchone()
+        _free_space(connection)
+        _write()
     finally:
         connection.close()
     return "ok"
+
+
+class Transitions:
+    """Logs a check's changes: its first failure (an error line) and its
+    first success after failures (a warning line)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.failing = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            self.failing = True
+            log.error("health: %s check failed: %s", self.name, exc or type(exc).__name__)
+
+    def passed(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.warning("health: %s check passes again", self.name)
 
 
 class ThreadProbe:
@@ -81,6 +162,7 @@ class ThreadProbe:
         self._current: concurrent.futures.Future | None = None
         self._started = 0.0
         self._abandoned: list[concurrent.futures.Future] = []
+        self.transitions = Transitions(name)
 
     def future(self) -> concurrent.futures.Future:
         """The probe in flight, a fresh enough finished one, or a new one."""
@@ -111,10 +193,11 @@ class ThreadProbe:
         try:
             result = self.check()
         except BaseException as exc:
-            log.error("health: %s check failed: %s", self.name, exc)
+            self.transitions.failed(exc)
             future.finished_at = time.monotonic()
             future.set_exception(exc)
         else:
+            self.transitions.passed()
             future.finished_at = time.monotonic()
             future.set_result(result)
 
@@ -150,16 +233,19 @@ class LoopProbe:
         self.check = check
         self._task: asyncio.Task | None = None
         self._finished = 0.0
+        self.transitions = Transitions(name)
 
     async def _run(self) -> str:
         try:
             async with asyncio.timeout(CHECK_SECONDS):
-                return await self.check()
+                result = await self.check()
         except Exception as exc:
-            log.error("health: %s check failed: %s", self.name, exc or type(exc).__name__)
+            self.transitions.failed(exc)
             return "error"
         finally:
             self._finished = time.monotonic()
+        self.transitions.passed()
+        return result
 
     async def result(self) -> str:
         loop = asyncio.get_running_loop()
@@ -173,15 +259,9 @@ class LoopProbe:
 
 
 async def _channel_layer() -> str:
-    layer = streams.layer()
-    if layer is None or not streams.distributed():
+    if streams.layer() is None or not streams.distributed():
         return "off"  # the in-memory layer: one process, nothing to reach
-    if hasattr(layer, "connection"):  # channels_redis
-        await layer.connection(0).ping()
-    else:  # another backend: a round trip through it
-        channel = await layer.new_channel()
-        await layer.send(channel, {"type": "omni.health"})
-        await layer.receive(channel)
+    await streams.ping()
     return "ok"
 
 
@@ -204,7 +284,8 @@ async def check_channel_layer() -> str:
             summary="Health of this server process")
 async def health(request):
     """`status` is `ok` when every check is `ok` (or `off`: no channel layer to reach); otherwise
-    the answer is 503 and the failing check says `error` (`turns` says `draining` while the
+    the answer is 503 and the failing check says `error` (`database` fails when the database
+    cannot take a write, too: read-only, or out of space; `turns` says `draining` while the
     process is shutting down and takes no new turns). `processes` counts this process's
     live Claude CLI processes: `running` (turns in progress), `warm` (idle warm clients),
     `spare` (started for new threads) and `budget`, their limit. A check's result may be up

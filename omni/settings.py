@@ -177,7 +177,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 if REDIS_URL := os.environ.get("REDIS_URL"):
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "chat_app.redis_layer.RedisChannelLayer",  # channels_redis, quiet in an outage
             "CONFIG": {
                 # redis-py 8 gives up reading after 5 s by default, exactly
                 # channels_redis's blocking-pop timeout: allow more.

@@ -240,3 +240,13 @@ class ResourceBudget(models.Model):
 
     def __str__(self) -> str:
         return f"{self.resource_id}: {self.daily_usd if self.daily_usd is not None else 'no cap'}"
+
+
+class HealthBeat(models.Model):
+    """The one row (``id`` 1) that ``GET /api/health`` rewrites to learn that
+    the database still takes a write (``omni.health``): a read-only file,
+    mount or server fails that commit where a ``SELECT`` still works. Every
+    worker rewrites the same row, at most every ``WRITE_SECONDS``; nothing
+    else reads it."""
+
+    written_at = models.DateTimeField()

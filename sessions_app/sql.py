@@ -27,7 +27,7 @@ from django.db import connections, router, transaction
 from django.db.models import NOT_PROVIDED, AutoField, DateTimeField
 from django.utils import timezone
 
-from .models import ResourceBudget, SessionMapping, TranscriptEntry, TranscriptSummary, TurnRecord
+from .models import HealthBeat, ResourceBudget, SessionMapping, TranscriptEntry, TranscriptSummary, TurnRecord
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -350,3 +350,24 @@ def transcript_insert(connection, *, names_given: tuple[str, ...], rows: list[tu
                 f"{head}{', '.join([placeholders] * len(chunk))} {suffix}".rstrip(),
                 [value for row in chunk for value in (*row, *extra)],
             )
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+def health_beat(*, now, lock_wait_ms: int) -> None:
+    """Rewrite the health row (:class:`~sessions_app.models.HealthBeat`, ``id``
+    1), committed: one upsert in autocommit, so it fails where the database
+    cannot take a write (read-only, full). ``lock_wait_ms``: how long it
+    waits for SQLite's write lock (a probe must not queue behind a turn's
+    write for the file's usual 20 s); a lock still held raises
+    ``OperationalError`` ("database is locked")."""
+    connection = connection_for(HealthBeat)
+    table, col = names(HealthBeat, connection)
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite" and not getattr(connection, "is_remote", False):
+            cursor.execute(f"PRAGMA busy_timeout = {int(lock_wait_ms)}")
+        cursor.execute(
+            f"INSERT INTO {table} ({col['id']}, {col['written_at']}) VALUES (1, %(now)s) "
+            f"ON CONFLICT ({col['id']}) DO UPDATE SET {col['written_at']} = excluded.{col['written_at']}",
+            {"now": db_value(HealthBeat, "written_at", now, connection)})

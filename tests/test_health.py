@@ -10,6 +10,7 @@ import time
 import pytest
 
 from omni import health
+from tests.conftest import _records_of
 from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.engine_agnostic
@@ -120,3 +121,25 @@ async def test_a_hung_channel_layer_is_an_error_within_the_budget(monkeypatch):
     started = time.monotonic()
     assert await asyncio.gather(*(probe.result() for _ in range(5))) == ["error"] * 5
     assert time.monotonic() - started < 1  # expected CHECK_SECONDS (0.3 s); the channel layer hangs for 30 s
+
+
+@pytest.fixture
+def api_log(caplog):
+    """Records of logger ``omni.api`` (which does not propagate to the root)."""
+    yield from _records_of(caplog, "omni.api")
+
+
+async def test_a_failing_check_is_logged_when_it_fails_and_when_it_passes_again(monkeypatch, api_log):
+    """A balancer polling through an outage adds two lines to the log, not one per probe."""
+    monkeypatch.setattr(health, "FRESH_SECONDS", 0)
+    check = Blocking(result=OSError("connection refused"))
+    check.release.set()
+    probe = health.ThreadProbe("test", check)
+    for _ in range(5):
+        assert await answers(probe, 1) == ["error"]
+    check.result = "ok"
+    for _ in range(3):
+        assert await answers(probe, 1) == ["ok"]
+    assert check.calls == 8
+    lines = [r.getMessage() for r in api_log.records if r.name == "omni.api"]
+    assert lines == ["health: test check failed: connection refused", "health: test check passes again"]

@@ -7,7 +7,8 @@
   from its start to its end). ``Retry-After``: ``OMNI_BUSY_RETRY_AFTER``.
 * ``OMNI_TURNS_PER_MINUTE``: turns one resource may start in any sliding
   60 seconds. Counted in Redis when ``REDIS_URL`` is set
-  (:mod:`.redis`), else in the database (:mod:`.db`). ``Retry-After``:
+  (:mod:`.redis`; in the database while Redis does not answer), else in
+  the database (:mod:`.db`). ``Retry-After``:
   until the oldest start in the window is a minute old.
 
 0 turns a limit off. A turn is counted when it starts: :func:`admit` runs

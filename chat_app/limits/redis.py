@@ -14,14 +14,19 @@ The running turns are still counted in the database (the live thread
 leases): one ``SELECT``, in parallel with the script. When that count
 refuses, the start the script just counted is removed again (``ZREM``).
 
-A Redis failure (down, timing out) does not stop turns: ``admit`` lets the
-turn start uncounted and logs a warning, and skips Redis for
-:data:`RETRY_SECONDS` before trying again (no timeout paid per turn during
-an outage). The limits guard fairness, and a turn needs no Redis to run on
-its own worker; refusing every turn for a Redis outage would turn the
-limiter into an outage of its own. A database failure is not swallowed:
-the turn's own lease and mapping live there, so it fails with the
-project's database ``503`` as any other call would.
+A Redis failure (down, timing out) neither stops turns nor lifts the
+limit (issue 22, item 6): while Redis does not answer, starts are counted
+in the database instead, by the database backend (:mod:`.db`), which is
+exact across workers too; Redis is tried again every :data:`RETRY_SECONDS`
+(no timeout paid per turn during an outage). Refusing every turn for a
+Redis outage would turn the limiter into an outage of its own; letting
+every turn through would lift the limit exactly when a misbehaving client
+may be why Redis fell over. One warning line when Redis fails, one when it
+answers again. The two counts are separate: in the minute after each
+switch a resource may start up to twice its rate (the starts of the other
+store are not seen). A database failure is not swallowed: the turn's own
+lease and mapping live there, so it fails with the project's database
+``503`` as any other call would.
 
 Times are the workers' clocks (the script takes ``now`` as an argument, as
 the database backend does; tests inject a clock): keep them in sync (NTP).
@@ -44,8 +49,9 @@ from .base import (
     WINDOW_MS, Admission, Backend, live_leases_sync, log, max_turns, too_many_starts,
     too_many_turns, turns_per_minute,
 )
+from .db import DatabaseBackend
 
-# After a Redis failure, admit turns uncounted for this long before trying Redis again.
+# After a Redis failure, count in the database for this long before trying Redis again.
 RETRY_SECONDS = 5.0
 # Redis answers a script in well under a millisecond: a turn never waits long for a sick one.
 SOCKET_TIMEOUT = 1.0
@@ -88,7 +94,9 @@ class RedisBackend(Backend):
         self.url = url
         self.prefix = prefix
         self._clients: dict[asyncio.AbstractEventLoop, tuple] = {}
-        self._skip_until = 0.0  # monotonic: Redis failed, admit uncounted until then
+        self._skip_until = 0.0  # monotonic: Redis failed, count in the database until then
+        self._down = False  # Redis failed and has not answered since
+        self.database = DatabaseBackend(clock)  # where starts are counted while Redis is down
 
     def key(self, resource_id: str) -> str:
         return f"{self.prefix}:limits:starts:{resource_id}"
@@ -120,13 +128,15 @@ class RedisBackend(Backend):
     def reset(self) -> None:
         self._clients.clear()
         self._skip_until = 0.0
+        self._down = False
+        self.database.reset()
 
     # --- starts ---
     async def count_start(self, resource_id: str, turn_id: str, rate: int) -> Admission:
-        """Count the start in Redis or raise :class:`RateLimited`; on a Redis
-        failure an uncounted admission (see the module's docstring)."""
+        """Count the start in Redis or raise :class:`RateLimited`; while
+        Redis fails, in the database (see the module's docstring)."""
         if time.monotonic() < self._skip_until:
-            return Admission(self, resource_id, turn_id)
+            return await self.database.admit(resource_id, turn_id)
         now = self.now_ms()
         try:
             _, script = self._client()
@@ -134,9 +144,14 @@ class RedisBackend(Backend):
                                   args=[now, WINDOW_MS, rate, turn_id])
         except Exception as exc:
             self._skip_until = time.monotonic() + RETRY_SECONDS
-            log.warning("turn limits: Redis failed (%s: %s); turns start uncounted for %ss",
-                        type(exc).__name__, exc, RETRY_SECONDS)
-            return Admission(self, resource_id, turn_id)
+            if not self._down:
+                self._down = True
+                log.warning("turn limits: Redis failed (%s: %s); counting turn starts in the database "
+                            "until it answers (tried again every %ss)", type(exc).__name__, exc, RETRY_SECONDS)
+            return await self.database.admit(resource_id, turn_id)
+        if self._down:
+            self._down = False
+            log.warning("turn limits: Redis answers again; counting turn starts in Redis")
         if int(answer[0]) == 1:
             return Admission(self, resource_id, turn_id, token=self.key(resource_id))
         raise too_many_starts(resource_id, rate, int(float(answer[2])), now)
@@ -145,6 +160,8 @@ class RedisBackend(Backend):
         rate, most = turns_per_minute(), max_turns()
         if rate <= 0 and most <= 0:
             return Admission(self, resource_id, turn_id)
+        if rate > 0 and time.monotonic() < self._skip_until:
+            return await self.database.admit(resource_id, turn_id)  # both limits, one statement
         if most <= 0:
             return await self.count_start(resource_id, turn_id, rate)
         if rate <= 0:
