@@ -428,6 +428,14 @@ def _assistant_text(entry: dict) -> tuple[str | None, str]:
     )
 
 
+def _synthetic(entry: dict) -> bool:
+    """An assistant entry the CLI wrote itself, not the model: e.g. "No
+    response requested." after a message whose turn was cut short (the
+    worker died before any reply was stored), added when the session resumes."""
+    message = entry.get("message")
+    return isinstance(message, dict) and message.get("model") == "<synthetic>"
+
+
 def _blocks(entry: dict, kind: str) -> list[dict]:
     message = entry.get("message")
     content = message.get("content") if isinstance(message, dict) else None
@@ -465,8 +473,8 @@ def transcript_messages(entries: list[dict]) -> list[dict]:
                 messages.append({"role": "user", "text": text, "uuid": uuid})
                 last_id = None
         elif kind == "assistant":
-            if entry.get("isApiErrorMessage") is True:
-                continue  # the CLI's stand-in for a failed model call, not a reply
+            if entry.get("isApiErrorMessage") is True or _synthetic(entry):
+                continue  # the CLI's own stand-in (a failed model call, a lost turn), not a reply
             message_id, text = _assistant_text(entry)
             uses = [{"toolUseId": b.get("id"), "tool": b.get("name"), "input": b.get("input") or {},
                      "result": None, "isError": False, "approval": None}
@@ -518,9 +526,10 @@ async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> li
     "assistant"`` entries; consecutive entries of one reply (same
     ``message.id``) merge into one message carrying the first entry's uuid.
     Several text blocks are joined with a blank line. The CLI's synthetic
-    ``isApiErrorMessage`` replies ("API Error: ...") are left out: a failed
-    turn is an error, not something the assistant said. An unknown session
-    gives ``[]``.
+    replies (``isApiErrorMessage``, "API Error: ...", and model
+    ``<synthetic>``, e.g. "No response requested." after a message whose
+    turn a crash cut short) are left out: not something the assistant
+    said. An unknown session gives ``[]``.
     """
 
     entries = await sync_to_async(main_transcript, thread_sensitive=True)(session_id, using)

@@ -371,6 +371,11 @@ def realistic_transcript():
         user("u8b", "Please [fail]"),
         {**assistant("err", "synthetic-1", text("API Error: 400 offline model: requested failure")),
          "isApiErrorMessage": True, "apiErrorStatus": 400},
+        user("u8c", "Cut short by a crash"),
+        # what the CLI puts after a dangling message when the session is resumed
+        {**assistant("syn", "synthetic-2", text("No response requested.")),
+         "message": {"id": "synthetic-2", "type": "message", "role": "assistant", "model": "<synthetic>",
+                     "content": [text("No response requested.")]}},
         user("u9", "Thanks!  "),
         assistant("a6", "msg_4", text("You're welcome.")),
         {"type": "cost-state", "sessionId": SID, "totalCostUSD": 0.01},
@@ -386,6 +391,7 @@ EXPECTED_CONVERSATION = [
          "isError": False, "approval": None}]},  # its result from the user entry that carried it
     {"role": "assistant", "text": "There is one file: a.txt.", "uuid": "a5"},
     {"role": "user", "text": "Please [fail]", "uuid": "u8b"},
+    {"role": "user", "text": "Cut short by a crash", "uuid": "u8c"},
     {"role": "user", "text": "Thanks!", "uuid": "u9"},
     {"role": "assistant", "text": "You're welcome.", "uuid": "a6"},
 ]
