@@ -88,6 +88,7 @@ call (and at most one transaction) per operation.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -211,6 +212,10 @@ class DjangoSessionStore(SessionStore):
     def __init__(self, using: str = DEFAULT_DB_ALIAS, *, shared_sessions=()) -> None:
         self.using = using
         self.shared_sessions = frozenset(shared_sessions)
+        # The person's messages this store has committed (main transcripts),
+        # and who waits for a count: see :meth:`prompts_stored`.
+        self.prompts = 0
+        self._prompt_waiters: list[tuple[int, asyncio.Future]] = []
 
     def __repr__(self) -> str:
         shared = f", shared_sessions={sorted(self.shared_sessions)!r}" if self.shared_sessions else ""
@@ -233,6 +238,34 @@ class DjangoSessionStore(SessionStore):
         if not entries:
             return
         await sync_to_async(self._append, thread_sensitive=True)(key, entries)
+        if _subpath(key) == MAIN and (count := sum(map(_is_prompt, entries))):
+            self.prompts += count
+            waiting, self._prompt_waiters = self._prompt_waiters, []
+            for wanted, future in waiting:
+                if self.prompts < wanted:
+                    self._prompt_waiters.append((wanted, future))
+                elif not future.done():
+                    future.set_result(None)
+
+    async def prompts_stored(self, count: int, timeout: float) -> bool:
+        """Wait until this store has committed ``count`` of the person's
+        messages (main-transcript user lines that are not tool results);
+        False if it has not within ``timeout`` seconds (a batch that failed,
+        the database away). A turn takes :attr:`prompts` before it sends its
+        message and waits for one more before it tells anyone the message
+        was taken."""
+        if self.prompts >= count:
+            return True
+        future = asyncio.get_running_loop().create_future()
+        self._prompt_waiters.append((count, future))
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._prompt_waiters = [w for w in self._prompt_waiters if w[1] is not future]
 
     def _append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         project_key, session_id, subpath = key["project_key"], key["session_id"], _subpath(key)
@@ -426,6 +459,16 @@ def _assistant_text(entry: dict) -> tuple[str | None, str]:
     return (message_id if isinstance(message_id, str) else None), "\n\n".join(
         part for part in parts if part
     )
+
+
+def _is_prompt(entry) -> bool:
+    """A line of the person's message (the CLI writes one per message sent):
+    a user entry, not the CLI's own (``isMeta``) and not a tool's answer."""
+    if not isinstance(entry, dict) or entry.get("type") != "user" or entry.get("isMeta") is True:
+        return False
+    if entry.get("isSidechain") is True:
+        return False
+    return not _blocks(entry, "tool_result")
 
 
 def _synthetic(entry: dict) -> bool:

@@ -75,6 +75,28 @@ async def test_conformance_all_14_contracts():
     assert calls == 15  # one probe + one fresh store per contract
 
 
+async def test_a_waiter_wakes_when_the_persons_message_is_committed():
+    """A turn waits for its message's line (``prompts_stored``) before it
+    announces the turn: a tool's answer, a subagent's line or the CLI's own
+    meta line do not count; a store that never gets it answers False."""
+    store = DjangoSessionStore()
+    key = {"project_key": "-srv-omni", "session_id": "s-wait"}
+    waiter = asyncio.ensure_future(store.prompts_stored(store.prompts + 1, timeout=10))
+    await store.append(key, [
+        {"type": "queue-operation", "operation": "enqueue"},
+        {"type": "user", "uuid": "m", "isMeta": True, "message": {"content": "caveat"}},
+        {"type": "user", "uuid": "t", "message": {"content": [{"type": "tool_result", "content": "x"}]}},
+    ])
+    await store.append({**key, "subpath": "subagents/agent-1"},
+                       [{"type": "user", "uuid": "sub", "message": {"content": "for the subagent"}}])
+    await asyncio.sleep(0)
+    assert not waiter.done() and store.prompts == 0
+    await store.append(key, [{"type": "user", "uuid": "p", "message": {"content": "Hello"}}])
+    assert await waiter is True and store.prompts == 1
+    assert await store.prompts_stored(1, timeout=0) is True  # already there
+    assert await store.prompts_stored(2, timeout=0.05) is False
+
+
 async def test_constructible_with_alias():
     assert DjangoSessionStore().using == "default"
     assert DjangoSessionStore(using="default").using == "default"
