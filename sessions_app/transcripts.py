@@ -71,11 +71,16 @@ libSQL file and PostgreSQL):
 
 How the SDK uses it (claude-agent-sdk 0.2.187): ``project_key`` is the
 CLI's project directory name for ``cwd`` (``project_key_for_directory``), so a
-session resumes from the store only with the same ``cwd``. Lines arrive in
-one ``append`` per transcript file when a turn's result comes in
-(``session_store_flush="batched"``, also every 500 entries / 1 MiB) and at
-close; ``"eager"`` appends as frames come. A failed batch is retried 3 times,
-then reported as a ``MirrorErrorMessage`` in the message stream.
+session resumes from the store only with the same ``cwd``. The server's
+clients use ``session_store_flush="eager"`` (:func:`chat_app.sdk.build_options`):
+each frame of lines the CLI writes is one ``append`` as it comes (the
+person's message before the model is called, each finished reply or tool
+result after), so a turn cut short by its worker dying keeps what it had
+written; ``"batched"`` (the SDK's default) appends once per transcript file
+at the turn's result (also every 500 entries / 1 MiB) and at close. A
+failed batch is retried 3 times, then reported as a ``MirrorErrorMessage``
+in the message stream. :attr:`DjangoSessionStore.prompts` counts the
+person's messages a store has committed, for a turn to wait for its own.
 
 Retention is the caller's business: the SDK never deletes from the store.
 Helpers for the rest of the project: :func:`erase_session` /

@@ -446,8 +446,9 @@ class Turn:
         self._client = client
         # The person's messages its transcript store has committed so far:
         # this turn's is the next (none for a continuation, which sends none).
-        store = getattr(client.options, "session_store", None)
-        prompts = None if continuing or not hasattr(store, "prompts_stored") else store.prompts
+        transcripts = getattr(client.options, "session_store", None)
+        prompts = (None if continuing or not hasattr(transcripts, "prompts_stored")
+                   else transcripts.prompts)
         keep = hung = False
         try:
             if started:
@@ -473,7 +474,7 @@ class Turn:
                             continue
                         self._mark("init")
                         if prompts is not None:
-                            await self._message_stored(store, prompts + 1)
+                            await self._message_stored(transcripts, prompts + 1)
                         await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
                         self._mark("session")
                         context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
@@ -675,7 +676,7 @@ class Turn:
         await store.adopt_session(call.session_id)
         return await self._converse(call.session_id, continuing=True)
 
-    async def _message_stored(self, store, count: int) -> None:
+    async def _message_stored(self, transcripts, count: int) -> None:
         """Wait until the turn's message is committed to the transcript
         store (the CLI writes it before calling the model; the SDK's eager
         flush stores it at once, usually before the session id comes):
@@ -684,7 +685,7 @@ class Turn:
         dying, and a mapping always names a session that resumes. Bounded:
         a store that cannot take it (the database away) delays the turn by
         :data:`MESSAGE_STORED_SECONDS` at most."""
-        if not await store.prompts_stored(count, MESSAGE_STORED_SECONDS):
+        if not await transcripts.prompts_stored(count, MESSAGE_STORED_SECONDS):
             log.warning("[CHAT] The message of turn %s was not stored within %g s; going on",
                         self.turn_id, MESSAGE_STORED_SECONDS)
 
