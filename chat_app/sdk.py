@@ -289,6 +289,11 @@ def build_options(
         cwd=str(workspace_dir()),
         env=cli_env(),
         session_store=session_store,
+        # Each transcript line goes to the store as the CLI writes it, not
+        # once at the turn's result: the person's message (written before the
+        # model is called, CLAUDE_CODE_EAGER_FLUSH) and each finished reply
+        # survive this process dying mid-turn, on every worker.
+        session_store_flush="eager",
         # The launcher: no server secrets in the CLI's environment, and the
         # CLI dies with this process (see chat_app/bin/claude-launcher).
         cli_path=str(LAUNCHER),

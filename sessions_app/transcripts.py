@@ -71,11 +71,16 @@ libSQL file and PostgreSQL):
 
 How the SDK uses it (claude-agent-sdk 0.2.187): ``project_key`` is the
 CLI's project directory name for ``cwd`` (``project_key_for_directory``), so a
-session resumes from the store only with the same ``cwd``. Lines arrive in
-one ``append`` per transcript file when a turn's result comes in
-(``session_store_flush="batched"``, also every 500 entries / 1 MiB) and at
-close; ``"eager"`` appends as frames come. A failed batch is retried 3 times,
-then reported as a ``MirrorErrorMessage`` in the message stream.
+session resumes from the store only with the same ``cwd``. The server's
+clients use ``session_store_flush="eager"`` (:func:`chat_app.sdk.build_options`):
+each frame of lines the CLI writes is one ``append`` as it comes (the
+person's message before the model is called, each finished reply or tool
+result after), so a turn cut short by its worker dying keeps what it had
+written; ``"batched"`` (the SDK's default) appends once per transcript file
+at the turn's result (also every 500 entries / 1 MiB) and at close. A
+failed batch is retried 3 times, then reported as a ``MirrorErrorMessage``
+in the message stream. :attr:`DjangoSessionStore.prompts` counts the
+person's messages a store has committed, for a turn to wait for its own.
 
 Retention is the caller's business: the SDK never deletes from the store.
 Helpers for the rest of the project: :func:`erase_session` /
@@ -88,6 +93,7 @@ call (and at most one transaction) per operation.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -211,6 +217,10 @@ class DjangoSessionStore(SessionStore):
     def __init__(self, using: str = DEFAULT_DB_ALIAS, *, shared_sessions=()) -> None:
         self.using = using
         self.shared_sessions = frozenset(shared_sessions)
+        # The person's messages this store has committed (main transcripts),
+        # and who waits for a count: see :meth:`prompts_stored`.
+        self.prompts = 0
+        self._prompt_waiters: list[tuple[int, asyncio.Future]] = []
 
     def __repr__(self) -> str:
         shared = f", shared_sessions={sorted(self.shared_sessions)!r}" if self.shared_sessions else ""
@@ -233,6 +243,34 @@ class DjangoSessionStore(SessionStore):
         if not entries:
             return
         await sync_to_async(self._append, thread_sensitive=True)(key, entries)
+        if _subpath(key) == MAIN and (count := sum(map(_is_prompt, entries))):
+            self.prompts += count
+            waiting, self._prompt_waiters = self._prompt_waiters, []
+            for wanted, future in waiting:
+                if self.prompts < wanted:
+                    self._prompt_waiters.append((wanted, future))
+                elif not future.done():
+                    future.set_result(None)
+
+    async def prompts_stored(self, count: int, timeout: float) -> bool:
+        """Wait until this store has committed ``count`` of the person's
+        messages (main-transcript user lines that are not tool results);
+        False if it has not within ``timeout`` seconds (a batch that failed,
+        the database away). A turn takes :attr:`prompts` before it sends its
+        message and waits for one more before it tells anyone the message
+        was taken."""
+        if self.prompts >= count:
+            return True
+        future = asyncio.get_running_loop().create_future()
+        self._prompt_waiters.append((count, future))
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._prompt_waiters = [w for w in self._prompt_waiters if w[1] is not future]
 
     def _append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         project_key, session_id, subpath = key["project_key"], key["session_id"], _subpath(key)
@@ -428,6 +466,24 @@ def _assistant_text(entry: dict) -> tuple[str | None, str]:
     )
 
 
+def _is_prompt(entry) -> bool:
+    """A line of the person's message (the CLI writes one per message sent):
+    a user entry, not the CLI's own (``isMeta``) and not a tool's answer."""
+    if not isinstance(entry, dict) or entry.get("type") != "user" or entry.get("isMeta") is True:
+        return False
+    if entry.get("isSidechain") is True:
+        return False
+    return not _blocks(entry, "tool_result")
+
+
+def _synthetic(entry: dict) -> bool:
+    """An assistant entry the CLI wrote itself, not the model: e.g. "No
+    response requested." after a message whose turn was cut short (the
+    worker died before any reply was stored), added when the session resumes."""
+    message = entry.get("message")
+    return isinstance(message, dict) and message.get("model") == "<synthetic>"
+
+
 def _blocks(entry: dict, kind: str) -> list[dict]:
     message = entry.get("message")
     content = message.get("content") if isinstance(message, dict) else None
@@ -465,8 +521,8 @@ def transcript_messages(entries: list[dict]) -> list[dict]:
                 messages.append({"role": "user", "text": text, "uuid": uuid})
                 last_id = None
         elif kind == "assistant":
-            if entry.get("isApiErrorMessage") is True:
-                continue  # the CLI's stand-in for a failed model call, not a reply
+            if entry.get("isApiErrorMessage") is True or _synthetic(entry):
+                continue  # the CLI's own stand-in (a failed model call, a lost turn), not a reply
             message_id, text = _assistant_text(entry)
             uses = [{"toolUseId": b.get("id"), "tool": b.get("name"), "input": b.get("input") or {},
                      "result": None, "isError": False, "approval": None}
@@ -518,9 +574,10 @@ async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> li
     "assistant"`` entries; consecutive entries of one reply (same
     ``message.id``) merge into one message carrying the first entry's uuid.
     Several text blocks are joined with a blank line. The CLI's synthetic
-    ``isApiErrorMessage`` replies ("API Error: ...") are left out: a failed
-    turn is an error, not something the assistant said. An unknown session
-    gives ``[]``.
+    replies (``isApiErrorMessage``, "API Error: ...", and model
+    ``<synthetic>``, e.g. "No response requested." after a message whose
+    turn a crash cut short) are left out: not something the assistant
+    said. An unknown session gives ``[]``.
     """
 
     entries = await sync_to_async(main_transcript, thread_sensitive=True)(session_id, using)

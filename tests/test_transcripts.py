@@ -75,6 +75,28 @@ async def test_conformance_all_14_contracts():
     assert calls == 15  # one probe + one fresh store per contract
 
 
+async def test_a_waiter_wakes_when_the_persons_message_is_committed():
+    """A turn waits for its message's line (``prompts_stored``) before it
+    announces the turn: a tool's answer, a subagent's line or the CLI's own
+    meta line do not count; a store that never gets it answers False."""
+    store = DjangoSessionStore()
+    key = {"project_key": "-srv-omni", "session_id": "s-wait"}
+    waiter = asyncio.ensure_future(store.prompts_stored(store.prompts + 1, timeout=10))
+    await store.append(key, [
+        {"type": "queue-operation", "operation": "enqueue"},
+        {"type": "user", "uuid": "m", "isMeta": True, "message": {"content": "caveat"}},
+        {"type": "user", "uuid": "t", "message": {"content": [{"type": "tool_result", "content": "x"}]}},
+    ])
+    await store.append({**key, "subpath": "subagents/agent-1"},
+                       [{"type": "user", "uuid": "sub", "message": {"content": "for the subagent"}}])
+    await asyncio.sleep(0)
+    assert not waiter.done() and store.prompts == 0
+    await store.append(key, [{"type": "user", "uuid": "p", "message": {"content": "Hello"}}])
+    assert await waiter is True and store.prompts == 1
+    assert await store.prompts_stored(1, timeout=0) is True  # already there
+    assert await store.prompts_stored(2, timeout=0.05) is False
+
+
 async def test_constructible_with_alias():
     assert DjangoSessionStore().using == "default"
     assert DjangoSessionStore(using="default").using == "default"
@@ -371,6 +393,11 @@ def realistic_transcript():
         user("u8b", "Please [fail]"),
         {**assistant("err", "synthetic-1", text("API Error: 400 offline model: requested failure")),
          "isApiErrorMessage": True, "apiErrorStatus": 400},
+        user("u8c", "Cut short by a crash"),
+        # what the CLI puts after a dangling message when the session is resumed
+        {**assistant("syn", "synthetic-2", text("No response requested.")),
+         "message": {"id": "synthetic-2", "type": "message", "role": "assistant", "model": "<synthetic>",
+                     "content": [text("No response requested.")]}},
         user("u9", "Thanks!  "),
         assistant("a6", "msg_4", text("You're welcome.")),
         {"type": "cost-state", "sessionId": SID, "totalCostUSD": 0.01},
@@ -386,6 +413,7 @@ EXPECTED_CONVERSATION = [
          "isError": False, "approval": None}]},  # its result from the user entry that carried it
     {"role": "assistant", "text": "There is one file: a.txt.", "uuid": "a5"},
     {"role": "user", "text": "Please [fail]", "uuid": "u8b"},
+    {"role": "user", "text": "Cut short by a crash", "uuid": "u8c"},
     {"role": "user", "text": "Thanks!", "uuid": "u9"},
     {"role": "assistant", "text": "You're welcome.", "uuid": "a6"},
 ]

@@ -99,6 +99,36 @@ async def test_a_failing_turn_tells_the_client_no_exception_text(offline_chat, m
     assert "db.internal" not in json.dumps(events) and events[-1]["turnId"] in events[-1]["message"]
 
 
+async def test_the_session_event_comes_once_the_message_is_stored(offline_chat, monkeypatch):
+    """The person's message is in the transcript store before the turn
+    announces itself (``session``): a client that saw it knows the message
+    survives its worker dying. The store's commit of a message is made slow
+    here; the warm follow-up (no database work of its own before
+    ``session``) would otherwise announce it first."""
+    import time
+
+    from sessions_app.transcripts import DjangoSessionStore
+
+    committed: list[str] = []
+    original = DjangoSessionStore._append
+
+    def slow_append(self, key, entries):
+        prompts = [e["message"]["content"] for e in entries
+                   if e.get("type") == "user" and isinstance(e.get("message", {}).get("content"), str)]
+        if prompts:
+            time.sleep(0.3)
+        original(self, key, entries)
+        committed.extend(prompts)
+
+    monkeypatch.setattr(DjangoSessionStore, "_append", slow_append)
+    for message in ("First", "Again"):
+        turn = await start_turn(None, body(message, thread="stored-first"))
+        async for event in turn.listen():
+            if event["type"] == "session":
+                assert committed[-1:] == [message], committed
+        assert turn.events[-1]["type"] == "done"
+
+
 async def test_a_warm_follow_up_costs_few_sql_statements(offline_chat, monkeypatch):
     """The warm path's database work (issue 18): the thread's lease, its
     mapping with the budget (its override and the day's spend: read at every

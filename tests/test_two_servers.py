@@ -251,7 +251,9 @@ def test_a_fork_reads_its_parent_where_it_is_and_never_moves_it(pair):
     """A fork on B of a thread whose turn runs on A at that moment (A and B
     have working directories of their own, so projects of their own): the
     fork reads the parent from A's project; the parent's rows stay there,
-    so its running turn and its later turns on A keep the whole context."""
+    so its running turn and its later turns on A keep the whole context.
+    The fork copies the parent as stored at that moment: with the message of
+    the turn running on A (stored as that turn started), not its reply."""
     resource, parent, child = new_id("user"), new_id("thread"), new_id("fork")
     first = pair.a.chat("What is 2+2?", resource, parent)
     assert_turn(first, thread_id=parent, resumed=False)
@@ -261,7 +263,7 @@ def test_a_fork_reads_its_parent_where_it_is_and_never_moves_it(pair):
     running.read_until("text")  # the parent's turn is under way on A
     fork = pair.b.fork("Now multiply", resource, parent, child)
     assert_turn(fork, thread_id=child, resumed=False)
-    assert fork.text == reply("Now multiply", "What is 2+2?")
+    assert fork.text == reply("Now multiply", "What is 2+2?", "Count slowly [slow]")
     assert_turn(running.result(), thread_id=parent, resumed=True)
     running.close()
     assert pair.project_keys(first.session_id) == before  # one project: A's, as before
@@ -270,7 +272,7 @@ def test_a_fork_reads_its_parent_where_it_is_and_never_moves_it(pair):
     assert third.text == reply("And before that?", "What is 2+2?", "Count slowly [slow]")
     # the fork's own conversation is B's, complete
     again = pair.b.chat("What did I ask?", resource, child)
-    assert again.text == reply("What did I ask?", "What is 2+2?", "Now multiply")
+    assert again.text == reply("What did I ask?", "What is 2+2?", "Count slowly [slow]", "Now multiply")
 
 
 def test_a_shared_workspace_needs_no_adoption(tmp_path):

@@ -58,6 +58,7 @@ log = logging.getLogger("omni.chat")
 MISSING_SESSION = "No conversation found with session ID"
 DELETED = "the thread was deleted; its turn was stopped"
 INTERRUPT_SECONDS = 5.0  # the longest an interrupt waits for the CLI's answer
+MESSAGE_STORED_SECONDS = 10.0  # the longest a turn waits for its message to be stored
 DECISION_POLL_SECONDS = 2.0  # a waiting turn looks at its call this often (decided on a worker it cannot hear)
 DETACHED = ("the server process running this turn is stopping; the tool call still waits for a "
             "decision: follow the thread again")
@@ -443,6 +444,11 @@ class Turn:
         context.publish = self._publish
         client = warm.client
         self._client = client
+        # The person's messages its transcript store has committed so far:
+        # this turn's is the next (none for a continuation, which sends none).
+        transcripts = getattr(client.options, "session_store", None)
+        prompts = (None if continuing or not hasattr(transcripts, "prompts_stored")
+                   else transcripts.prompts)
         keep = hung = False
         try:
             if started:
@@ -467,6 +473,8 @@ class Turn:
                             pending.append(message)
                             continue
                         self._mark("init")
+                        if prompts is not None:
+                            await self._message_stored(transcripts, prompts + 1)
                         await self._on_session(sid, resumed=resume is not None and not fork, notice=notice)
                         self._mark("session")
                         context.caller = Caller(spec.resource_id, spec.thread_id, self.turn_id, sid)
@@ -667,6 +675,19 @@ class Turn:
             await self.lease.check()
         await store.adopt_session(call.session_id)
         return await self._converse(call.session_id, continuing=True)
+
+    async def _message_stored(self, transcripts, count: int) -> None:
+        """Wait until the turn's message is committed to the transcript
+        store (the CLI writes it before calling the model; the SDK's eager
+        flush stores it at once, usually before the session id comes):
+        the ``session`` event, and a new thread's mapping, come after it, so
+        a client that saw ``session`` knows the message survives any worker
+        dying, and a mapping always names a session that resumes. Bounded:
+        a store that cannot take it (the database away) delays the turn by
+        :data:`MESSAGE_STORED_SECONDS` at most."""
+        if not await transcripts.prompts_stored(count, MESSAGE_STORED_SECONDS):
+            log.warning("[CHAT] The message of turn %s was not stored within %g s; going on",
+                        self.turn_id, MESSAGE_STORED_SECONDS)
 
     async def _on_session(self, session_id: str, resumed: bool, notice: str | None) -> None:
         spec = self.spec
