@@ -41,6 +41,7 @@ from django.utils import timezone
 
 from omni import logs
 from sessions_app.errors import ApiError
+from sessions_app.outages import ConnectionLost
 from sessions_app import toolcalls as calls
 from sessions_app import usage
 from sessions_app.services import ThreadDeleted
@@ -61,6 +62,7 @@ INTERRUPT_SECONDS = 5.0  # the longest an interrupt waits for the CLI's answer
 DECISION_POLL_SECONDS = 2.0  # a waiting turn looks at its call this often (decided on a worker it cannot hear)
 DETACHED = ("the server process running this turn is stopping; the tool call still waits for a "
             "decision: follow the thread again")
+UNSAVED_RETRY_AFTER = 2  # seconds: the database answers again by then, or the client retries again
 _background: set[asyncio.Task] = set()  # interrupts nobody waits for
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # AssistantMessage.error values that mean the model endpoint failed us, not the request.
@@ -69,6 +71,15 @@ MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
 
 def new_turn_id() -> str:
     return uuid.uuid4().hex
+
+
+def unsaved_error() -> dict:
+    """The ending of a turn the database was away for too long to save
+    (longer than the thread's lease): ``unavailable``, as a call refused for
+    an unreachable database; the thread is free again by then."""
+    return events.error_event(
+        "unavailable", "the database was unreachable, so this turn's reply was not saved; "
+        "send the message again", retry_after=UNSAVED_RETRY_AFTER)
 
 
 @dataclass
@@ -253,13 +264,16 @@ class Turn:
         _background.add(task)
         task.add_done_callback(_background.discard)
 
-    async def lease_was_lost(self, deleted: bool = False) -> None:
+    async def lease_was_lost(self, deleted: bool = False, unreachable: bool = False) -> None:
+        """``on_lost`` of :func:`chat_app.leases.holding`: the thread was
+        deleted, another worker took it, or (``unreachable``) the database
+        stayed away until the lease ran out: the turn stops unsaved."""
         metrics.lease_lost(deleted)
         if deleted:  # the row went with its thread (deleted by another process)
             await self.abort("thread_deleted", DELETED)
             return
         if not self.saved:
-            self._conclude(events.error_event(
+            self._conclude(unsaved_error() if unreachable else events.error_event(
                 "lease_lost", "this worker lost the thread's lease; the turn was stopped"))
         await self.interrupt()
 
@@ -327,6 +341,10 @@ class Turn:
             log.error("[CHAT] %s", exc)
             self._conclude(events.error_event(
                 "lease_lost", "this worker lost the thread's lease; the turn was stopped"))
+        except ConnectionLost as exc:  # the last save waited for the database as long as the lease allowed
+            log.error("[CHAT] Turn %s not saved, thread=%s: the database was unreachable: %s",
+                      self.turn_id, spec.thread_id, exc)
+            self._conclude(unsaved_error())
         except Exception:  # never leave a listener hanging
             log.exception("[CHAT] Turn %s failed thread=%s", self.turn_id, spec.thread_id)
             self._conclude(events.error_event(
