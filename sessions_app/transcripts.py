@@ -216,7 +216,12 @@ class DjangoSessionStore(SessionStore):
     none. A fork passes its parent: the CLI loads the parent's transcript
     under its own project key (its working directory), and the parent, which
     may be stored under another worker's key (and be running a turn there),
-    is read where it is, never moved. Writes are never redirected."""
+    is read where it is, never moved. Writes are never redirected.
+
+    ``outage_seconds``: how long a write (``append``, ``delete``) waits for a
+    database that cannot be reached, trying again (0, the default: it fails
+    at once, after one reconnect). The project passes its lease time, the
+    longest outage a turn survives (:func:`chat_app.sdk.session_store`)."""
 
     def __init__(self, using: str = DEFAULT_DB_ALIAS, *, shared_sessions=(),
                  outage_seconds: float = 0.0) -> None:

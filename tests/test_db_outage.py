@@ -104,19 +104,25 @@ def last_query_at(pg: PostgresDatabase):
                             "AND pid <> pg_backend_pid()", (pg.name,)).fetchone()[0]
 
 
-def test_the_first_turn_after_a_database_restart_is_saved(worker):
-    server, resource, thread = worker.server, new_id("restart"), new_id("t")
-    server.chat("Before the restart", resource, thread).assert_ok()
-    # As on a busy worker, other work uses the connection between turns (here
-    # the sweep of tool approvals, every 2 s): once before the restart, and
-    # once after it, meeting the broken connection before the next turn does.
+def restart_found_by_other_work(worker: ProxiedWorker) -> None:
+    """A PostgreSQL restart as a busy worker meets it: its other work uses
+    the connection between turns (here the sweep of tool approvals, every
+    2 s), once before the restart and once after it, meeting the broken
+    connection before the next turn does."""
+    server = worker.server
     since = database_now(worker.pg)
     wait_for(lambda: (last_query_at(worker.pg) or since) > since, timeout=10,
              message="a query of the worker's after the turn")
     sweeps_failed = server.log().count("approvals: a sweep failed")
-    worker.proxy.cut()  # PostgreSQL restarted: every connection of the worker is gone
+    worker.proxy.cut()  # every connection of the worker is gone; the database is back at once
     wait_for(lambda: server.log().count("approvals: a sweep failed") > sweeps_failed, timeout=10,
              message="the worker's sweep after the restart")
+
+
+def test_the_first_turn_after_a_database_restart_is_saved(worker):
+    server, resource, thread = worker.server, new_id("restart"), new_id("t")
+    server.chat("Before the restart", resource, thread).assert_ok()
+    restart_found_by_other_work(worker)
     second = server.chat("After the restart", resource, thread)
     second.assert_ok()
     assert second.text == reply("After the restart", "Before the restart")
@@ -124,6 +130,12 @@ def test_the_first_turn_after_a_database_restart_is_saved(worker):
         ("user", "Before the restart"), ("assistant", reply("Before the restart")),
         ("user", "After the restart"), ("assistant", second.text),
     ]
+    # a new thread's first turn (its mapping created mid-turn) too
+    restart_found_by_other_work(worker)
+    other = new_id("t")
+    server.chat("A new thread after a restart", resource, other).assert_ok()
+    assert messages(server, other, resource) == [
+        ("user", "A new thread after a restart"), ("assistant", reply("A new thread after a restart"))]
 
 
 def test_a_turn_that_streams_through_a_short_outage_is_saved_once_the_database_is_back(worker):

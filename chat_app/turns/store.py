@@ -43,7 +43,7 @@ async def adopt_session(session_id: str) -> bool:
     from sessions_app.transcripts import rekey_session
 
     key = project_key_for_directory(str(workspace_dir()))
-    moved = await sync_to_async(rekey_session)(session_id, key)
+    moved = await sync_to_async(reconnecting)(rekey_session, session_id, key)
     if moved:
         log.info("[CHAT] Adopted stored session %s into project %s", session_id, key)
     return bool(moved)
