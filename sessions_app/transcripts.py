@@ -242,17 +242,18 @@ class DjangoSessionStore(SessionStore):
         of its batch) try once and do not wait the whole time again."""
         call = sync_to_async(functools.partial(reconnecting, fn, *args, using=self.using),
                              thread_sensitive=True)
-        patient = wait and self.outage_seconds > 0 and (
-            self._gave_up_at is None or time.monotonic() - self._gave_up_at >= self.outage_seconds)
-        if not patient:
-            value = await call()
-            self._gave_up_at = None
-            return value
         try:
-            value = await outlasting(call, within(self.outage_seconds), "a transcript write")
+            value = await call()
         except ConnectionLost:
-            self._gave_up_at = time.monotonic()
-            raise
+            patient = wait and self.outage_seconds > 0 and (
+                self._gave_up_at is None or time.monotonic() - self._gave_up_at >= self.outage_seconds)
+            if not patient:
+                raise
+            try:
+                value = await outlasting(call, within(self.outage_seconds), "a transcript write")
+            except ConnectionLost:
+                self._gave_up_at = time.monotonic()
+                raise
         self._gave_up_at = None
         return value
 

@@ -355,7 +355,13 @@ class Turn:
         given back, a stopped turn's leftovers erased, the record of a turn
         that did not save one written."""
         ending = self._conclude(events.error_event("turn_failed", "the turn ended without a result"))
-        await self._free_process("ended" if not ending.stopped else "stopped")
+        reason = "stopped" if ending.stopped else "ended"
+        if self._kept is not None and not self.saved:
+            # A client stays warm only after its turn was saved: one whose
+            # last save failed (the database away too long) holds a turn the
+            # database does not, which the thread's next turn must not see.
+            reason = "not saved"
+        await self._free_process(reason)
         if not self.saved:  # a turn that did not end with its last save
             with contextlib.suppress(Exception):
                 record = self._record(ending.outcome)
