@@ -40,7 +40,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from omni import logs
-from sessions_app.errors import ApiError
+from sessions_app.errors import ApiError, unavailable_retry_after
 from sessions_app.outages import ConnectionLost
 from sessions_app import toolcalls as calls
 from sessions_app import usage
@@ -62,7 +62,6 @@ INTERRUPT_SECONDS = 5.0  # the longest an interrupt waits for the CLI's answer
 DECISION_POLL_SECONDS = 2.0  # a waiting turn looks at its call this often (decided on a worker it cannot hear)
 DETACHED = ("the server process running this turn is stopping; the tool call still waits for a "
             "decision: follow the thread again")
-UNSAVED_RETRY_AFTER = 2  # seconds: the database answers again by then, or the client retries again
 _background: set[asyncio.Task] = set()  # interrupts nobody waits for
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # AssistantMessage.error values that mean the model endpoint failed us, not the request.
@@ -75,11 +74,12 @@ def new_turn_id() -> str:
 
 def unsaved_error() -> dict:
     """The ending of a turn the database was away for too long to save
-    (longer than the thread's lease): ``unavailable``, as a call refused for
-    an unreachable database; the thread is free again by then."""
+    (longer than the thread's lease): ``unavailable``, with the
+    ``Retry-After`` of a 503 for an unreachable database; the thread is free
+    again by then."""
     return events.error_event(
         "unavailable", "the database was unreachable, so this turn's reply was not saved; "
-        "send the message again", retry_after=UNSAVED_RETRY_AFTER)
+        "send the message again", retry_after=unavailable_retry_after())
 
 
 @dataclass
