@@ -34,7 +34,6 @@ timeout, a full disk) is not a lost connection: it is raised at once.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -88,16 +87,6 @@ def reconnecting(fn: Callable[..., T], *args, using: str = DEFAULT_DB_ALIAS, **k
             raise
         connection.close()
         raise ConnectionLost(str(exc).strip() or "the database could not be reached") from exc
-
-
-def reconnects(fn: Callable[..., T]) -> Callable[..., T]:
-    """Decorator: ``fn`` always runs through :func:`reconnecting`."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        return reconnecting(fn, *args, **kwargs)
-
-    return run
 
 
 async def outlasting(call: Callable[[], Awaitable[T]], seconds_left: Callable[[], float],
