@@ -52,10 +52,8 @@ class ProxiedWorker:
         self.pg = PostgresDatabase(postgres_url())
         parts = urlsplit(self.pg.url)
         self.proxy = FaultyProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-        netloc = f"{parts.username}@127.0.0.1:{self.proxy.port}" if parts.username \
-            else f"127.0.0.1:{self.proxy.port}"
-        if parts.password:
-            netloc = f"{parts.username}:{parts.password}@127.0.0.1:{self.proxy.port}"
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{self.proxy.port}" if credentials else f"127.0.0.1:{self.proxy.port}"
         self.server = Server(tmp, urlunsplit(parts._replace(netloc=netloc)),
                              {"OMNI_LEASE_SECONDS": str(lease_seconds)})
 
