@@ -61,6 +61,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from sessions_app.errors import Conflict
+from sessions_app.outages import ConnectionLost, outlasting, reconnecting
 
 from . import sql
 from .models import ThreadLease
@@ -203,21 +204,29 @@ class Lease:
         else:
             self.release_sync()
 
-    # --- async ---
+    # --- async: on a usable connection (one the database dropped is replaced:
+    # sessions_app.outages; each of these is safe to run twice) ---
     async def discard(self) -> None:
         if not self.released:
-            await sync_to_async(self.discard_sync)()
+            await sync_to_async(reconnecting)(self.discard_sync)
 
     async def renew(self) -> bool:
-        return await sync_to_async(self.renew_sync)()
+        return await sync_to_async(reconnecting)(self.renew_sync)
+
+    async def renew_while_live(self) -> bool:
+        """:meth:`renew`, tried again while the database cannot be reached
+        and this lease has time left: an outage shorter than the lease
+        costs nothing. Raises :class:`~sessions_app.outages.ConnectionLost`
+        once the lease ran out with the database still away."""
+        return await outlasting(self.renew, self.remaining, f"the lease of thread {self.thread_id}")
 
     async def release(self) -> None:
         if not self.released:
-            await sync_to_async(self.release_sync)()
+            await sync_to_async(reconnecting)(self.release_sync)
 
     async def check(self) -> None:
         """Raise :class:`LeaseLost` unless this lease is still ours and live."""
-        if self.released or not await sync_to_async(self.held_sync)():
+        if self.released or not await sync_to_async(reconnecting)(self.held_sync):
             raise LeaseLost(f"the lease of thread {self.thread_id!r} (token {self.token}) was lost")
 
 
@@ -319,21 +328,31 @@ def forget_sync(resource_id: str, thread_id: str) -> int:
 async def keep_renewed(lease: Lease, on_lost) -> None:
     """Renew ``lease`` every TTL/3 until cancelled; call ``on_lost(deleted=)``
     (a coroutine function) once if it is lost (``deleted``: the row is gone
-    with its thread, see :func:`forget_sync`). A renewal that fails for a
-    database error is retried at the next tick: the lease only counts as
-    lost when the row says so (or when it expired meanwhile)."""
+    with its thread, see :func:`forget_sync`). A renewal that cannot reach
+    the database is tried again within a second, until the lease would run
+    out (:meth:`Lease.renew_while_live`): only then is it lost, with
+    ``on_lost(deleted=False, unreachable=True)``. Any other database error
+    is retried at the next tick: the lease only counts as lost when the row
+    says so (or when it expired meanwhile)."""
     interval = max(lease_seconds() / 3, 0.05)
     while True:
         await asyncio.sleep(interval)
         if lease.released:
             return
         try:
-            ok = await lease.renew()
+            ok = await lease.renew_while_live()
+        except ConnectionLost:
+            if lease.released:  # the turn's last save let it go meanwhile
+                return
+            log.error("[CHAT] Lost the lease of thread %s (token %s): the database was unreachable "
+                      "until it ran out", lease.thread_id, lease.token)
+            await on_lost(deleted=False, unreachable=True)
+            return
         except Exception:
             log.warning("could not renew the lease of thread %s", lease.thread_id, exc_info=True)
             continue
         if not ok and not lease.released:
-            deleted = await sync_to_async(lambda: latest_sync(*lease.key) is None)()
+            deleted = await sync_to_async(reconnecting)(lambda: latest_sync(*lease.key) is None)
             log.error("[CHAT] Lost the lease of thread %s (token %s)%s", lease.thread_id, lease.token,
                       ": the thread was deleted" if deleted else "")
             await on_lost(deleted=deleted)

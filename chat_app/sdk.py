@@ -233,6 +233,9 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+STORE_OUTAGE_MAX_SECONDS = 50.0
+
+
 def session_store(*, fork_of: str | None = None):
     """The transcript store of the CLI's options (``OMNI_SESSION_STORE``), or
     None. ``fork_of``: the parent session a fork reads wherever it is stored
@@ -241,7 +244,10 @@ def session_store(*, fork_of: str | None = None):
         return None
     from sessions_app.transcripts import DjangoSessionStore
 
-    return DjangoSessionStore(shared_sessions=(fork_of,) if fork_of else ())
+    # A transcript write waits for a database that is away as long as a
+    # turn's lease outlives it (the SDK gives up on a write after 60 s).
+    return DjangoSessionStore(shared_sessions=(fork_of,) if fork_of else (),
+                              outage_seconds=min(settings.OMNI_LEASE_SECONDS, STORE_OUTAGE_MAX_SECONDS))
 
 
 def workspace_dir() -> Path:

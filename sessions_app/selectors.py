@@ -15,7 +15,7 @@ from django.db.models import Q
 
 from . import sql
 from .errors import BadRequest, NotFound
-from .models import SessionMapping, TranscriptEntry
+from .models import SessionMapping, TranscriptEntry, TurnRecord
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -118,6 +118,12 @@ def current_sessions_sync(keys: list[tuple[str, str]]) -> dict[tuple[str, str], 
         "resource_id", "thread_id", "session_id")
     return {(resource, thread): session for resource, thread, session in rows
             if (resource, thread) in wanted}
+
+
+def turn_recorded_sync(turn_id: str) -> bool:
+    """Whether the turn's record is stored: its last save went through (a
+    retried save whose first commit was lost with its connection asks)."""
+    return TurnRecord.objects.filter(turn_id=turn_id).exists()
 
 
 def mapping_of(resource_ref, thread_ref):

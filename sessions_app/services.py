@@ -18,6 +18,7 @@ from django.db import IntegrityError, router, transaction
 
 from .errors import ApiError, Conflict
 from .models import SessionMapping
+from .outages import reconnecting
 from .signals import thread_deleted
 from . import selectors, sql
 
@@ -65,8 +66,10 @@ async def save_session(
     messages; ``version`` grows on every update (warm clients' staleness).
     One trip to the database thread (a turn saves twice).
     """
-    mapping = await sync_to_async(_save_session)(
-        thread_id, resource_id, session_id, agent, user_message, assistant_message,
+    # On a usable connection: a turn saves on the database thread, outside
+    # any request, where nothing else replaces one the database dropped.
+    mapping = await sync_to_async(reconnecting)(
+        _save_session, thread_id, resource_id, session_id, agent, user_message, assistant_message,
         forked_from_thread_id, create,
     )
     log.info(

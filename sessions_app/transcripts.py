@@ -82,18 +82,27 @@ failed batch is retried 3 times, then reported as a ``MirrorErrorMessage``
 in the message stream. :attr:`DjangoSessionStore.prompts` counts the
 person's messages a store has committed, for a turn to wait for its own.
 
+A connection the database dropped (a restart) is replaced before the next
+operation, and an operation that meets one at its first use runs once more on
+a new connection (:mod:`sessions_app.outages`); with ``outage_seconds`` a
+write also waits that long for a database that is away (a short outage),
+retrying the whole batch: under the SDK's own 3 attempts within a second, a
+turn's batch would be dropped by any outage longer than that.
+
 Retention is the caller's business: the SDK never deletes from the store.
 Helpers for the rest of the project: :func:`erase_session` /
 :func:`erase_session_rows` remove a session everywhere (thread deletion),
 :func:`session_messages` gives the conversation for a page reload and
 :func:`fork_point` where to cut a fork at one of its messages. Async
 methods run their ORM work in ``sync_to_async(thread_sensitive=True)``, one
-call (and at most one transaction) per operation.
+call (and at most one transaction) per operation, through
+:func:`~sessions_app.outages.reconnecting`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -115,6 +124,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models.functions import Length
 
 from .models import TranscriptEntry, TranscriptSummary
+from .outages import ConnectionLost, outlasting, reconnecting, within
 from . import sql
 
 __all__ = [
@@ -212,19 +222,55 @@ class DjangoSessionStore(SessionStore):
     none. A fork passes its parent: the CLI loads the parent's transcript
     under its own project key (its working directory), and the parent, which
     may be stored under another worker's key (and be running a turn there),
-    is read where it is, never moved. Writes are never redirected."""
+    is read where it is, never moved. Writes are never redirected.
 
-    def __init__(self, using: str = DEFAULT_DB_ALIAS, *, shared_sessions=()) -> None:
+    ``outage_seconds``: how long a write (``append``, ``delete``) waits for a
+    database that cannot be reached, trying again (0, the default: it fails
+    at once, after one reconnect). The project passes its lease time, the
+    longest outage a turn survives (:func:`chat_app.sdk.session_store`)."""
+
+    def __init__(self, using: str = DEFAULT_DB_ALIAS, *, shared_sessions=(),
+                 outage_seconds: float = 0.0) -> None:
         self.using = using
         self.shared_sessions = frozenset(shared_sessions)
         # The person's messages this store has committed (main transcripts),
         # and who waits for a count: see :meth:`prompts_stored`.
         self.prompts = 0
         self._prompt_waiters: list[tuple[int, asyncio.Future]] = []
+        self.outage_seconds = outage_seconds
+        self._gave_up_at: float | None = None  # when a write last stopped waiting for the database
+
+    async def _run(self, fn, *args, wait: bool = False):
+        """``fn(*args)`` on the database thread, on a usable connection
+        (:func:`~sessions_app.outages.reconnecting`: a connection the
+        database dropped is replaced, and the work runs once more). ``wait``
+        (a write): while the database cannot be reached, try again for up to
+        ``outage_seconds``, so a batch of a turn that outlives a short outage
+        is stored, not dropped (entries dedupe by uuid: a batch whose commit
+        was lost with its connection adds nothing twice). One wait per
+        outage: the writes right after one that gave up (the SDK's retries
+        of its batch) try once and do not wait the whole time again."""
+        call = sync_to_async(functools.partial(reconnecting, fn, *args, using=self.using),
+                             thread_sensitive=True)
+        try:
+            value = await call()
+        except ConnectionLost:
+            patient = wait and self.outage_seconds > 0 and (
+                self._gave_up_at is None or time.monotonic() - self._gave_up_at >= self.outage_seconds)
+            if not patient:
+                raise
+            try:
+                value = await outlasting(call, within(self.outage_seconds), "a transcript write")
+            except ConnectionLost:
+                self._gave_up_at = time.monotonic()
+                raise
+        self._gave_up_at = None
+        return value
 
     def __repr__(self) -> str:
         shared = f", shared_sessions={sorted(self.shared_sessions)!r}" if self.shared_sessions else ""
-        return f"DjangoSessionStore(using={self.using!r}{shared})"
+        patience = f", outage_seconds={self.outage_seconds!r}" if self.outage_seconds else ""
+        return f"DjangoSessionStore(using={self.using!r}{shared}{patience})"
 
     def _project_of(self, key) -> str:
         """The project key to read ``key`` from (see ``shared_sessions``)."""
@@ -242,7 +288,7 @@ class DjangoSessionStore(SessionStore):
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         if not entries:
             return
-        await sync_to_async(self._append, thread_sensitive=True)(key, entries)
+        await self._run(self._append, key, entries, wait=True)
         if _subpath(key) == MAIN and (count := sum(map(_is_prompt, entries))):
             self.prompts += count
             waiting, self._prompt_waiters = self._prompt_waiters, []
@@ -302,7 +348,7 @@ class DjangoSessionStore(SessionStore):
                 _update_summary(connection, summary.id, now_ms, _dumps(folded["data"]))
 
     async def delete(self, key: SessionKey) -> None:
-        await sync_to_async(self._delete, thread_sensitive=True)(key)
+        await self._run(self._delete, key, wait=True)
 
     def _delete(self, key: SessionKey) -> None:
         project_key, session_id, subpath = key["project_key"], key["session_id"], _subpath(key)
@@ -321,7 +367,7 @@ class DjangoSessionStore(SessionStore):
     # --- reads ----------------------------------------------------------------
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
-        return await sync_to_async(self._load, thread_sensitive=True)(key)
+        return await self._run(self._load, key)
 
     def _load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         lines = TranscriptEntry.objects.using(self.using).filter(
@@ -331,24 +377,30 @@ class DjangoSessionStore(SessionStore):
         return [json.loads(text) for text in texts] if texts else None
 
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
+        return await self._run(self._list_sessions, project_key)
+
+    def _list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
         rows = TranscriptSummary.objects.using(self.using).filter(
             project_key=project_key
         ).exclude(data="").values_list("session_id", "mtime_ms")
-        return [{"session_id": sid, "mtime": mtime} async for sid, mtime in rows]
+        return [{"session_id": sid, "mtime": mtime} for sid, mtime in rows]
 
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
+        return await self._run(self._list_session_summaries, project_key)
+
+    def _list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
         rows = TranscriptSummary.objects.using(self.using).filter(
             project_key=project_key
         ).exclude(data="").values_list("session_id", "mtime_ms", "data")
-        return [
-            {"session_id": sid, "mtime": mtime, "data": json.loads(data)}
-            async for sid, mtime, data in rows
-        ]
+        return [{"session_id": sid, "mtime": mtime, "data": json.loads(data)} for sid, mtime, data in rows]
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        return await self._run(self._list_subkeys, key)
+
+    def _list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         project_key = key["project_key"]
         if key["session_id"] in self.shared_sessions:
-            project_key = await sync_to_async(self._project_of, thread_sensitive=True)(key)
+            project_key = self._project_of(key)
         rows = (
             TranscriptEntry.objects.using(self.using)
             .filter(session_id=key["session_id"], project_key=project_key)
@@ -357,7 +409,7 @@ class DjangoSessionStore(SessionStore):
             .values_list("subpath", flat=True)
             .distinct()
         )
-        return [subpath async for subpath in rows]
+        return list(rows)
 
 
 # --- helpers for the rest of the project ----------------------------------------

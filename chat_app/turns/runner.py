@@ -40,7 +40,8 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from omni import logs
-from sessions_app.errors import ApiError
+from sessions_app.errors import ApiError, unavailable_retry_after
+from sessions_app.outages import ConnectionLost
 from sessions_app import toolcalls as calls
 from sessions_app import usage
 from sessions_app.services import ThreadDeleted
@@ -70,6 +71,16 @@ MODEL_UNAVAILABLE = {"server_error", "rate_limit"}
 
 def new_turn_id() -> str:
     return uuid.uuid4().hex
+
+
+def unsaved_error() -> dict:
+    """The ending of a turn the database was away for too long to save
+    (longer than the thread's lease): ``unavailable``, with the
+    ``Retry-After`` of a 503 for an unreachable database; the thread is free
+    again by then."""
+    return events.error_event(
+        "unavailable", "the database was unreachable, so this turn's reply was not saved; "
+        "send the message again", retry_after=unavailable_retry_after())
 
 
 @dataclass
@@ -254,13 +265,16 @@ class Turn:
         _background.add(task)
         task.add_done_callback(_background.discard)
 
-    async def lease_was_lost(self, deleted: bool = False) -> None:
+    async def lease_was_lost(self, deleted: bool = False, unreachable: bool = False) -> None:
+        """``on_lost`` of :func:`chat_app.leases.holding`: the thread was
+        deleted, another worker took it, or (``unreachable``) the database
+        stayed away until the lease ran out: the turn stops unsaved."""
         metrics.lease_lost(deleted)
         if deleted:  # the row went with its thread (deleted by another process)
             await self.abort("thread_deleted", DELETED)
             return
         if not self.saved:
-            self._conclude(events.error_event(
+            self._conclude(unsaved_error() if unreachable else events.error_event(
                 "lease_lost", "this worker lost the thread's lease; the turn was stopped"))
         await self.interrupt()
 
@@ -328,6 +342,10 @@ class Turn:
             log.error("[CHAT] %s", exc)
             self._conclude(events.error_event(
                 "lease_lost", "this worker lost the thread's lease; the turn was stopped"))
+        except ConnectionLost as exc:  # the last save waited for the database as long as the lease allowed
+            log.error("[CHAT] Turn %s not saved, thread=%s: the database was unreachable: %s",
+                      self.turn_id, spec.thread_id, exc)
+            self._conclude(unsaved_error())
         except Exception:  # never leave a listener hanging
             log.exception("[CHAT] Turn %s failed thread=%s", self.turn_id, spec.thread_id)
             self._conclude(events.error_event(
@@ -338,7 +356,13 @@ class Turn:
         given back, a stopped turn's leftovers erased, the record of a turn
         that did not save one written."""
         ending = self._conclude(events.error_event("turn_failed", "the turn ended without a result"))
-        await self._free_process("ended" if not ending.stopped else "stopped")
+        reason = "stopped" if ending.stopped else "ended"
+        if self._kept is not None and not self.saved:
+            # A client stays warm only after its turn was saved: one whose
+            # last save failed (the database away too long) holds a turn the
+            # database does not, which the thread's next turn must not see.
+            reason = "not saved"
+        await self._free_process(reason)
         if not self.saved:  # a turn that did not end with its last save
             with contextlib.suppress(Exception):
                 record = self._record(ending.outcome)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from asgiref.sync import sync_to_async
@@ -25,7 +26,8 @@ from django.conf import settings
 
 from django.db import close_old_connections, transaction
 
-from sessions_app import services
+from sessions_app import selectors, services
+from sessions_app.outages import outlasting, reconnecting, within
 
 from .. import leases
 from ..sdk import workspace_dir
@@ -41,7 +43,7 @@ async def adopt_session(session_id: str) -> bool:
     from sessions_app.transcripts import rekey_session
 
     key = project_key_for_directory(str(workspace_dir()))
-    moved = await sync_to_async(rekey_session)(session_id, key)
+    moved = await sync_to_async(reconnecting)(rekey_session, session_id, key)
     if moved:
         log.info("[CHAT] Adopted stored session %s into project %s", session_id, key)
     return bool(moved)
@@ -61,10 +63,15 @@ def _finish_sync(spec, session_id: str, lease, *, user_message, agent, assistant
     try:
         with transaction.atomic():  # the lease's end, the mapping and the record together
             if lease is not None and not lease.release_if_held_sync():
-                raise leases.LeaseLost(f"the lease of thread {spec.thread_id!r} (token {lease.token}) was lost")
-            services.finish_turn_sync(
-                spec.thread_id, spec.resource_id, session_id, agent=agent, user_message=user_message,
-                assistant_message=assistant_message, turn_record=turn_record)
+                # Lost, unless an earlier try of this save committed all of it
+                # and its connection broke before saying so (see finish).
+                if turn_record is None or not selectors.turn_recorded_sync(turn_record["turn_id"]):
+                    raise leases.LeaseLost(
+                        f"the lease of thread {spec.thread_id!r} (token {lease.token}) was lost")
+            else:
+                services.finish_turn_sync(
+                    spec.thread_id, spec.resource_id, session_id, agent=agent, user_message=user_message,
+                    assistant_message=assistant_message, turn_record=turn_record)
         if lease is not None:
             lease.released = True
         if drop_local and settings.OMNI_SESSION_STORE:
@@ -81,8 +88,17 @@ async def finish(spec, session_id: str, lease, **fields) -> None:
     transaction: the lease let go if still held (else
     :class:`~chat_app.leases.LeaseLost`), the mapping updated
     (:func:`sessions_app.services.finish_turn_sync`, with the turn's record);
-    then the CLI's local copy dropped (``drop_local``: its client is not kept)."""
-    await sync_to_async(_finish_sync)(spec, session_id, lease, **fields)
+    then the CLI's local copy dropped (``drop_local``: its client is not kept).
+
+    A connection the database dropped is replaced and the save runs again
+    (it is idempotent: the turn's record is keyed by its id); while the
+    database cannot be reached at all, the save is tried again until it is
+    back or the thread's lease runs out, then
+    :class:`~sessions_app.outages.ConnectionLost` is raised (nothing saved,
+    the lease lapsing on its own)."""
+    call = sync_to_async(functools.partial(reconnecting, _finish_sync, spec, session_id, lease, **fields))
+    seconds_left = lease.remaining if lease is not None else within(leases.lease_seconds())
+    await outlasting(call, seconds_left, f"the last save of thread {spec.thread_id}")
 
 
 async def erase_if_orphaned(session_id: str) -> None:

@@ -143,3 +143,17 @@ class DatabaseWrapper(sqlite3_base.DatabaseWrapper):
 
     def is_in_memory_db(self):
         return not self.is_remote and super().is_in_memory_db()
+
+    def is_usable(self):
+        """Whether the connection still answers (SQLite's says True always):
+        a libSQL server's connection breaks when the server restarts or the
+        network drops it, and a file's when it was closed under Django. Run
+        only after an error (``sessions_app.outages``, Django's
+        ``close_if_unusable_or_obsolete``), never before each query."""
+        if self.connection is None:
+            return False
+        try:
+            self.connection.execute("SELECT 1")
+        except Exception:
+            return False
+        return True
