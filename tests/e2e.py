@@ -151,6 +151,20 @@ def postgres_url() -> str:
     return os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/omni")
 
 
+def require_postgres(what: str) -> None:
+    """The PostgreSQL server of :func:`postgres_url` must answer: ``what``
+    (the tests needing it) is skipped without it, and fails under ``CI=true``."""
+    try:
+        import psycopg
+
+        psycopg.connect(postgres_url().rsplit("/", 1)[0] + "/postgres", connect_timeout=3).close()
+    except Exception as exc:
+        message = f"{what} need PostgreSQL at {postgres_url()}: {exc}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def run_database() -> "PostgresDatabase | None":
     """A fresh PostgreSQL database when the test run itself is on PostgreSQL
     (``DATABASE_URL=postgres://...``); None on the embedded libSQL file."""

@@ -450,6 +450,7 @@ print("REMOTE ADMIN OK")
 """
 
 
+@pytest.mark.engine_agnostic  # on a libSQL server of its own, whatever the run's engine
 def test_the_audit_admin_on_a_libsql_server(tmp_path):
     """The list (every filter, search, sorting), a call's page, the thread's
     page and the thread's deletion need no SQL date function, which a remote

@@ -558,6 +558,7 @@ print("REMOTE USAGE ADMIN OK")
 
 
 @pytest.mark.engine_agnostic  # its own database: the libSQL server
+@pytest.mark.engine_agnostic  # on a libSQL server of its own, whatever the run's engine
 def test_the_usage_admin_on_a_libsql_server(tmp_path):
     """The spend page (sorts, search, range), the budgets and the records
     over a remote libSQL connection, which has no SQL date functions

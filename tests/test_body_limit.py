@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e import serving
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic, pytest.mark.django_db(transaction=True)]  # refused before any database work
 
 LIMIT = 2_621_440  # the default OMNI_MAX_BODY_BYTES
 

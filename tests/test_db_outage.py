@@ -20,29 +20,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import ci
-from tests.e2e import PostgresDatabase, Server, new_id, postgres_url, reply
+from tests.e2e import PostgresDatabase, Server, new_id, postgres_url, reply, require_postgres
 from tests.faults import FaultyProxy
 from tests.helpers import wait_for
+from tests.test_scale_out import messages
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
 
 LEASE_SECONDS = 15  # longer than the 10 s outage a turn must outlive
 SHORT_LEASE_SECONDS = 3  # shorter than the outage a turn cannot outlive
 OUTAGE_SECONDS = 10
-
-
-def require_postgres() -> None:
-    """PostgreSQL must answer: skip without it, fail under CI."""
-    try:
-        import psycopg
-
-        psycopg.connect(postgres_url().rsplit("/", 1)[0] + "/postgres", connect_timeout=3).close()
-    except Exception as exc:
-        message = f"database outage tests need PostgreSQL at {postgres_url()}: {exc}"
-        if ci():
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 class ProxiedWorker:
@@ -70,7 +57,7 @@ class ProxiedWorker:
 
 
 def running(tmp_path_factory, name: str, lease_seconds: float):
-    require_postgres()
+    require_postgres("database outage tests")
     worker = ProxiedWorker(tmp_path_factory.mktemp(name), lease_seconds)
     try:
         worker.start()
@@ -82,12 +69,6 @@ def running(tmp_path_factory, name: str, lease_seconds: float):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     yield from running(tmp_path_factory, "db-outage", LEASE_SECONDS)
-
-
-def messages(server: Server, thread: str, resource: str) -> list[tuple[str, str]]:
-    status, data = server.get_json("/api/sessions/messages", threadId=thread, resourceId=resource)
-    assert status == 200, data
-    return [(m["role"], m["text"]) for m in data["messages"]]
 
 
 def database_now(pg: PostgresDatabase):

@@ -23,7 +23,7 @@ from chat_app.sdk import runtime_dir
 from tests.e2e import Server, WSClient, _is_zombie, cmdline, run_database, stop_server
 from tests.helpers import wait_for_async
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # the pool's processes, not the database
 
 EXIT_TIMEOUT = 20
 

@@ -25,27 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import ci
-from tests.e2e import PostgresDatabase, Server, postgres_url
+from tests.e2e import PostgresDatabase, Server, postgres_url, require_postgres
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
 
 PROBES = 40  # health requests, fired over PROBE_SECONDS
 PROBE_SECONDS = 4.0
-
-
-def require_postgres() -> None:
-    try:
-        import psycopg
-
-        admin = postgres_url().rsplit("/", 1)[0] + "/postgres"
-        psycopg.connect(admin, connect_timeout=3).close()
-    except Exception as exc:
-        message = f"the database outage test needs PostgreSQL at {postgres_url()}: {exc}"
-        if ci():
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 class BlackHoleProxy:
@@ -142,7 +128,7 @@ def settled_threads(pid: int) -> int:
 @pytest.fixture(scope="module")
 def outage(tmp_path_factory):
     """(server, proxy): a daphne server whose PostgreSQL database (its own) is behind the proxy."""
-    require_postgres()
+    require_postgres("database outage tests")
     pg = PostgresDatabase(postgres_url())
     parts = urlsplit(pg.url)
     proxy = BlackHoleProxy((parts.hostname or "127.0.0.1", parts.port or 5432))

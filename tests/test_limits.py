@@ -455,6 +455,7 @@ print("AGAIN", backend.admit_sync("alice", "t5").counted, TurnStart.objects.coun
 
 
 @pytest.mark.engine_agnostic
+@pytest.mark.engine_agnostic  # on a libSQL server of its own, whatever the run's engine
 def test_db_backend_over_a_libsql_server(tmp_path, settings):
     """The same statements through the libSQL engine's remote path."""
     from tests.test_engine_remote import on_a_libsql_server, output

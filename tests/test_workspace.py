@@ -50,6 +50,7 @@ def system_texts(request: dict) -> list[str]:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.sdk
+@pytest.mark.engine_agnostic  # the CLI's working directory (the store's engine is tested elsewhere)
 async def test_a_thread_moving_to_another_worker_changes_nothing_the_model_sees(offline_chat, tmp_path):
     worker_a, worker_b = tmp_path / "worker-a", tmp_path / "worker-b"
     workspaces = [default_workspace(worker_a), default_workspace(worker_b)]
@@ -81,6 +82,7 @@ async def test_a_thread_moving_to_another_worker_changes_nothing_the_model_sees(
                    for path in (worker_a, worker_b, offline_chat.DATA_DIR))
 
 
+@pytest.mark.engine_agnostic
 def test_a_default_workspace_that_is_not_the_servers_own_fails_the_check(settings, tmp_path):
     """The default path sits in a directory every user may write to: a
     symlink (or another user's directory) there is refused before the
