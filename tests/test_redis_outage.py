@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ci
-from tests.e2e import PostgresDatabase, ServerPair, WSClient, free_port, new_id, postgres_url, reply
+from tests.e2e import (PostgresDatabase, ServerPair, WSClient, free_port, new_id, postgres_url, reply,
+                       require_postgres)
 from tests.helpers import wait_for
-from tests.test_health_outage import require_postgres
 from tests.test_scale_out import LEASE_SECONDS, Worker, start_slow_turn, stream_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # on PostgreSQL in every run
@@ -98,7 +98,7 @@ class RedisCluster(ServerPair):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    require_postgres()
+    require_postgres("Redis outage tests")
     if shutil.which("redis-server") is None:
         message = "the Redis outage test needs redis-server on the PATH"
         if ci():
