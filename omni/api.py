@@ -18,6 +18,7 @@ from chat_app.schemas import ChatEvent
 from omni.auth import API_AUTH
 from omni.health import router as health_router
 from sessions_app.api import router as sessions_router
+from sessions_app.attachments.api import router as attachments_router
 from sessions_app.errors import (
     ApiError,
     BadRequest,
@@ -185,4 +186,5 @@ def on_database_error(request, exc):
 
 api.add_router("/", sessions_router)
 api.add_router("/", chat_router)
+api.add_router("/", attachments_router)
 api.add_router("/", health_router)

@@ -65,6 +65,7 @@ class ApiErrorMiddleware(_SyncAndAsync):
 # --- 415: an /api/ body must be JSON (contract §4) ---------------------------------
 
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+UPLOAD_PATH = "/api/attachments"
 
 
 def has_body(request) -> bool:
@@ -90,6 +91,7 @@ def unsupported_media_type(request):
         or not request.path.startswith("/api/")
         or request.content_type.lower() == "application/json"
         or not has_body(request)
+        or (request.path == UPLOAD_PATH and request.method == "POST")  # multipart (contract §11)
     ):
         return None
     sent = request.content_type or "none"

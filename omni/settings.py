@@ -6,6 +6,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -243,6 +244,52 @@ OMNI_MAX_MESSAGE_CHARS = 100_000
 # (Django's default) holds a message of OMNI_MAX_MESSAGE_CHARS characters
 # even if each one is sent as a JSON-escaped surrogate pair (12 bytes).
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("OMNI_MAX_BODY_BYTES", "2621440"))
+# --- Attachments (contract §11, sessions_app/attachments/).
+# The largest upload (413 beyond, refused at the headers when the request
+# says its length: omni/bodylimit.py allows the upload path this much more
+# than other calls, plus room for the multipart framing).
+OMNI_ATTACHMENT_MAX_MB = float(os.environ.get("OMNI_ATTACHMENT_MAX_MB", "20"))
+OMNI_ATTACHMENT_MAX_BYTES = int(OMNI_ATTACHMENT_MAX_MB * 1024 * 1024)
+# An upload never sent in a message is deleted after this many hours
+# (prune_sessions, and a sweep every OMNI_ATTACHMENT_SWEEP_SECONDS).
+OMNI_ATTACHMENT_ORPHAN_HOURS = float(os.environ.get("OMNI_ATTACHMENT_ORPHAN_HOURS", "24"))
+OMNI_ATTACHMENT_SWEEP_SECONDS = float(os.environ.get("OMNI_ATTACHMENT_SWEEP_SECONDS", "3600"))
+OMNI_ATTACHMENTS_PER_MESSAGE = 20
+# Images: a longer side is scaled down to this (what the model reads at
+# full resolution); an image of more pixels than this is refused before it
+# is decoded (Pillow's decompression-bomb guard, 400 invalid_attachment).
+OMNI_IMAGE_MAX_SIDE = 1568
+OMNI_IMAGE_MAX_PIXELS = int(os.environ.get("OMNI_IMAGE_MAX_PIXELS", str(50_000_000)))
+# Where attachments are kept: unset, files under <OMNI_DATA_DIR>/attachments/;
+# s3://BUCKET/PREFIX, an S3-compatible store (endpoint and credentials from
+# the standard AWS_* variables) shared by every server process.
+OMNI_ATTACHMENT_STORAGE = os.environ.get("OMNI_ATTACHMENT_STORAGE", "").strip()
+ATTACHMENTS_DIR = DATA_DIR / "attachments"
+
+
+def attachment_storage(url: str) -> dict:
+    """``STORAGES["attachments"]`` for ``OMNI_ATTACHMENT_STORAGE``."""
+    if not url:
+        return {"BACKEND": "django.core.files.storage.FileSystemStorage",
+                "OPTIONS": {"location": str(ATTACHMENTS_DIR), "base_url": None,
+                            "file_permissions_mode": 0o600, "directory_permissions_mode": 0o700}}
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ImproperlyConfigured(f"OMNI_ATTACHMENT_STORAGE must be s3://BUCKET/PREFIX, not {url!r}")
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_S3_ENDPOINT_URL")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+    return {"BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {"bucket_name": parts.netloc, "location": parts.path.strip("/"),
+                        "endpoint_url": endpoint, "default_acl": None, "querystring_auth": False,
+                        "file_overwrite": False, "region_name": os.environ.get("AWS_DEFAULT_REGION") or None}}
+
+
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "attachments": attachment_storage(OMNI_ATTACHMENT_STORAGE),
+}
+
 # Turns a resource may start per minute (429 rate_limited beyond).
 OMNI_TURNS_PER_MINUTE = int(os.environ.get("OMNI_TURNS_PER_MINUTE", "30"))
 # The CLI's environment: names of server variables passed to it beyond the

@@ -250,3 +250,66 @@ class HealthBeat(models.Model):
     else reads it."""
 
     written_at = models.DateTimeField()
+
+
+class Attachment(models.Model):
+    """An uploaded image, PDF or text file of a resource (contract §11).
+
+    The bytes live in the ``attachments`` storage (``STORAGES``: files under
+    ``<OMNI_DATA_DIR>/attachments/`` or an S3 bucket) under ``storage_name``;
+    what is stored is what the model is sent: an image scaled down and
+    stripped of its metadata, a PDF or text file as uploaded. ``sha256`` is
+    of those stored bytes: a transcript's content block names its
+    attachment by it (the CLI keeps the blocks, not our ids).
+
+    ``sent_at`` is set when a message first carries it; one never sent is
+    deleted after ``OMNI_ATTACHMENT_ORPHAN_HOURS``. :class:`AttachmentUse`
+    says which threads carry it: deleting a thread deletes the attachments
+    no other thread uses.
+    """
+
+    attachment_id = models.CharField(max_length=64, unique=True)
+    resource_id = models.CharField(max_length=128)
+    name = models.CharField(max_length=255)
+    media_type = models.CharField(max_length=64)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    pages = models.PositiveIntegerField(null=True, blank=True)
+    storage_name = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True, help_text="first sent in a message")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["resource_id", "sha256"], name="idx_attachment_sha"),
+            models.Index(fields=["sent_at", "created_at"], name="idx_attachment_orphan"),
+        ]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.media_type})"
+
+    @property
+    def is_image(self) -> bool:
+        return self.media_type.startswith("image/")
+
+
+class AttachmentUse(models.Model):
+    """A thread whose messages carry an attachment (its own, or a fork's
+    parent's): kept until the thread is deleted."""
+
+    attachment = models.ForeignKey(Attachment, on_delete=models.CASCADE, related_name="uses")
+    resource_id = models.CharField(max_length=128)
+    thread_id = models.CharField(max_length=128)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["attachment", "thread_id"], name="uniq_attachment_use"),
+        ]
+        indexes = [models.Index(fields=["resource_id", "thread_id"], name="idx_attachment_use_thread")]
+
+    def __str__(self) -> str:
+        return f"{self.attachment_id} in {self.resource_id}/{self.thread_id}"

@@ -1,0 +1,151 @@
+"""``POST /api/attachments`` and ``GET /api/attachments/<id>`` (contract §11)."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.http import StreamingHttpResponse
+from ninja import Router, Schema
+from ninja.responses import Response
+
+from ..errors import BadRequest, Forbidden
+from ..resources import request_user, resolve_resource
+from ..schemas import ErrorOut, Id
+from . import inspect, services, uploads
+
+router = Router(tags=["attachments"])
+ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 413, 415, 503)}
+
+
+class AttachmentOut(Schema):
+    attachmentId: str
+    name: str
+    mediaType: str
+    size: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    pages: int | None = None
+
+    @staticmethod
+    def of(a) -> dict:
+        out = {"attachmentId": a.attachment_id, "name": a.name, "mediaType": a.media_type,
+               "size": a.size, "sha256": a.sha256}
+        if a.is_image:
+            out.update(width=a.width, height=a.height)
+        elif a.media_type == "application/pdf":
+            out["pages"] = a.pages
+        return out
+
+
+UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {
+                "file": {"type": "string", "format": "binary",
+                         "description": "PNG, JPEG, GIF, WebP, PDF, or UTF-8 text (plain, Markdown, CSV); "
+                                        "the type is read from the content"},
+                "resourceId": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,128}$"},
+            },
+        }}},
+    },
+}
+
+
+def _accept_sync(request, user, query_resource) -> dict:
+    """The whole upload on a worker thread: receive, inspect, store."""
+    received = uploads.receive_sync(request)
+    inspected = None
+    try:
+        requested = received.fields.get("resourceId") or query_resource
+        if requested is not None and not isinstance(requested, str):
+            raise BadRequest("resourceId must be a string")
+        resource = resolve_resource(user, _valid_id(requested))
+        name = inspect.clean_name(received.name)
+        inspected = inspect.inspect(received.path, received.size, name)
+        with transaction.atomic():
+            attachment = services.store_sync(resource, inspected, name)
+        return AttachmentOut.of(attachment)
+    finally:
+        received.cleanup()
+        if inspected is not None:
+            inspected.cleanup()
+
+
+def _cross_site(request) -> bool:
+    """With ``OMNI_AUTH=off`` nothing else stops another site's page from
+    posting a form here (a JSON call it cannot send without asking first):
+    a browser's ``Origin`` must be this site's (Django's CSRF origin check).
+    Signed-in calls have CSRF checked by their authentication."""
+    if settings.OMNI_AUTH != "off" or "HTTP_ORIGIN" not in request.META:
+        return False
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    return not CsrfViewMiddleware(lambda r: None)._origin_verified(request)
+
+
+def _valid_id(value: str | None) -> str | None:
+    import re
+
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", value):
+        raise BadRequest("resourceId must match [A-Za-z0-9._:-]{1,128}")
+    return value
+
+
+@router.post("/attachments", response={201: AttachmentOut, **ERRORS}, openapi_extra=UPLOAD_DOC,
+             summary="Upload an attachment")
+async def upload(request):
+    """An image, PDF or text file for a later message (`attachments` on a chat request).
+    The type is read from the content: 415 for any other, 400 `invalid_attachment` for a file
+    that does not parse as its type, 413 over `OMNI_ATTACHMENT_MAX_MB`. Images are scaled down
+    to 1568 px on their longer side and stored without metadata."""
+    user = await request_user(request)
+    if _cross_site(request):
+        raise Forbidden("an upload from another site's page is refused", code="csrf_failed")
+    query_resource = _valid_id(request.GET.get("resourceId"))
+    # Parsing, decoding and storing are file and CPU work: a worker thread
+    # of their own, not the loop and not the database's shared thread.
+    out = await sync_to_async(_accept_sync, thread_sensitive=False)(request, user, query_resource)
+    return Response(out, status=201)
+
+
+@router.get("/attachments/{attachmentId}", response=ERRORS,
+            openapi_extra={"responses": {200: {"description": "the stored bytes, with their type",
+                                               "content": {"*/*": {"schema": {"type": "string",
+                                                                              "format": "binary"}}}}}},
+            summary="Download an attachment")
+async def download(request, attachmentId: Id):
+    """The stored bytes, to the owning resource only (404 for anyone else)."""
+    user = await request_user(request)
+    resource = resolve_resource(user, _valid_id(request.GET.get("resourceId")))
+    attachment = await sync_to_async(services.owned_sync)(resource, attachmentId)
+    chunks = services.iter_bytes(attachment)
+    read = sync_to_async(next, thread_sensitive=False)
+
+    async def body():
+        try:
+            while True:
+                chunk = await read(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            await sync_to_async(chunks.close, thread_sensitive=False)()
+
+    media_type = attachment.media_type
+    response = StreamingHttpResponse(
+        body(), content_type=f"{media_type}; charset=utf-8" if media_type.startswith("text/") else media_type)
+    response["Content-Length"] = str(attachment.size)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response["Cache-Control"] = "private, max-age=86400, immutable"
+    disposition = "inline" if attachment.is_image else "attachment"
+    ascii_name = attachment.name.encode("ascii", "replace").decode().replace('"', "'").replace("?", "_")
+    response["Content-Disposition"] = (f'{disposition}; filename="{ascii_name}"; '
+                                       f"filename*=UTF-8''{quote(attachment.name)}")
+    return response
