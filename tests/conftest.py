@@ -21,6 +21,18 @@ def auth_off(settings):
     settings.OMNI_AUTH = "off"
 
 
+@pytest.fixture(autouse=True)
+def attachments_dir(settings, tmp_path_factory):
+    """Every test keeps its attachments in a directory of its own (never
+    the real data dir's ``attachments/``); returns that directory."""
+    path = tmp_path_factory.mktemp("attachments")
+    settings.STORAGES = {**settings.STORAGES, "attachments": {
+        **settings.STORAGES["attachments"],
+        "OPTIONS": {**settings.STORAGES["attachments"].get("OPTIONS", {}), "location": str(path)},
+    }} if "FileSystemStorage" in settings.STORAGES["attachments"]["BACKEND"] else settings.STORAGES
+    return path
+
+
 @pytest.fixture
 def offline_chat(settings, tmp_path):
     """Turns in this process run the real SDK and CLI against the offline
