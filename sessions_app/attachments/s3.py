@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
 from botocore.exceptions import ClientError
 from django.core.files import File
 from storages.backends.s3 import S3Storage
@@ -36,6 +37,11 @@ class S3AttachmentStorage(S3Storage):
         options.setdefault("querystring_auth", False)
         options.setdefault("file_overwrite", False)
         options.setdefault("gzip", False)
+        if "client_config" not in options:
+            # Bounded: an unreachable store fails a request in seconds (503), not minutes.
+            options["client_config"] = Config(
+                s3={"addressing_style": options.get("addressing_style")},
+                connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 3})
         options.setdefault("transfer_config", TransferConfig(
             multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES, max_concurrency=4))
         super().__init__(**options)
