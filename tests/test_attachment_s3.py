@@ -165,6 +165,19 @@ def test_the_storage_setting_is_checked():
         with pytest.raises(ImproperlyConfigured, match="OMNI_ATTACHMENT_STORAGE=.*use s3://BUCKET"):
             storage_config(bad, "/data/attachments")
     assert storage_config(" ", "/d")["OPTIONS"]["location"] == "/d"
+    import os
+    import subprocess
+
+    from tests.e2e import ROOT, python_bin
+
+    env = {**os.environ, "OMNI_ATTACHMENT_STORAGE": "https://bucket.example/x"}
+    started = subprocess.run([python_bin(), "manage.py", "check"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0
+    assert started.stderr.strip().splitlines()[-1] == (
+        "django.core.exceptions.ImproperlyConfigured: OMNI_ATTACHMENT_STORAGE='https://bucket.example/x': "
+        "use s3://BUCKET or s3://BUCKET/PREFIX (an S3-compatible object store; endpoint and credentials "
+        "from the AWS_* variables), or leave it unset to keep attachments under <OMNI_DATA_DIR>/attachments/")
     options = storage_config("s3://b/some/prefix/", "/d")["OPTIONS"]
     assert (options["bucket_name"], options["location"]) == ("b", "some/prefix")
 
