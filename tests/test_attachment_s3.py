@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+import urllib.request
 import uuid
 from datetime import timedelta
 
@@ -44,6 +45,9 @@ def s3_endpoint():
                           aws_access_key_id="test", aws_secret_access_key="test")
     client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
     yield endpoint
+    # moto keeps its buckets in this process's memory, not in the server:
+    # empty them (pytest-django may run this module's tests in two groups)
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
     server.stop()
 
 
@@ -113,6 +117,10 @@ def test_upload_download_delete_and_prune_through_s3(s3, client):
     assert head["ContentType"] == "text/plain" and head["ContentLength"] == len(big)
     assert stored_acl(key) is None  # no ACL sent (the bucket's policy decides; many refuse ACLs)
 
+    with attachments.storage().open(rows[shared["attachmentId"]].storage_name) as f:
+        # read from the object's body as it comes, not downloaded whole first
+        assert type(f.file).__name__ == "StreamingBody" and f.size == len(big)
+        assert f.read(16) == big[:16]
     response = download(client, shared["attachmentId"])
     assert response.status_code == 200 and response.streaming
     assert content(response) == big
