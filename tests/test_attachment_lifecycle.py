@@ -144,6 +144,26 @@ def test_prune_sessions_deletes_an_old_threads_attachments(tmp_path):
     assert exists(a) == (False, False)
 
 
+def test_prune_sessions_releases_uses_recorded_after_the_threads_delete(tmp_path):
+    """A turn that ran on as its thread was deleted records its message's
+    attachments after the delete: prune_sessions lets them go a day later."""
+    late, kept = upload(tmp_path), upload(tmp_path)
+    thread("t-gone")
+    thread("t-live")
+    async_to_sync(services.delete_session)("t-gone", "alice")
+    attachments.record_use_sync("alice", "t-gone", [late.pk, kept.pk])  # the turn's, after the delete
+    attachments.record_use_sync("alice", "t-live", [kept.pk])
+    call_command("prune_sessions", "--older-than", "30d", stdout=StringIO())
+    assert exists(late) == (True, True)  # recorded just now: a fork in the making looks the same
+    AttachmentUse.objects.update(created_at=timezone.now() - timedelta(hours=25))
+    out = StringIO()
+    call_command("prune_sessions", "--older-than", "30d", stdout=out)
+    assert "Deleted 1 attachments of 1 threads deleted while a turn ran on them." in out.getvalue()
+    assert exists(late) == (False, False)
+    assert exists(kept) == (True, True)
+    assert list(AttachmentUse.objects.values_list("thread_id", flat=True)) == ["t-live"]
+
+
 def test_the_servers_sweep_deletes_orphaned_uploads(tmp_path, settings):
     """The sweep runs on the server's loop (``chat_app.lifecycle`` starts it:
     tests/test_attachment_s3.py sees it in a live server), first after a

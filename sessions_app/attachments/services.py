@@ -172,6 +172,33 @@ def release_thread_sync(resource_id: str, thread_id: str) -> list[str]:
     return names
 
 
+def release_unmapped_sync(cutoff) -> tuple[int, int]:
+    """Release the uses of threads that no longer exist, recorded before
+    ``cutoff``: a turn that ran on as its thread was deleted may record its
+    message's attachments after the delete released the thread's. Returns
+    (threads, attachments deleted). ``prune_sessions`` runs it."""
+    from django.db.models import Exists, OuterRef
+
+    from ..models import SessionMapping
+
+    def mapped(resource_id, thread_id):
+        return SessionMapping.objects.filter(resource_id=resource_id, thread_id=thread_id)
+
+    unmapped = (AttachmentUse.objects.filter(created_at__lt=cutoff)
+                .exclude(Exists(mapped(OuterRef("resource_id"), OuterRef("thread_id"))))
+                .values_list("resource_id", "thread_id").distinct())
+    threads = deleted = 0
+    for resource_id, thread_id in list(unmapped):
+        with transaction.atomic():
+            if mapped(resource_id, thread_id).exists():  # made again meanwhile
+                continue
+            names = release_thread_sync(resource_id, thread_id)
+        threads += 1
+        deleted += len(names)
+        delete_files(names)
+    return threads, deleted
+
+
 def delete_files(names: list[str]) -> int:
     """Delete stored files (a missing one is fine); returns how many went."""
     gone = 0

@@ -7,7 +7,9 @@ A thread whose ``updated_at`` is older than the cutoff is deleted through the
 session service (mapping, transcript rows, the CLI's local files). Transcripts
 in the database that no mapping points at and that were last written before
 the cutoff (left by a crash, or mirrored by another tool) are erased too.
-A deleted thread's attachments go with it unless another thread uses them.
+A deleted thread's attachments go with it unless another thread uses them
+(and those a turn recorded on a thread deleted as it ran, once older than
+the uploads' cutoff below).
 
 Uploads never sent in a message (contract §11) older than
 ``--uploads-older-than`` (default ``OMNI_ATTACHMENT_ORPHAN_HOURS``, 24h) are
@@ -124,6 +126,11 @@ class Command(BaseCommand):
             f"Deleted {uploads} uploads never sent in a message, "
             f"uploaded before {uploads_cutoff:%Y-%m-%d %H:%M:%S}Z."
         )
+        # uses a turn recorded after its thread's delete (it ran on as the thread went)
+        gone_threads, released = attachments.release_unmapped_sync(uploads_cutoff)
+        if gone_threads:
+            self.stdout.write(f"Deleted {released} attachments of {gone_threads} threads deleted while a "
+                              "turn ran on them.")
         if failed:
             for message in failed:
                 self.stderr.write(message)
