@@ -194,10 +194,13 @@ def mark_pending_approval(thread_id: str, resource_id: str, approval_id: str | N
 
 
 async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
-    """Delete a thread: its mapping, and its transcript wherever it is kept.
+    """Delete a thread: its mapping, its transcript wherever it is kept, and
+    the attachments no other thread (a fork of it) uses.
 
-    The mapping and the transcript rows go in one transaction (unless another
-    mapping still uses the session), then the CLI's local files. If the files
+    The mapping, the attachments' rows and the transcript rows go in one
+    transaction (the transcript unless another mapping still uses the
+    session); the attachments' files once it commits; then the CLI's local
+    files. If the files
     cannot be removed the mapping is already gone (nothing points at a
     half-erased transcript) and :class:`EraseFailed` reports it.
     Raises :class:`NotFound` if there is no such thread.
