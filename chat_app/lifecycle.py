@@ -1,5 +1,6 @@
 """The server's start and its shutdown order: the one place the pool, the
-registry, the stream hub and the approvals' sweeper are started and stopped.
+registry, the stream hub, the approvals' sweeper and the sweep of orphaned
+attachments are started and stopped.
 
 At start (:func:`startup`, when daphne's reactor runs) this worker takes
 turns, its process pool serves on the server's event loop and starts its
@@ -28,6 +29,8 @@ import asyncio
 import logging
 import sys
 
+from sessions_app.attachments import sweeper as attachment_sweeper
+
 from .approvals import start_sweeper, stop_sweeper
 from .pool import pool
 from .streams import hub
@@ -44,12 +47,14 @@ async def startup() -> None:
     pool.start()
     pool.fill_spares()  # a process ready for the first new thread
     start_sweeper()
+    attachment_sweeper.start()  # uploads never sent, deleted after OMNI_ATTACHMENT_ORPHAN_HOURS
     await hub.start()  # on the channel layer: deletes, followers and interrupts from other workers
 
 
 async def shutdown(grace: float | None = None) -> None:
     try:
         await stop_sweeper()  # decided calls wait for another worker (or this one's restart)
+        await attachment_sweeper.stop()
         await registry.shutdown(grace)
     finally:
         try:

@@ -6,11 +6,11 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
 from omni.db.urls import database_from_url
+from sessions_app.attachments.storage import storage_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -262,32 +262,16 @@ OMNI_IMAGE_MAX_SIDE = 1568
 OMNI_IMAGE_MAX_PIXELS = int(os.environ.get("OMNI_IMAGE_MAX_PIXELS", str(50_000_000)))
 # Where attachments are kept: unset, files under <OMNI_DATA_DIR>/attachments/;
 # s3://BUCKET/PREFIX, an S3-compatible store (endpoint and credentials from
-# the standard AWS_* variables) shared by every server process.
+# the standard AWS_* variables) shared by every server process
+# (sessions_app/attachments/storage.py; anything else: ImproperlyConfigured).
 OMNI_ATTACHMENT_STORAGE = os.environ.get("OMNI_ATTACHMENT_STORAGE", "").strip()
 ATTACHMENTS_DIR = DATA_DIR / "attachments"
-
-
-def attachment_storage(url: str) -> dict:
-    """``STORAGES["attachments"]`` for ``OMNI_ATTACHMENT_STORAGE``."""
-    if not url:
-        return {"BACKEND": "django.core.files.storage.FileSystemStorage",
-                "OPTIONS": {"location": str(ATTACHMENTS_DIR), "base_url": None,
-                            "file_permissions_mode": 0o600, "directory_permissions_mode": 0o700}}
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ImproperlyConfigured(f"OMNI_ATTACHMENT_STORAGE must be s3://BUCKET/PREFIX, not {url!r}")
-    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_S3_ENDPOINT_URL")
-                or os.environ.get("AWS_ENDPOINT_URL") or None)
-    return {"BACKEND": "storages.backends.s3.S3Storage",
-            "OPTIONS": {"bucket_name": parts.netloc, "location": parts.path.strip("/"),
-                        "endpoint_url": endpoint, "default_acl": None, "querystring_auth": False,
-                        "file_overwrite": False, "region_name": os.environ.get("AWS_DEFAULT_REGION") or None}}
 
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    "attachments": attachment_storage(OMNI_ATTACHMENT_STORAGE),
+    "attachments": storage_config(OMNI_ATTACHMENT_STORAGE, ATTACHMENTS_DIR),
 }
 
 # Turns a resource may start per minute (429 rate_limited beyond).

@@ -194,10 +194,13 @@ def mark_pending_approval(thread_id: str, resource_id: str, approval_id: str | N
 
 
 async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
-    """Delete a thread: its mapping, and its transcript wherever it is kept.
+    """Delete a thread: its mapping, its transcript wherever it is kept, and
+    the attachments no other thread (a fork of it) uses.
 
-    The mapping and the transcript rows go in one transaction (unless another
-    mapping still uses the session), then the CLI's local files. If the files
+    The mapping, the attachments' rows and the transcript rows go in one
+    transaction (the transcript unless another mapping still uses the
+    session); the attachments' files once it commits; then the CLI's local
+    files. If the files
     cannot be removed the mapping is already gone (nothing points at a
     half-erased transcript) and :class:`EraseFailed` reports it.
     Raises :class:`NotFound` if there is no such thread.
@@ -221,15 +224,21 @@ async def delete_session(thread_id: str, resource_id: str) -> SessionMapping:
 
 
 def _delete_rows(mapping: SessionMapping) -> bool:
-    """Delete the mapping and, if no other mapping shares its session, the
-    transcript rows. True if the transcript is to be erased."""
+    """Delete the mapping, the thread's attachment uses and the attachments
+    no other thread uses (their files once this commits) and, if no other
+    mapping shares its session, the transcript rows. True if the transcript
+    is to be erased."""
+    from .attachments import services as attachments
     from .transcripts import erase_session_rows
 
     with transaction.atomic():
         mapping.delete()
+        files = attachments.release_thread_sync(mapping.resource_id, mapping.thread_id)
         shared = SessionMapping.objects.filter(session_id=mapping.session_id).exists()
         if not shared:
             erase_session_rows(mapping.session_id)
+        if files:  # never before the rows' delete commits (a rollback keeps rows and files)
+            transaction.on_commit(lambda: attachments.delete_files(files))
     return not shared
 
 

@@ -151,6 +151,71 @@ def test_a_missing_file_is_refused_not_created(tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
+# --- attachments ---------------------------------------------------------------------------
+
+def keep(resource: str, data: bytes):
+    """An upload as ``POST /api/attachments`` keeps it."""
+    import hashlib
+    import tempfile
+
+    from sessions_app.attachments import services as attachments
+    from sessions_app.attachments.inspect import Inspected
+
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(data)
+    return attachments.store_sync(resource, Inspected(
+        media_type="text/plain", path=f.name, size=len(data), sha256=hashlib.sha256(data).hexdigest()), "a.txt")
+
+
+@embedded_only
+@pytest.mark.django_db(transaction=True)
+def test_the_attachments_named_in_the_copy_are_copied_beside_it(tmp_path, attachments_dir, settings):
+    from sessions_app.attachments import services as attachments
+
+    async_to_sync(services.save_session)("bk-a", "ava", "sess-bk-a", user_message="see attached")
+    sent, unsent, gone = keep("ava", b"sent\n"), keep("ava", b"not sent yet\n"), keep("ava", b"deleted\n")
+    attachments.record_use_sync("ava", "bk-a", [sent.pk, gone.pk])
+    (attachments_dir / gone.storage_name).unlink()  # as if its thread went after the snapshot
+    (attachments_dir / "zz").mkdir()
+    (attachments_dir / "zz" / "att-no-row").write_bytes(b"no row names me")
+
+    target = tmp_path / "copy.db"
+    out = backup(target)
+    files = tmp_path / "copy.db.attachments"
+    assert f"Copied 2 attachment files (18 bytes) from {attachments_dir} to {files}; 1 deleted meanwhile left out" in out
+    assert (files / sent.storage_name).read_bytes() == b"sent\n"
+    assert (files / unsent.storage_name).read_bytes() == b"not sent yet\n"
+    assert sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.is_file()) == sorted(
+        [sent.storage_name, unsent.storage_name])  # only what a row of the copy names
+    assert ((files / sent.storage_name).stat().st_mode & 0o777) == 0o600
+    assert rows(target, "SELECT attachment_id FROM sessions_app_attachment ORDER BY id") == [
+        (sent.attachment_id,), (unsent.attachment_id,)]  # a row always names a file
+    assert rows(target, "SELECT thread_id FROM sessions_app_attachmentuse") == [("bk-a",)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "copy.db.attachments"]
+
+    keep("ava", b"one more\n")
+    with pytest.raises(CommandError, match="exists: use --force"):
+        backup(target)
+    assert "Copied 3 attachment files" in backup(target, "--force")
+    assert len([p for p in files.rglob("*") if p.is_file()]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "copy.db.attachments"]
+
+    with pytest.raises(CommandError, match="live attachments' directory"):
+        backup(attachments_dir / "inside.db")  # its .attachments/ would be in the live one
+    assert not (attachments_dir / "inside.db").exists()
+
+    settings.STORAGES = {**settings.STORAGES, "attachments": {
+        "BACKEND": "sessions_app.attachments.s3.S3AttachmentStorage",
+        "OPTIONS": {"bucket_name": "omni-files", "location": "prod", "endpoint_url": None}}}
+    out = backup(tmp_path / "s3.db")
+    assert "Attachments are kept in S3 bucket s3://omni-files/prod: NOT in this backup" in out
+    assert not (tmp_path / "s3.db.attachments").exists()
+    from sessions_app.management.commands.backup import Command
+
+    help_text = " ".join(Command().create_parser("manage.py", "backup").format_help().split())
+    assert "to PATH.attachments/. Attachments in an S3 bucket are not backed up" in help_text
+
+
 # --- back up a live server during turns, restore, resume ----------------------------------
 
 def manage(server: Server, *args: str) -> subprocess.CompletedProcess:

@@ -124,7 +124,8 @@ async def download(request, attachmentId: Id):
     user = await request_user(request)
     resource = resolve_resource(user, _valid_id(request.GET.get("resourceId")))
     attachment = await sync_to_async(services.owned_sync)(resource, attachmentId)
-    chunks = services.iter_bytes(attachment)
+    opened = await sync_to_async(services.open_sync, thread_sensitive=False)(attachment)
+    chunks = services.iter_bytes(attachment, opened=opened)
     read = sync_to_async(next, thread_sensitive=False)
 
     async def body():
@@ -136,6 +137,7 @@ async def download(request, attachmentId: Id):
                 yield chunk
         finally:
             await sync_to_async(chunks.close, thread_sensitive=False)()
+            await sync_to_async(opened.close, thread_sensitive=False)()  # never started: still open
 
     media_type = attachment.media_type
     response = StreamingHttpResponse(

@@ -23,7 +23,7 @@ from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, NotFound, Unavailable
 from ..models import Attachment, AttachmentUse
 from .inspect import Inspected
 
@@ -44,7 +44,14 @@ def store_sync(resource_id: str, inspected: Inspected, name: str) -> Attachment:
     attachment_id = new_id()
     target = f"{attachment_id[4:6]}/{attachment_id}"
     with open(inspected.path, "rb") as f:
-        stored = storage().save(target, File(f, name=target))
+        content = File(f, name=target)
+        content.content_type = inspected.media_type  # the object's Content-Type on S3
+        try:
+            stored = storage().save(target, content)
+        except Exception as exc:  # a full disk, an unreachable or refusing bucket
+            log.warning("could not store attachment %s", attachment_id, exc_info=True)
+            delete_files([target])  # a partial file, if any (a multipart upload is aborted by boto3)
+            raise Unavailable("the attachment storage cannot take the file now; try again later") from exc
     try:
         return Attachment.objects.create(
             attachment_id=attachment_id, resource_id=resource_id, name=name,
@@ -83,9 +90,22 @@ def read_bytes(attachment: Attachment) -> bytes:
         return f.read()
 
 
-def iter_bytes(attachment: Attachment, chunk: int = READ_CHUNK):
+def open_sync(attachment: Attachment):
+    """The stored file, open for reading (streamed from S3): 503 if the
+    storage cannot be reached, 404 if the file is gone."""
+    try:
+        return storage().open(attachment.storage_name, "rb")
+    except FileNotFoundError:
+        log.error("attachment %s: its file %s is missing", attachment.attachment_id, attachment.storage_name)
+        raise NotFound(f"no attachment {attachment.attachment_id!r}") from None
+    except Exception as exc:
+        log.warning("attachment storage unavailable", exc_info=True)
+        raise Unavailable("the attachment storage cannot be reached; try again later") from exc
+
+
+def iter_bytes(attachment: Attachment, chunk: int = READ_CHUNK, opened=None):
     """The stored bytes in chunks (a download: never whole in memory)."""
-    with storage().open(attachment.storage_name, "rb") as f:
+    with opened if opened is not None else storage().open(attachment.storage_name, "rb") as f:
         while data := f.read(chunk):
             yield data
 
@@ -141,6 +161,10 @@ def release_thread_sync(resource_id: str, thread_id: str) -> list[str]:
                .values_list("attachment_id", flat=True))
     if not pks:
         return []
+    # Locked first (PostgreSQL; SQLite writes one at a time): two threads
+    # sharing an attachment, deleted at once, each still seeing the other's
+    # use, would both keep it. The second waits here, then sees no use.
+    list(Attachment.objects.select_for_update().filter(pk__in=pks).order_by("pk").values_list("pk"))
     AttachmentUse.objects.filter(resource_id=resource_id, thread_id=thread_id).delete()
     unused = Attachment.objects.filter(pk__in=pks).exclude(uses__isnull=False)
     names = list(unused.values_list("storage_name", flat=True))
@@ -148,10 +172,39 @@ def release_thread_sync(resource_id: str, thread_id: str) -> list[str]:
     return names
 
 
+def release_unmapped_sync(cutoff) -> tuple[int, int]:
+    """Release the uses of threads that no longer exist, recorded before
+    ``cutoff``: a turn that ran on as its thread was deleted may record its
+    message's attachments after the delete released the thread's. Returns
+    (threads, attachments deleted). ``prune_sessions`` runs it."""
+    from django.db.models import Exists, OuterRef
+
+    from ..models import SessionMapping
+
+    def mapped(resource_id, thread_id):
+        return SessionMapping.objects.filter(resource_id=resource_id, thread_id=thread_id)
+
+    unmapped = (AttachmentUse.objects.filter(created_at__lt=cutoff)
+                .exclude(Exists(mapped(OuterRef("resource_id"), OuterRef("thread_id"))))
+                .values_list("resource_id", "thread_id").distinct())
+    threads = deleted = 0
+    for resource_id, thread_id in list(unmapped):
+        with transaction.atomic():
+            if mapped(resource_id, thread_id).exists():  # made again meanwhile
+                continue
+            names = release_thread_sync(resource_id, thread_id)
+        threads += 1
+        deleted += len(names)
+        delete_files(names)
+    return threads, deleted
+
+
 def delete_files(names: list[str]) -> int:
     """Delete stored files (a missing one is fine); returns how many went."""
     gone = 0
     store = storage()
+    if hasattr(store, "delete_many") and names:
+        return store.delete_many(names)
     for name in names:
         try:
             store.delete(name)
@@ -159,6 +212,11 @@ def delete_files(names: list[str]) -> int:
         except Exception:  # the next prune finds no row for it; log and go on
             log.warning("could not delete attachment file %s", name, exc_info=True)
     return gone
+
+
+def orphans(cutoff):
+    """Uploads never sent in a message, made before ``cutoff``."""
+    return Attachment.objects.filter(sent_at__isnull=True, created_at__lt=cutoff)
 
 
 def prune_orphans_sync(hours: float | None = None, now=None) -> int:
@@ -170,12 +228,11 @@ def prune_orphans_sync(hours: float | None = None, now=None) -> int:
     while True:
         with transaction.atomic():
             # locked (PostgreSQL): a message cannot take one of these meanwhile
-            batch = list(Attachment.objects.select_for_update()
-                         .filter(sent_at__isnull=True, created_at__lt=cutoff, pk__gt=last_pk)
+            batch = list(orphans(cutoff).select_for_update().filter(pk__gt=last_pk)
                          .order_by("pk").values_list("pk", "storage_name")[:500])
             if not batch:
                 break
-            Attachment.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
+            Attachment.objects.filter(pk__in=[pk for pk, _ in batch], sent_at__isnull=True).delete()
         last_pk = batch[-1][0]
         count += len(batch)
         delete_files([name for _, name in batch])

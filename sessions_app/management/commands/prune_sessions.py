@@ -7,6 +7,14 @@ A thread whose ``updated_at`` is older than the cutoff is deleted through the
 session service (mapping, transcript rows, the CLI's local files). Transcripts
 in the database that no mapping points at and that were last written before
 the cutoff (left by a crash, or mirrored by another tool) are erased too.
+A deleted thread's attachments go with it unless another thread uses them
+(and those a turn recorded on a thread deleted as it ran, once older than
+the uploads' cutoff below).
+
+Uploads never sent in a message (contract §11) older than
+``--uploads-older-than`` (default ``OMNI_ATTACHMENT_ORPHAN_HOURS``, 24h) are
+deleted too, as the server's own sweep does every
+``OMNI_ATTACHMENT_SWEEP_SECONDS``.
 """
 
 import re
@@ -16,7 +24,10 @@ from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from django.conf import settings
+
 from sessions_app import services, transcripts
+from sessions_app.attachments import services as attachments
 from sessions_app.errors import NotFound
 from sessions_app.models import SessionMapping, TranscriptSummary
 from sessions_app.signals import sessions_pruned
@@ -48,9 +59,17 @@ class Command(BaseCommand):
         parser.add_argument("--older-than", required=True, type=parse_age, help="e.g. 30d, 12h, 2w")
         parser.add_argument("--dry-run", action="store_true", help="count, delete nothing")
         parser.add_argument("--batch-size", type=positive_int, default=500)
+        parser.add_argument(
+            "--uploads-older-than", type=parse_age, default=None, metavar="AGE",
+            help="delete attachments uploaded longer ago than this and never sent in a message "
+                 "(default: OMNI_ATTACHMENT_ORPHAN_HOURS, %sh)" % f"{settings.OMNI_ATTACHMENT_ORPHAN_HOURS:g}")
 
-    def handle(self, *args, older_than, dry_run, batch_size, **options):
-        cutoff = timezone.now() - older_than
+    def handle(self, *args, older_than, dry_run, batch_size, uploads_older_than, **options):
+        now = timezone.now()
+        cutoff = now - older_than
+        uploads_age = (uploads_older_than if uploads_older_than is not None
+                       else timedelta(hours=settings.OMNI_ATTACHMENT_ORPHAN_HOURS))
+        uploads_cutoff = now - uploads_age
         old = SessionMapping.objects.filter(updated_at__lt=cutoff).order_by("pk")
         cutoff_ms = int(cutoff.timestamp() * 1000)
         # A session counts as written at its latest write under any project key.
@@ -66,6 +85,10 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"Would delete {old.count()} threads and {len(set(orphans))} orphaned transcripts "
                 f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z."
+            )
+            self.stdout.write(
+                f"Would delete {attachments.orphans(uploads_cutoff).count()} uploads never sent in a message, "
+                f"uploaded before {uploads_cutoff:%Y-%m-%d %H:%M:%S}Z."
             )
             return
         threads = 0
@@ -98,6 +121,16 @@ class Command(BaseCommand):
             f"not updated since {cutoff:%Y-%m-%d %H:%M:%S}Z"
             + (f" (and {others} other rows kept per thread)." if others else ".")
         )
+        uploads = attachments.prune_orphans_sync(now=uploads_cutoff, hours=0)
+        self.stdout.write(
+            f"Deleted {uploads} uploads never sent in a message, "
+            f"uploaded before {uploads_cutoff:%Y-%m-%d %H:%M:%S}Z."
+        )
+        # uses a turn recorded after its thread's delete (it ran on as the thread went)
+        gone_threads, released = attachments.release_unmapped_sync(uploads_cutoff)
+        if gone_threads:
+            self.stdout.write(f"Deleted {released} attachments of {gone_threads} threads deleted while a "
+                              "turn ran on them.")
         if failed:
             for message in failed:
                 self.stderr.write(message)
