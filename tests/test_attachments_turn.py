@@ -15,7 +15,7 @@ from chat_app import sdk
 from chat_app.turns import registry, start_turn
 from sessions_app.attachments import inspect as inspection
 from sessions_app.attachments import services as attachments
-from tests.helpers import events_of, turn_bodies
+from tests.helpers import events_of, turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -27,6 +27,15 @@ def png(width: int, height: int) -> bytes:
 
     out = io.BytesIO()
     Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG of random pixels (incompressible: about 3 x side² bytes)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, "PNG")
     return out.getvalue()
 
 
@@ -167,9 +176,12 @@ async def test_a_message_of_attachments_alone_is_carried_by_later_turns_cold_res
     # a cold resume: the warm client closed, its local copy gone: from the store
     session_id = second[0]["sessionId"]
     pid = pool.idle[("ada", "att-1")].known_pid
+    # (the CLI keeps a copy of the image in its temp dir: it goes with the local transcript)
+    assert [p for d in services.cli_scratch_dirs(session_id) for p in d.rglob("*.png")]
     pool.forget(("ada", "att-1"), "test")
     assert await gone(pid)
-    assert not await sync_to_async(services.local_transcript_files)(session_id)
+    await wait_for_async(lambda: not services.local_transcript_files(session_id)
+                         and not services.cli_scratch_dirs(session_id))
     before = sent_count()
     third = await events_of(await start_turn(None, body("And the size?")))
     assert third[0]["resumed"] is True and third[-1]["type"] == "done"
@@ -237,6 +249,10 @@ async def test_sse_and_websocket_messages_with_attachments_and_every_refusal(off
     from omni.asgi import application
     from sessions_app import selectors
 
+    # an image the CLI re-encodes (a JPEG for the model and its transcript)
+    big = await upload("bea", "noise.png", noise_png(640))
+    # over 1 MB: the transcript line holding it is longer than the SDK's default buffer
+    long = await upload("bea", "long.txt", b"Long text file. " + b"word " * 240_000)
     image = await upload("bea", "wide.png", png(40, 20))
     theirs = await upload("cyd", "theirs.png", png(8, 8))
     client = AsyncClient()
@@ -244,12 +260,21 @@ async def test_sse_and_websocket_messages_with_attachments_and_every_refusal(off
     async def post(path, **fields):
         return await client.post(path, {"resourceId": "bea", **fields}, content_type="application/json")
 
-    response = await post("/api/chat", message="Describe it", threadId="sse-att",
-                          attachments=[image.attachment_id])
+    response = await post("/api/chat", message="Describe them", threadId="sse-att",
+                          attachments=[image.attachment_id, big.attachment_id, long.attachment_id])
     assert response.status_code == 200
     said, events = sse_texts(b"".join([c async for c in response.streaming_content]))
-    assert events[-1]["type"] == "done"
-    assert said == 'Offline model saw image/png 40x20\nOffline model heard: "Describe it". Earlier questions: none.'
+    assert events[-1]["type"] == "done", events[-1]
+    # (the CLI re-encodes an image this big as a JPEG for the model: its size stays)
+    assert said.split("\n")[0] == "Offline model saw image/png 40x20"
+    assert said.split("\n")[1] in ("Offline model saw image/png 640x640", "Offline model saw image/jpeg 640x640")
+    assert said.split("\n")[2:] == [
+        'Offline model saw text document "long.txt": Long text file. word word word word word…',
+        'Offline model heard: "Describe them". Earlier questions: none.']
+    listed = await client.get("/api/sessions/messages", {"threadId": "sse-att", "resourceId": "bea"})
+    assert listed.json()["messages"][0]["text"] == "Describe them"
+    assert [a["attachmentId"] for a in listed.json()["messages"][0]["attachments"]] == [
+        image.attachment_id, big.attachment_id, long.attachment_id]
 
     comm = WebsocketCommunicator(application, "/ws/chat/")
     assert (await comm.connect())[0]
