@@ -36,7 +36,7 @@ from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
 
 from .pool import RESULTS, ModelProcess, _first_text, _ms, machine, raw_options, start_server, wait_spare
 
-SAMPLES = 8
+SAMPLES = 10
 IMAGE_BYTES = 1_000_000
 
 
@@ -117,6 +117,7 @@ async def measure_with(model_url: str) -> dict:
             raw = ClaudeSDKClient(ClaudeAgentOptions(**options))
             await raw.connect()
             try:
+                await asyncio.sleep(1)  # settled, as the project's spare is
                 await raw_turn(raw, "hello")
                 await asyncio.sleep(1)  # the CLI's work after a first message (its title) done
                 out["raw_text"].append(await raw_turn(raw, f"text {i}"))
@@ -153,12 +154,16 @@ def rows_of(m: dict) -> list[tuple[str, float, str]]:
     ]
 
 
-def write_results(rows) -> None:
+def write_results(rows, m: dict | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     lines = [f"# Attachments benchmark ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine()}. Offline model, websocket client, `python -m bench attachments`.", "",
              "| measure | value | unit |", "| --- | ---: | --- |"]
     lines += [f"| {name} | {value:,.2f} | {unit} |" for name, value, unit in rows]
+    if m is not None:
+        lines += ["", "Samples (ms to first text, in order):", ""]
+        lines += [f"- {key}: {', '.join(f'{v:.0f}' for v in m[key])}"
+                  for key in ("raw", "project", "raw_text", "project_text")]
     (RESULTS / "attachments.md").write_text("\n".join(lines) + "\n")
 
 
@@ -167,6 +172,7 @@ def run():
         with ModelProcess() as model:
             return await measure_with(model.base_url)
 
-    rows = rows_of(asyncio.run(measure()))
-    write_results(rows)
+    measured = asyncio.run(measure())
+    rows = rows_of(measured)
+    write_results(rows, measured)
     return rows
