@@ -175,8 +175,7 @@ class Turn:
         self._version: int | None = None  # the mapping's version after this turn's writes
         self._message_unsaved = False  # a follow-up: its message goes in with the turn's last save
         # The message's content blocks (each attachment after its marker, then
-        # the text), or None:
-        # a text-only message goes to the CLI as a string.
+        # the text), or None: a text-only message goes to the CLI as a string.
         self._content: list[dict] | None = None
         self._client: ClaudeSDKClient | None = None
         self._interrupted = False
