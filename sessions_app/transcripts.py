@@ -123,7 +123,7 @@ from claude_agent_sdk import (
     fold_session_summary,
 )
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models.functions import Length
+from django.db.models.functions import Length, Substr
 
 from .models import TranscriptEntry, TranscriptSummary
 from .outages import ConnectionLost, outlasting, reconnecting, within
@@ -175,6 +175,10 @@ def _texts_in_order(lines) -> list[str]:
     texts: list[str] = []
     start = 0
     while start < len(sizes):
+        if sizes[start][1] > REMOTE_PAGE_CHARS:  # one line longer than a page (attachments)
+            texts.append(_long_text(lines, *sizes[start]))
+            start += 1
+            continue
         end, chars = start + 1, sizes[start][1]
         while end < len(sizes) and chars + sizes[end][1] <= REMOTE_PAGE_CHARS:
             chars += sizes[end][1]
@@ -184,6 +188,15 @@ def _texts_in_order(lines) -> list[str]:
         )
         start = end
     return texts
+
+
+def _long_text(lines, pk: int, length: int) -> str:
+    """One line's ``data`` in pieces of a page each (a message's
+    attachments, base64, make a line of megabytes)."""
+    one = lines.filter(id=pk)
+    return "".join(
+        one.annotate(piece=Substr("data", at, REMOTE_PAGE_CHARS)).values_list("piece", flat=True)[0]
+        for at in range(1, length + 1, REMOTE_PAGE_CHARS))
 
 
 _COLUMNS = ("project_key", "session_id", "subpath", "uuid", "data", "created_at")
