@@ -263,8 +263,10 @@ async def test_sse_and_websocket_messages_with_attachments_and_every_refusal(off
     response = await post("/api/chat", message="Describe them", threadId="sse-att",
                           attachments=[image.attachment_id, big.attachment_id, long.attachment_id])
     assert response.status_code == 200
-    said, events = sse_texts(b"".join([c async for c in response.streaming_content]))
+    raw = b"".join([c async for c in response.streaming_content])
+    said, events = sse_texts(raw)
     assert events[-1]["type"] == "done", events[-1]
+    assert b"word word word word word word word" not in raw  # no event carries the files back
     # (the CLI re-encodes an image this big as a JPEG for the model: its size stays)
     assert said.split("\n")[0] == "Offline model saw image/png 40x20"
     assert said.split("\n")[1] in ("Offline model saw image/png 640x640", "Offline model saw image/jpeg 640x640")
