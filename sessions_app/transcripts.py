@@ -102,7 +102,9 @@ call (and at most one transaction) per operation, through
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import json
 import re
 import time
@@ -121,7 +123,7 @@ from claude_agent_sdk import (
     fold_session_summary,
 )
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models.functions import Length
+from django.db.models.functions import Length, Substr
 
 from .models import TranscriptEntry, TranscriptSummary
 from .outages import ConnectionLost, outlasting, reconnecting, within
@@ -173,6 +175,10 @@ def _texts_in_order(lines) -> list[str]:
     texts: list[str] = []
     start = 0
     while start < len(sizes):
+        if sizes[start][1] > REMOTE_PAGE_CHARS:  # one line longer than a page (attachments)
+            texts.append(_long_text(lines, *sizes[start]))
+            start += 1
+            continue
         end, chars = start + 1, sizes[start][1]
         while end < len(sizes) and chars + sizes[end][1] <= REMOTE_PAGE_CHARS:
             chars += sizes[end][1]
@@ -182,6 +188,15 @@ def _texts_in_order(lines) -> list[str]:
         )
         start = end
     return texts
+
+
+def _long_text(lines, pk: int, length: int) -> str:
+    """One line's ``data`` in pieces of a page each (a message's
+    attachments, base64, make a line of megabytes)."""
+    one = lines.filter(id=pk)
+    return "".join(
+        one.annotate(piece=Substr("data", at, REMOTE_PAGE_CHARS)).values_list("piece", flat=True)[0]
+        for at in range(1, length + 1, REMOTE_PAGE_CHARS))
 
 
 _COLUMNS = ("project_key", "session_id", "subpath", "uuid", "data", "created_at")
@@ -488,10 +503,12 @@ def _user_text(entry: dict) -> str:
         isinstance(block, dict) and block.get("type") == "tool_result" for block in content
     ):
         return ""  # a tool's answer (and anything riding along with it)
+    from .attachments.services import marked_id
+
     parts = [
         _typed_text(block.get("text"))
         for block in content
-        if isinstance(block, dict) and block.get("type") == "text"
+        if isinstance(block, dict) and block.get("type") == "text" and marked_id(block) is None
     ]
     return "\n\n".join(part for part in parts if part)
 
@@ -528,6 +545,44 @@ def _is_prompt(entry) -> bool:
     return not _blocks(entry, "tool_result")
 
 
+ATTACHMENT_BLOCKS = ("image", "document")
+
+
+def _attachment_refs(entry: dict) -> list[dict]:
+    """The images and documents a person's message carries (contract §11),
+    each as ``{"attachmentId", "sha256", "name", "mediaType", "size"}``: the
+    upload its marker block names (:func:`sessions_app.attachments.services.marker_block`),
+    else None, and the sha256 of the block's bytes (the upload's, unless the
+    CLI re-encoded them); never the bytes themselves."""
+    if entry.get("isMeta") is True or _blocks(entry, "tool_result"):
+        return []
+    message = entry.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    from .attachments.services import marked_id
+
+    refs, named = [], None
+    for block in content if isinstance(content, list) else ():
+        if (marked := marked_id(block)) is not None:
+            named = marked  # the upload the next block carries
+            continue
+        if not isinstance(block, dict) or block.get("type") not in ATTACHMENT_BLOCKS:
+            continue
+        attachment_id, named = named, None
+        source = block.get("source")
+        if not isinstance(source, dict) or not isinstance(source.get("data"), str):
+            continue
+        try:
+            data = (source["data"].encode("utf-8") if source.get("type") == "text"
+                    else base64.b64decode(source["data"]))
+        except (ValueError, UnicodeEncodeError):
+            continue
+        title = block.get("title")
+        refs.append({"attachmentId": attachment_id, "sha256": hashlib.sha256(data).hexdigest(),
+                     "name": title if isinstance(title, str) and title else block["type"],
+                     "mediaType": str(source.get("media_type") or ""), "size": len(data)})
+    return refs
+
+
 def _synthetic(entry: dict) -> bool:
     """An assistant entry the CLI wrote itself, not the model: e.g. "No
     response requested." after a message whose turn was cut short (the
@@ -553,8 +608,9 @@ def _result_text(content) -> str:
     return ""
 
 
-def transcript_messages(entries: list[dict]) -> list[dict]:
-    """The conversation in transcript ``entries`` (see :func:`session_messages`)."""
+def transcript_messages(entries: list[dict], *, attachments: bool = True) -> list[dict]:
+    """The conversation in transcript ``entries`` (see :func:`session_messages`);
+    ``attachments=False``: texts only (no hashing of attachments' bytes)."""
     messages: list[dict] = []
     calls: dict[str, dict] = {}  # toolUseId -> the toolCalls entry of its assistant message
     last_id: str | None = None  # message.id of the assistant reply being read
@@ -569,8 +625,11 @@ def transcript_messages(entries: list[dict]) -> list[dict]:
                     call["result"] = _result_text(block.get("content"))
                     call["isError"] = block.get("is_error") is True
             text = _user_text(entry)
-            if text:
+            refs = _attachment_refs(entry) if attachments else []
+            if text or refs:
                 messages.append({"role": "user", "text": text, "uuid": uuid})
+                if refs:
+                    messages[-1]["attachments"] = refs
                 last_id = None
         elif kind == "assistant":
             if entry.get("isApiErrorMessage") is True or _synthetic(entry):
@@ -616,6 +675,9 @@ def main_transcript(session_id: str, using: str = DEFAULT_DB_ALIAS) -> list[dict
 async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> list[dict]:
     """The conversation of ``session_id`` as ``[{"role", "text", "uuid"}]``, in order.
 
+    A person's message with images or documents also has ``"attachments"``
+    (see :func:`_attachment_refs`; its text may then be ``""``).
+
     Reads the main transcript of the session from the store, under any
     project key (the most recently written one if several hold the id).
     User messages are what the person typed: ``type == "user"`` entries whose
@@ -633,7 +695,8 @@ async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> li
     """
 
     entries = await sync_to_async(main_transcript, thread_sensitive=True)(session_id, using)
-    return transcript_messages(entries)
+    # off the event loop: a message's attachments are hashed (megabytes)
+    return await sync_to_async(transcript_messages, thread_sensitive=False)(entries)
 
 
 def fork_cut(entries: list[dict], message_uuid: str) -> str | None:

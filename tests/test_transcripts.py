@@ -183,10 +183,14 @@ async def test_paged_load_as_over_a_libsql_server(monkeypatch):
     monkeypatch.setattr(transcripts, "REMOTE_PAGE_CHARS", 2_000)
     store = DjangoSessionStore()
     batch = [e(i, f"u{i}", pad="x" * (i * 97 % 1500)) for i in range(300)]
-    batch.append(e(300, "huge", pad="y" * 5_000))  # a line larger than a page
+    batch.append(e(300, "huge", pad="y" * 5_000))  # a line larger than a page: read in pieces
     await store.append(KEY, batch)
     await store.append({**KEY, "subpath": "subagents/a"}, [e(-1, "u1")])
+    pieces = []
+    long_text = transcripts._long_text
+    monkeypatch.setattr(transcripts, "_long_text", lambda *a: pieces.append(a[1:]) or long_text(*a))
     assert await store.load(KEY) == batch
+    assert [length for _, length in pieces] == [len(transcripts._dumps(batch[-1]))]
     assert await store.load({**KEY, "session_id": "nope"}) is None
 
 
