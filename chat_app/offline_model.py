@@ -21,7 +21,17 @@ the CLI's ``Continue from where you left off.`` after a deferred tool call)::
     Offline model heard: "<last>". Earlier questions: "<first>" | "<second>".
     Offline model heard: "<last>". Earlier questions: none.
 
-Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
+A person's message may carry images and documents (content blocks beside
+its text, contract §11): the reply first says what the LAST one received, a
+line per block (decoded with Pillow and pypdf, imported only then), then the
+usual line (``""`` heard when the message had no text)::
+
+    Offline model saw image/png 640x480
+    Offline model saw document application/pdf, 3 pages
+    Offline model saw text document "notes.md": Zanzibar trip budget: flights 900, hotel…
+
+The CLI's own note beside such a block (``[Image: source: <path>]``) is not
+the person's text.  Each quoted text is truncated to 200 chars.  Streamed replies arrive as ~6
 word-split ``text_delta`` events.  Markers in the last user text:
 
 * ``[tool NAME]`` or ``[tool NAME {"key": "value"}]`` -> a tool call.  NAME is
@@ -97,6 +107,8 @@ def _tokens(text: str) -> int:
 # call (the call's result comes with it); not the person's words.
 CONTINUE = "Continue from where you left off."
 _META = re.compile(r"\s*(<[A-Za-z][\w-]*[\s>/]|\[Request interrupted by user|"
+                   # where the CLI keeps a message's image or document (its own note)
+                   r"\[(?:Image|Document)(?::| source:)|"
                    + re.escape(CONTINUE) + r"\s*$)")
 
 
@@ -121,12 +133,76 @@ def user_texts(messages: list) -> list[str]:
     return out
 
 
+ATTACHMENT_BLOCKS = ("image", "document")
+FIRST_WORDS = 8
+
+
+def attachment_blocks(msg: dict) -> list[dict]:
+    """A user message's own image and document blocks (not those inside a tool's result)."""
+    if msg.get("role") != "user":
+        return []
+    return [b for b in _blocks(msg) if b.get("type") in ATTACHMENT_BLOCKS]
+
+
+def _is_input(msg: dict) -> bool:
+    """A message the person sent: typed text, or attachments."""
+    return _has_typed_text(msg) or bool(attachment_blocks(msg))
+
+
+def last_input(messages: list) -> dict | None:
+    return next((m for m in reversed(messages or []) if isinstance(m, dict) and _is_input(m)), None)
+
+
+def last_text(messages: list) -> str:
+    """The typed text of the person's last message (markers are read there)."""
+    msg = last_input(messages)
+    texts = user_texts([msg]) if msg is not None else []
+    return texts[-1] if texts else ""
+
+
+def describe(block: dict) -> str:
+    """What an image or document block holds, as the offline model says it:
+    ``image/png 640x480``, ``document application/pdf, 3 pages``,
+    ``text document "notes.md": <its first words>…``."""
+    import base64
+    import io
+
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    media_type = source.get("media_type") or "?"
+    try:
+        if source.get("type") == "text":
+            words = str(source.get("data") or "").split()
+            first = " ".join(words[:FIRST_WORDS]) + ("…" if len(words) > FIRST_WORDS else "")
+            return f'text document "{block.get("title") or ""}": {first}'
+        data = base64.b64decode(source.get("data") or "", validate=True)
+        if block.get("type") == "image":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as image:
+                return f"{media_type} {image.width}x{image.height}"
+        from pypdf import PdfReader
+
+        pages = len(PdfReader(io.BytesIO(data)).pages)
+        return f"document {media_type}, {pages} page{'s' if pages != 1 else ''}"
+    except Exception as exc:  # noqa: BLE001 (any undecodable block is reported, never fatal)
+        return f"{block.get('type')} {media_type} that it could not read ({type(exc).__name__})"
+
+
+def saw_lines(messages: list) -> list[str]:
+    """One line per attachment of the person's last message."""
+    msg = last_input(messages)
+    return [f"Offline model saw {describe(b)}" for b in attachment_blocks(msg)] if msg else []
+
+
 def _quote(text: str) -> str:
     return '"' + text[:MAX_QUOTE] + '"'
 
 
 def reply_text(messages: list) -> str:
     texts = user_texts(messages) or [""]
+    msg = last_input(messages)
+    if msg is not None and not _has_typed_text(msg):  # attachments alone: nothing heard
+        texts = [*user_texts(messages), ""]
     earlier = " | ".join(_quote(t) for t in texts[:-1]) or "none"
     return f"Offline model heard: {_quote(texts[-1])}. Earlier questions: {earlier}."
 
@@ -190,8 +266,8 @@ def _has_typed_text(msg: dict) -> bool:
 
 
 def _turn(messages: list) -> list:
-    """The messages after the last one carrying user-typed text (this turn's tool traffic)."""
-    start = max((i for i, m in enumerate(messages) if _has_typed_text(m)), default=-1)
+    """The messages after the person's last one (typed text or attachments: this turn's tool traffic)."""
+    start = max((i for i, m in enumerate(messages) if _is_input(m)), default=-1)
     return messages[start + 1:]
 
 
@@ -215,11 +291,10 @@ def _result_content(block: dict) -> str:
 def answer(body: dict) -> list[dict]:
     """The content blocks of the reply to a Messages API request (see the module docstring).
 
-    A turn starts at the last user message carrying typed text.  The markers of its last typed
-    text are worked through one per response: each offered tool is called (a text block, then a
+    A turn starts at the person's last message (typed text or attachments).  The markers of its
+    last typed text are worked through one per response: each offered tool is called (a text block, then a
     ``tool_use``); once every call's result is back, the reply ends with :func:`reply_text`."""
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-    texts = user_texts(messages)
     after = _turn(messages)
     names = {b.get("id"): b.get("name") for m in messages if m.get("role") == "assistant"
              for b in _blocks(m) if b.get("type") == "tool_use"}
@@ -232,7 +307,7 @@ def answer(body: dict) -> list[dict]:
                 lines.append(result_text(names.get(b.get("tool_use_id")) or "tool",
                                          _result_content(b), bool(b.get("is_error"))))
     calls = []
-    for name, value in tool_markers(texts[-1] if texts else ""):
+    for name, value in tool_markers(last_text(messages)):
         found = find_tool(name, body.get("tools"))
         if found and value is not None:
             calls.append((found, value))
@@ -244,6 +319,7 @@ def answer(body: dict) -> list[dict]:
         return [{"type": "text", "text": "\n".join(lines)},
                 {"type": "tool_use", "id": f"toolu_offline_{next(_ids)}", "name": name,
                  "input": value}]
+    lines += saw_lines(messages)
     lines.append(reply_text(messages))
     return [{"type": "text", "text": "\n".join(lines)}]
 
@@ -334,7 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
         with model.lock:
             model.requests.append(body)
         texts = user_texts(body.get("messages", []))
-        last = texts[-1] if texts else ""
+        last = last_text(body.get("messages", []))
         if "[fail]" in last:
             return self._json(400, FAIL_BODY)
         fmt = (body.get("output_config") or {}).get("format") or {}

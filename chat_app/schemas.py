@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from django.conf import settings
 from ninja import Schema
 from pydantic import (
-    AfterValidator, Field, StrictBool, StrictInt, StrictStr, StringConstraints, ValidationError, WithJsonSchema,
+    Field, StrictBool, StrictInt, StrictStr, StringConstraints, ValidationError, WithJsonSchema,
     model_validator,
 )
 
@@ -28,15 +28,25 @@ def not_blank(text: str) -> str:
 
 
 # A user's message: text with at least one non-space character (400
-# otherwise). Its length limit is checked by the turn pipeline (413), so the
-# document states it without pydantic enforcing it.
+# otherwise), unless the message carries attachments (then it may be empty:
+# checked by the request's model, see _Turn). Its length limit is checked by
+# the turn pipeline (413), so the document states it without pydantic
+# enforcing it.
 Message = Annotated[
     StrictStr,
-    AfterValidator(not_blank),
     Field(
-        json_schema_extra={"pattern": NOT_BLANK.pattern, "maxLength": settings.OMNI_MAX_MESSAGE_CHARS},
+        json_schema_extra={"maxLength": settings.OMNI_MAX_MESSAGE_CHARS},
+        description="the text; it must hold a non-space character unless `attachments` is given",
         examples=["What is 2+2?"],
     ),
+]
+# Uploads of the same resource (contract §11) sent with the message, in order.
+Attachments = Annotated[
+    list[Id],
+    Field(max_length=settings.OMNI_ATTACHMENTS_PER_MESSAGE,
+          description=f"ids of the resource's uploads (`POST /api/attachments`), at most "
+                      f"{settings.OMNI_ATTACHMENTS_PER_MESSAGE}; an unknown or foreign one is 404",
+          examples=[["att-9f1c2d7e4b6a4e0f8a3b5c7d9e1f2a3b"]]),
 ]
 # An agent preset's name (an unknown one is 400 unknown_agent).
 Agent = Annotated[
@@ -49,16 +59,40 @@ Chunks = Annotated[StrictBool, Field(description="false: leave out this turn's c
                                                  "messages); the other events are unchanged")]
 
 
-class ChatIn(Schema):
+# In the document: a message's text holds a non-space character, or the
+# message carries attachments (JSON Schema's pattern is ECMAScript's: see ECMA_SPACE).
+SAYS_SOMETHING = {"anyOf": [
+    {"properties": {"message": {"pattern": NOT_BLANK.pattern}}},
+    {"required": ["attachments"], "properties": {"attachments": {"minItems": 1}}},
+]}
+
+
+class _Turn(Schema):
+    """What every request that sends a message has: the text and its attachments."""
+
+    model_config = {"json_schema_extra": SAYS_SOMETHING}
+
     message: Message
+    attachments: Attachments = []
+
+    @model_validator(mode="after")
+    def _says_something(self):
+        if not self.attachments:
+            try:
+                not_blank(self.message)
+            except ValueError as exc:
+                raise ValueError(f"message {exc}") from None
+        return self
+
+
+class ChatIn(_Turn):
     threadId: Id | None = None
     resourceId: Id | None = None
     agent: Agent = None
     chunks: Chunks = True
 
 
-class ForkIn(Schema):
-    message: Message
+class ForkIn(_Turn):
     forkFromThreadId: Id
     threadId: Id
     resourceId: Id | None = None

@@ -264,6 +264,15 @@ def workspace_dir() -> Path:
     return path
 
 
+def max_line_bytes() -> int:
+    """The longest line the SDK takes from the CLI: a message's attachments
+    at their limit as the line holds them (base64: 4 bytes for 3; a text
+    file JSON-escaped: a newline takes 2), and room for the rest of the line
+    (the SDK's default, 1 MiB, is less than one 1 MB image). A limit, not
+    memory set aside."""
+    return 2 * settings.OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES + 8 * 1024 * 1024
+
+
 def build_options(
     preset: dict,
     *,
@@ -292,6 +301,9 @@ def build_options(
         fork_session=fork,
         resume_session_at=resume_at,
         include_partial_messages=True,
+        # The CLI mirrors each transcript line to the SDK (the store) as one
+        # stdout line: a message's attachments, base64, are in one.
+        max_buffer_size=max_line_bytes(),
         cwd=str(workspace_dir()),
         env=cli_env(),
         session_store=session_store,

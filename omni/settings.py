@@ -255,6 +255,11 @@ OMNI_ATTACHMENT_MAX_BYTES = int(OMNI_ATTACHMENT_MAX_MB * 1024 * 1024)
 OMNI_ATTACHMENT_ORPHAN_HOURS = float(os.environ.get("OMNI_ATTACHMENT_ORPHAN_HOURS", "24"))
 OMNI_ATTACHMENT_SWEEP_SECONDS = float(os.environ.get("OMNI_ATTACHMENT_SWEEP_SECONDS", "3600"))
 OMNI_ATTACHMENTS_PER_MESSAGE = 20
+# The stored bytes of one message's attachments together (413
+# attachments_too_large beyond): the Messages API takes about 32 MB a
+# request, and base64 makes 3 bytes 4.
+OMNI_ATTACHMENTS_MESSAGE_MAX_MB = float(os.environ.get("OMNI_ATTACHMENTS_MESSAGE_MAX_MB", "22"))
+OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES = int(OMNI_ATTACHMENTS_MESSAGE_MAX_MB * 1024 * 1024)
 # Images: a longer side is scaled down to this (what the model reads at
 # full resolution); an image of more pixels than this is refused before it
 # is decoded (Pillow's decompression-bomb guard, 400 invalid_attachment).

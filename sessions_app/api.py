@@ -2,10 +2,12 @@
 
 from typing import Annotated
 
+from asgiref.sync import sync_to_async
 from ninja import Query, Router, Schema
 from pydantic import Field, StringConstraints, WithJsonSchema
 
 from . import selectors, services, transcripts, usage
+from .attachments import services as attachment_services
 from .resources import request_user, resolve_resource
 from .schemas import (
     DeleteOut,
@@ -64,11 +66,15 @@ async def session_messages(request, query: Query[ThreadRef]):
     """The user and assistant texts so far, in order, read from the transcript store
     (for a page that reloads). A message's `uuid` can be a fork's `atMessageUuid`. An
     assistant message that used tools carries its `toolCalls`, each with its decision when it
-    needed one (`approval.decision` null: it still waits, answer it with `approvalId`)."""
+    needed one (`approval.decision` null: it still waits, answer it with `approvalId`). A user
+    message sent with uploads carries its `attachments` (its `text` may then be empty); a fork
+    shows its parent's."""
     resource = await caller_resource(request, query.resourceId)
     mapping = await selectors.get_metadata(query.threadId, resource)
     messages = await transcripts.session_messages(mapping.session_id)
     await services.add_approvals(mapping, messages)
+    if any("attachments" in m for m in messages):
+        await sync_to_async(attachment_services.name_messages_sync)(resource, messages)
     return {
         "threadId": mapping.thread_id,
         "sessionId": mapping.session_id,

@@ -93,11 +93,21 @@ class ToolCallOut(Schema):
     approval: ApprovalOut | None
 
 
+class AttachmentRefOut(Schema):
+    attachmentId: str | None = Field(description="the upload (`GET /api/attachments/<id>`); null "
+                                                 "once it was deleted", examples=["att-9f1c2d7e4b6a4e0f8a3b5c7d9e1f2a3b"])
+    name: str = Field(examples=["photo.png"])
+    mediaType: str = Field(examples=["image/png"])
+    size: int = Field(description="bytes")
+
+
 class MessageOut(Schema):
     role: str = Field(examples=["user"])
-    text: str
+    text: str = Field(description="what the person typed or the assistant said (never an attachment's bytes)")
     uuid: str
     toolCalls: list[ToolCallOut] | None = None
+    attachments: list[AttachmentRefOut] | None = Field(
+        None, description="a user message's images and documents (contract §11)")
 
 
 class MessagesOut(Schema):

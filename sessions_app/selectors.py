@@ -156,7 +156,7 @@ def search_sync(resource_id: str, query: str, *, exclude_thread: str, limit: int
             if mapping is None:
                 continue
             text = next((m["text"] for m in transcripts.transcript_messages(
-                transcripts.main_transcript(session_id)) if query.lower() in m["text"].lower()), None)
+                transcripts.main_transcript(session_id), attachments=False) if query.lower() in m["text"].lower()), None)
             if text is None:
                 continue  # the words were in the transcript's machinery, not in a message
             found[thread] = (mapping, text)

@@ -102,7 +102,9 @@ call (and at most one transaction) per operation, through
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import json
 import re
 import time
@@ -528,6 +530,37 @@ def _is_prompt(entry) -> bool:
     return not _blocks(entry, "tool_result")
 
 
+ATTACHMENT_BLOCKS = ("image", "document")
+
+
+def _attachment_refs(entry: dict) -> list[dict]:
+    """The images and documents a person's message carries (contract §11),
+    each as ``{"sha256", "name", "mediaType", "size"}``: the sha256 of its
+    bytes names the upload (:func:`sessions_app.attachments.services.by_sha_sync`);
+    never the bytes themselves."""
+    if entry.get("isMeta") is True or _blocks(entry, "tool_result"):
+        return []
+    message = entry.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    refs = []
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict) or block.get("type") not in ATTACHMENT_BLOCKS:
+            continue
+        source = block.get("source")
+        if not isinstance(source, dict) or not isinstance(source.get("data"), str):
+            continue
+        try:
+            data = (source["data"].encode("utf-8") if source.get("type") == "text"
+                    else base64.b64decode(source["data"]))
+        except (ValueError, UnicodeEncodeError):
+            continue
+        title = block.get("title")
+        refs.append({"sha256": hashlib.sha256(data).hexdigest(),
+                     "name": title if isinstance(title, str) and title else block["type"],
+                     "mediaType": str(source.get("media_type") or ""), "size": len(data)})
+    return refs
+
+
 def _synthetic(entry: dict) -> bool:
     """An assistant entry the CLI wrote itself, not the model: e.g. "No
     response requested." after a message whose turn was cut short (the
@@ -553,8 +586,9 @@ def _result_text(content) -> str:
     return ""
 
 
-def transcript_messages(entries: list[dict]) -> list[dict]:
-    """The conversation in transcript ``entries`` (see :func:`session_messages`)."""
+def transcript_messages(entries: list[dict], *, attachments: bool = True) -> list[dict]:
+    """The conversation in transcript ``entries`` (see :func:`session_messages`);
+    ``attachments=False``: texts only (no hashing of attachments' bytes)."""
     messages: list[dict] = []
     calls: dict[str, dict] = {}  # toolUseId -> the toolCalls entry of its assistant message
     last_id: str | None = None  # message.id of the assistant reply being read
@@ -569,8 +603,11 @@ def transcript_messages(entries: list[dict]) -> list[dict]:
                     call["result"] = _result_text(block.get("content"))
                     call["isError"] = block.get("is_error") is True
             text = _user_text(entry)
-            if text:
+            refs = _attachment_refs(entry) if attachments else []
+            if text or refs:
                 messages.append({"role": "user", "text": text, "uuid": uuid})
+                if refs:
+                    messages[-1]["attachments"] = refs
                 last_id = None
         elif kind == "assistant":
             if entry.get("isApiErrorMessage") is True or _synthetic(entry):
@@ -616,6 +653,9 @@ def main_transcript(session_id: str, using: str = DEFAULT_DB_ALIAS) -> list[dict
 async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> list[dict]:
     """The conversation of ``session_id`` as ``[{"role", "text", "uuid"}]``, in order.
 
+    A person's message with images or documents also has ``"attachments"``
+    (see :func:`_attachment_refs`; its text may then be ``""``).
+
     Reads the main transcript of the session from the store, under any
     project key (the most recently written one if several hold the id).
     User messages are what the person typed: ``type == "user"`` entries whose
@@ -633,7 +673,8 @@ async def session_messages(session_id: str, using: str = DEFAULT_DB_ALIAS) -> li
     """
 
     entries = await sync_to_async(main_transcript, thread_sensitive=True)(session_id, using)
-    return transcript_messages(entries)
+    # off the event loop: a message's attachments are hashed (megabytes)
+    return await sync_to_async(transcript_messages, thread_sensitive=False)(entries)
 
 
 def fork_cut(entries: list[dict], message_uuid: str) -> str | None:

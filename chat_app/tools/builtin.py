@@ -12,6 +12,7 @@ import json
 from asgiref.sync import sync_to_async
 
 from sessions_app import selectors, services, transcripts
+from sessions_app.attachments import services as attachments
 from sessions_app.errors import NotFound
 
 from . import Caller, omni_tool
@@ -61,8 +62,20 @@ async def read_conversation(args: dict, caller: Caller) -> str:
     if mapping is None:
         return json.dumps({"error": f"no conversation {thread!r}"})
     messages = await transcripts.session_messages(mapping.session_id)
+    if any("attachments" in m for m in messages):
+        await sync_to_async(attachments.name_messages_sync)(caller.resource_id, messages)
     return json.dumps({"threadId": thread, "title": mapping.title,
-                       "messages": [{"role": m["role"], "text": m["text"]} for m in messages]})
+                       "messages": [_message(m) for m in messages]})
+
+
+def _message(message: dict) -> dict:
+    """A message as the tool tells it: its text, and its attachments by name
+    and type (never their bytes)."""
+    told = {"role": message["role"], "text": message["text"]}
+    if message.get("attachments"):
+        told["attachments"] = [{"name": a["name"], "mediaType": a["mediaType"]}
+                               for a in message["attachments"]]
+    return told
 
 
 @omni_tool(

@@ -34,7 +34,8 @@ from django.utils import timezone
 
 from sessions_app import selectors, services, usage
 from sessions_app import toolcalls as calls
-from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, ServerBusy
+from sessions_app.attachments import services as attachments
+from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, ServerBusy, TooLarge
 
 from .. import leases, limits, metrics
 from ..pool import pool
@@ -138,6 +139,7 @@ def _message_sync(spec: TurnSpec):
     """A message: the thread's mapping (it resumes its session), and 409
     while a call of it waits for a decision or for its continuation. The
     mapping and the budget's state are one ``SELECT``."""
+    _attachments_sync(spec)
     mapping, budget = selectors.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id)
     if mapping is not None:
         if mapping.pending_approval_id:
@@ -151,6 +153,7 @@ def _fork_sync(spec: TurnSpec) -> None:
     whose call waits for a decision, 409 ``thread_exists`` for a taken
     target (exact: under the target's lease), 400 for a cut that is not a
     message of the parent."""
+    _attachments_sync(spec)
     parent = selectors.turn_mapping_sync(spec.fork_from_thread_id, spec.resource_id)
     if parent is None:
         raise NotFound(f"no thread {spec.fork_from_thread_id!r} to fork from")
@@ -179,6 +182,21 @@ def _continuation_sync(spec: TurnSpec) -> None:
     if spec.continuation is not None:
         _resume(spec, mapping, keep_agent=False)
         spec.resume_session_id = spec.continuation.session_id
+
+
+def _attachments_sync(spec: TurnSpec) -> None:
+    """The message's attachments (contract §11), looked up once: each the
+    resource's own upload (404 otherwise), their bytes together within
+    ``OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES`` (413). None named: no query."""
+    if not spec.attachment_ids:
+        return
+    found = attachments.resolve_sync(spec.resource_id, spec.attachment_ids)
+    total = sum(a.size for a in found)
+    if total > settings.OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES:
+        raise TooLarge(f"the message's attachments hold {total} bytes, over the "
+                       f"{settings.OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES} a message may carry",
+                       code="attachments_too_large")
+    spec.attachments = found
 
 
 MESSAGE = Kind("message", _message_sync)

@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from claude_agent_sdk import (
@@ -36,10 +36,11 @@ from claude_agent_sdk import (
     UserMessage,
 )
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import IntegrityError, close_old_connections
 from django.utils import timezone
 
 from omni import logs
+from sessions_app.attachments import services as attachments
 from sessions_app.errors import ApiError, unavailable_retry_after
 from sessions_app.outages import ConnectionLost
 from sessions_app import toolcalls as calls
@@ -102,6 +103,9 @@ class TurnSpec:
     continuation: object | None = None  # a decided ToolCall this turn continues after (no message)
     chunks: bool = True  # False: no chunk events (a client that reads none)
     agent_given: bool = False  # the request named the agent (else the thread's is kept)
+    attachment_ids: list[str] = field(default_factory=list)  # as the request named them
+    # Their rows (sessions_app.models.Attachment), found by the admission path.
+    attachments: list = field(default_factory=list)
 
     def __post_init__(self):
         self.turn_id = self.turn_id or new_turn_id()
@@ -109,6 +113,14 @@ class TurnSpec:
     @property
     def key(self) -> tuple[str, str]:
         return (self.resource_id, self.thread_id)
+
+    @property
+    def shown_text(self) -> str:
+        """The message as the thread's title and preview show it: its text,
+        or (only attachments) their names."""
+        if self.attachments and not self.message.strip():
+            return ", ".join(a.name for a in self.attachments)
+        return self.message
 
 
 class Stopped(Exception):
@@ -162,6 +174,9 @@ class Turn:
         self._kept: WarmClient | None = None  # the client to keep warm after the turn
         self._version: int | None = None  # the mapping's version after this turn's writes
         self._message_unsaved = False  # a follow-up: its message goes in with the turn's last save
+        # The message's content blocks (attachments, then its text), or None:
+        # a text-only message goes to the CLI as a string.
+        self._content: list[dict] | None = None
         self._client: ClaudeSDKClient | None = None
         self._interrupted = False
         self._streaming_id: str | None = None
@@ -426,6 +441,12 @@ class Turn:
             # (A warm client needs none of this: it is current. A fork
             # reads its parent where it is: see sdk.session_store.)
             await store.adopt_session(spec.resume_session_id)
+        if spec.attachments:
+            # The stored bytes read (and base64-encoded) off the event loop, once.
+            blocks = await sync_to_async(attachments.content_blocks_sync, thread_sensitive=False)(
+                spec.attachments)
+            self._content = blocks + ([{"type": "text", "text": spec.message}]
+                                      if spec.message.strip() else [])
         try:
             return await self._converse(spec.resume_session_id)
         except ResumeMissing:
@@ -482,7 +503,10 @@ class Turn:
             logs.bind(pid=warm.known_pid)  # the turn's log lines name its CLI
             self._stopped()
             if not continuing:
-                await client.query(spec.message)
+                if self._content is not None:  # attachments: one message of content blocks
+                    await client.query(_one(user_message(self._content)))
+                else:
+                    await client.query(spec.message)
                 self._mark("sent")
                 if self._interrupted:  # asked for before the CLI was up
                     await client.interrupt()
@@ -574,7 +598,7 @@ class Turn:
         record = self._record(Ending.of(final, interrupted=self._interrupted).outcome)
         await store.finish(
             spec, self.session_id, self.lease,
-            user_message=spec.message if unsaved else None, agent=spec.agent if unsaved else None,
+            user_message=spec.shown_text if unsaved else None, agent=spec.agent if unsaved else None,
             assistant_message="".join(self._reply) if answered else None,
             turn_record=record, drop_local=self._kept is None,
         )
@@ -731,10 +755,14 @@ class Turn:
             mapping = await store.save(
                 spec, session_id, create=spec.new_thread,
                 agent=spec.agent,
-                user_message=spec.message,
+                user_message=spec.shown_text,
                 forked_from_thread_id=spec.fork_from_thread_id,
             )
             self._version = mapping.version
+        if spec.attachments or spec.fork_from_thread_id:
+            # The message is stored: the thread carries its attachments (and
+            # a fork its parent's), which are then never pruned as unsent.
+            await sync_to_async(_record_uses_sync)(spec)
         self._publish(
             events.session_event(
                 spec.thread_id, spec.resource_id, session_id, resumed,
@@ -754,6 +782,28 @@ class Turn:
         elif (text := events.assistant_text(message)) and message.message_id not in streamed:
             reply.append(text)
             self._publish(events.text_event(self.session_id, text))
+
+
+def user_message(content: list[dict]) -> dict:
+    """The SDK's streaming-input form of one user message of content blocks."""
+    return {"type": "user", "message": {"role": "user", "content": content},
+            "parent_tool_use_id": None}
+
+
+async def _one(message: dict):
+    yield message
+
+
+def _record_uses_sync(spec: TurnSpec) -> None:
+    """A fork carries its parent's attachments; a message its own."""
+    try:
+        if spec.fork_from_thread_id:
+            attachments.copy_uses_sync(spec.resource_id, spec.fork_from_thread_id, spec.thread_id)
+        if spec.attachments:
+            attachments.record_use_sync(spec.resource_id, spec.thread_id,
+                                        [a.pk for a in spec.attachments])
+    except IntegrityError:  # an attachment deleted meanwhile (its thread deleted)
+        log.warning("attachments of thread %s changed while its turn ran", spec.thread_id)
 
 
 class Detached(Exception):

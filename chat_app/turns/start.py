@@ -44,7 +44,8 @@ def _spec(user, body, *, fork: bool) -> TurnSpec:
     agent, preset = agent_preset(body.agent)
     thread_id = body.threadId or f"thread-{uuid.uuid4().hex}"
     spec = TurnSpec(resource, thread_id, body.message, agent, preset, chunks=getattr(body, "chunks", True),
-                    agent_given=body.agent is not None)
+                    agent_given=body.agent is not None,
+                    attachment_ids=list(getattr(body, "attachments", None) or ()))
     if fork:
         spec.fork_from_thread_id = body.forkFromThreadId
         spec.at_message_uuid = body.atMessageUuid

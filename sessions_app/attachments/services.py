@@ -193,3 +193,26 @@ def by_sha_sync(resource_id: str, shas: set[str]) -> dict[str, Attachment]:
     for a in Attachment.objects.filter(resource_id=resource_id, sha256__in=shas).order_by("id"):
         found.setdefault(a.sha256, a)
     return found
+
+
+def name_messages_sync(resource_id: str, messages: list[dict]) -> None:
+    """A listing's messages (:func:`sessions_app.transcripts.session_messages`)
+    name their attachments as the contract does: each ``{"sha256", ...}``
+    becomes ``{"attachmentId", "name", "mediaType", "size"}`` of the
+    resource's upload with those bytes (one query for the whole listing);
+    an upload deleted since keeps its block's facts and no id."""
+    refs = [ref for m in messages for ref in m.get("attachments") or ()]
+    if not refs:
+        return
+    found = by_sha_sync(resource_id, {ref["sha256"] for ref in refs})
+    for m in messages:
+        if m.get("attachments"):
+            m["attachments"] = [_named(ref, found.get(ref["sha256"])) for ref in m["attachments"]]
+
+
+def _named(ref: dict, attachment: Attachment | None) -> dict:
+    if attachment is None:
+        return {"attachmentId": None, "name": ref["name"], "mediaType": ref["mediaType"],
+                "size": ref["size"]}
+    return {"attachmentId": attachment.attachment_id, "name": attachment.name,
+            "mediaType": attachment.media_type, "size": attachment.size}
