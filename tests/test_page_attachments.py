@@ -253,3 +253,34 @@ def test_send_with_attachments_shows_them_and_after_a_reload(server, tabs):
     expect(last.locator(".message-image img")).to_have_attribute("src", re.compile(re.escape(only)))
     expect(page.locator("#messages .message.assistant").last).to_contain_text(
         "Offline model saw image/png 50x40")
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    yield from serve(tmp_path_factory, "required")
+
+
+def test_a_logged_in_page_uploads_sends_and_shows_its_images(auth_server, tabs):
+    """``OMNI_AUTH=required`` (the default): the upload goes with the
+    session cookie and the page's X-CSRFToken; the images load as the
+    person's own."""
+    auth_server.create_user("alice", "wonderland-123")
+    tab = tabs(resource="")
+    page = tab.page
+    page.goto(auth_server.url())
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("wonderland-123")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+    page.set_input_files("#file-input", files=[file("shot.png", "image/png", png(80, 60))])
+    shot = ready(page, "shot.png")
+    page.get_by_role("button", name="Send").click()
+    wait_turn_end(page)
+    img = page.locator("#messages .message.user .message-image img")
+    expect(img).to_have_attribute("src", f"/api/attachments/{shot}")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 80", arg=img.element_handle())
+    expect(page.locator("#messages .message.assistant").last).to_contain_text(
+        "Offline model saw image/png 80x60")
+    page.reload()
+    expect(img).to_have_attribute("src", f"/api/attachments/{shot}")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 80", arg=img.element_handle())
