@@ -142,6 +142,22 @@ def test_attach_by_button_paste_and_drop_with_progress_remove_and_errors(server,
     assert request.headers.get("x-csrftoken")
     assert f'name="resourceId"\r\n\r\n{tab.resource}' in request.post_data_buffer.decode("latin-1")
 
+    # The bar follows the upload's progress events (the upload slowed down to see them).
+    cdp = tab.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": 16 * 1024})
+    page.set_input_files("#file-input", files=[file("slow.txt", "text/plain", b"slow\n" * 8000)])
+    page.wait_for_function("""() => {
+        const bar = [...document.querySelectorAll("#attachments progress")]
+            .find((p) => p.getAttribute("aria-label") === "Uploading slow.txt");
+        return bar && bar.value > 0 && bar.value < bar.max;
+    }""")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": -1})
+    ready(page, "slow.txt")
+    page.get_by_role("button", name="Remove slow.txt").click()
+
     # Remove, by the keyboard: the focus stays in the tray.
     remove = page.get_by_role("button", name="Remove notes.txt")
     remove.focus()
@@ -242,6 +258,24 @@ def test_send_with_attachments_shows_them_and_after_a_reload(server, tabs):
     expect(page.locator("#messages .message")).to_have_count(2)
     assert current_thread(page) == thread
     check_drawn()
+
+    # An upload deleted since (the listing names it with no id): a chip that says so, no link.
+    def without_ids(route):
+        answer = route.fetch()
+        data = answer.json()
+        for message in data["messages"]:
+            for attachment in message.get("attachments") or ():
+                if attachment["name"] == "report.pdf":
+                    attachment["attachmentId"] = None
+        route.fulfill(response=answer, json=data)
+
+    page.route("**/api/sessions/messages?*", without_ids)
+    page.reload()
+    gone = page.locator("#messages .message.user .message-file.gone")
+    expect(gone).to_have_text(re.compile(r"report\.pdf.*no longer stored"))
+    assert gone.evaluate("node => node.tagName") == "SPAN"
+    expect(page.locator("#messages .message.user a.message-file")).to_have_count(1)  # notes.md
+    page.unroute("**/api/sessions/messages?*")
 
     # Attachments alone: the text may be empty; Send (the button) sends.
     page.set_input_files("#file-input", files=[file("blue.png", "image/png", png(50, 40, (0, 0, 255)))])

@@ -143,8 +143,11 @@ export class AttachmentTray extends EventTarget {
     } catch (failure) {
       if (failure.aborted || !this.items.includes(item)) return;
       if (failure.status === 401 && this.onUnauthenticated) this.onUnauthenticated();
+      // A server that refuses a body over its limit may close the connection
+      // before it is sent whole: the browser then reports no answer at all.
+      const status = failure.status === 0 && item.size > this.maxMb * 1024 * 1024 ? 413 : failure.status;
       Object.assign(item, { status: "error", xhr: null,
-        error: describeUploadError(failure.status, failure.error, this.maxMb) });
+        error: describeUploadError(status, failure.error, this.maxMb) });
     }
     this.changed();
   }
@@ -257,7 +260,21 @@ export function renderAttachments(attachments, { apiBase, resourceId = null, ope
   const box = document.createElement("div");
   box.className = "message-attachments";
   for (const att of attachments) {
-    if (!att || typeof att.attachmentId !== "string") continue;
+    if (!att || typeof att !== "object") continue;
+    if (typeof att.attachmentId !== "string") {
+      // An upload deleted since: the message still names what it carried.
+      const gone = document.createElement("span");
+      gone.className = "message-file gone";
+      const label = document.createElement("span");
+      label.className = "attachment-name";
+      label.textContent = String(att.name || "attachment");
+      const meta = document.createElement("span");
+      meta.className = "attachment-meta";
+      meta.textContent = [att.mediaType, formatSize(att.size), "no longer stored"].filter(Boolean).join(", ");
+      gone.append(label, meta);
+      box.append(gone);
+      continue;
+    }
     const url = attachmentUrl(apiBase, att.attachmentId, resourceId);
     const name = String(att.name || att.attachmentId);
     const link = document.createElement("a");
