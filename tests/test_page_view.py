@@ -70,6 +70,7 @@ async def test_static_files_are_served_by_the_async_middleware(async_client):
     assert (await async_client.get("/static/chat/missing.js")).status_code == 404
 
 
+@pytest.mark.engine_agnostic  # the CSRF check and the multipart body: no engine's business
 @pytest.mark.django_db(transaction=True)  # the upload stores on a thread of its own
 def test_a_logged_in_page_uploads_with_its_csrf_token(settings, tmp_path):
     """The page's uploads (static/chat/attachments.js) send the page's
