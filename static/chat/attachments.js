@@ -13,6 +13,14 @@ export function formatSize(bytes) {
   return `${n} B`;
 }
 
+/** A short label for a file that is not drawn: "PDF", "CSV", "MD", "TXT" or "FILE". */
+function fileLabel(type, name) {
+  if (type === "application/pdf") return "PDF";
+  const extension = /\.([A-Za-z0-9]{1,4})$/.exec(name || "");
+  if (extension) return extension[1].toUpperCase();
+  return type.startsWith("text/") ? "TXT" : "FILE";
+}
+
 const isImageType = (type) => /^image\/(png|jpeg|gif|webp)$/.test(type || "");
 
 /** What a refused upload says: the kind of refusal, then the server's message. */
@@ -210,7 +218,7 @@ export class AttachmentTray extends EventTarget {
       const icon = document.createElement("span");
       icon.className = "attachment-icon";
       icon.setAttribute("aria-hidden", "true");
-      icon.textContent = item.type === "application/pdf" ? "PDF" : "📄";
+      icon.textContent = fileLabel(item.type, item.name);
       li.append(icon);
     }
     const info = document.createElement("span");
