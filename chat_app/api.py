@@ -96,7 +96,10 @@ def sse_response(events: "streams.Stream") -> StreamingHttpResponse:
 
 @router.post("/chat", response=ERRORS, openapi_extra=SSE_DOC, summary="Send a message (SSE)")
 async def chat(request, body: ChatIn):
-    """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one."""
+    """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one.
+    `attachments` (uploads of the same resource, at most 20) go to the model as content blocks
+    beside the text, which may then be empty: 404 for an unknown or another resource's upload,
+    413 `attachments_too_large` over `OMNI_ATTACHMENTS_MESSAGE_MAX_MB` together."""
     return sse_response(streams.Stream.of(await start_turn(await request_user(request), body)))
 
 

@@ -9,7 +9,9 @@ Reads of a thread are :mod:`sessions_app.selectors`'.
 import glob
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
@@ -297,12 +299,25 @@ def drop_mirrored_local_transcript(session_id: str) -> bool:
     return True
 
 
+def cli_scratch_dirs(session_id: str) -> list[Path]:
+    """The CLI's scratch folders of a session in its temp dir,
+    ``<TMPDIR>/claude-<uid>/<project>/<id>/``: it keeps there a copy of
+    each image a message carried (``images/<n>.png``, which it names to the
+    model), so they go with the session's local files."""
+    base = Path(tempfile.gettempdir()) / f"claude-{os.getuid()}"
+    return [p for p in base.glob(f"*/{glob.escape(session_id)}") if p.is_dir() and not p.is_symlink()]
+
+
 def erase_local_transcript(session_id: str) -> int:
     """Remove the CLI's files for a session under ``CLAUDE_CONFIG_DIR``:
     ``projects/*/<id>.jsonl`` and the ``projects/*/<id>/`` folder of its
-    subagents. Returns how many were removed."""
+    subagents; and its scratch folder in the temp dir (:func:`cli_scratch_dirs`).
+    Returns how many were removed."""
     projects = Path(settings.CLAUDE_CONFIG_DIR) / "projects"
     removed = 0
+    for path in cli_scratch_dirs(session_id):
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
     for path in projects.glob(f"*/{glob.escape(session_id)}.jsonl"):
         path.unlink(missing_ok=True)
         removed += 1

@@ -490,10 +490,12 @@ def _user_text(entry: dict) -> str:
         isinstance(block, dict) and block.get("type") == "tool_result" for block in content
     ):
         return ""  # a tool's answer (and anything riding along with it)
+    from .attachments.services import marked_id
+
     parts = [
         _typed_text(block.get("text"))
         for block in content
-        if isinstance(block, dict) and block.get("type") == "text"
+        if isinstance(block, dict) and block.get("type") == "text" and marked_id(block) is None
     ]
     return "\n\n".join(part for part in parts if part)
 
@@ -535,17 +537,24 @@ ATTACHMENT_BLOCKS = ("image", "document")
 
 def _attachment_refs(entry: dict) -> list[dict]:
     """The images and documents a person's message carries (contract §11),
-    each as ``{"sha256", "name", "mediaType", "size"}``: the sha256 of its
-    bytes names the upload (:func:`sessions_app.attachments.services.by_sha_sync`);
-    never the bytes themselves."""
+    each as ``{"attachmentId", "sha256", "name", "mediaType", "size"}``: the
+    upload its marker block names (:func:`sessions_app.attachments.services.marker_block`),
+    else None, and the sha256 of the block's bytes (the upload's, unless the
+    CLI re-encoded them); never the bytes themselves."""
     if entry.get("isMeta") is True or _blocks(entry, "tool_result"):
         return []
     message = entry.get("message")
     content = message.get("content") if isinstance(message, dict) else None
-    refs = []
+    from .attachments.services import marked_id
+
+    refs, named = [], None
     for block in content if isinstance(content, list) else ():
+        if (marked := marked_id(block)) is not None:
+            named = marked  # the upload the next block carries
+            continue
         if not isinstance(block, dict) or block.get("type") not in ATTACHMENT_BLOCKS:
             continue
+        attachment_id, named = named, None
         source = block.get("source")
         if not isinstance(source, dict) or not isinstance(source.get("data"), str):
             continue
@@ -555,7 +564,7 @@ def _attachment_refs(entry: dict) -> list[dict]:
         except (ValueError, UnicodeEncodeError):
             continue
         title = block.get("title")
-        refs.append({"sha256": hashlib.sha256(data).hexdigest(),
+        refs.append({"attachmentId": attachment_id, "sha256": hashlib.sha256(data).hexdigest(),
                      "name": title if isinstance(title, str) and title else block["type"],
                      "mediaType": str(source.get("media_type") or ""), "size": len(data)})
     return refs

@@ -15,7 +15,7 @@ from chat_app import sdk
 from chat_app.turns import registry, start_turn
 from sessions_app.attachments import inspect as inspection
 from sessions_app.attachments import services as attachments
-from tests.helpers import events_of, turn_bodies
+from tests.helpers import events_of, turn_bodies, wait_for_async
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -27,6 +27,15 @@ def png(width: int, height: int) -> bytes:
 
     out = io.BytesIO()
     Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG of random pixels (incompressible: about 3 x side² bytes)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, "PNG")
     return out.getvalue()
 
 
@@ -167,9 +176,12 @@ async def test_a_message_of_attachments_alone_is_carried_by_later_turns_cold_res
     # a cold resume: the warm client closed, its local copy gone: from the store
     session_id = second[0]["sessionId"]
     pid = pool.idle[("ada", "att-1")].known_pid
+    # (the CLI keeps a copy of the image in its temp dir: it goes with the local transcript)
+    assert [p for d in services.cli_scratch_dirs(session_id) for p in d.rglob("*.png")]
     pool.forget(("ada", "att-1"), "test")
     assert await gone(pid)
-    assert not await sync_to_async(services.local_transcript_files)(session_id)
+    await wait_for_async(lambda: not services.local_transcript_files(session_id)
+                         and not services.cli_scratch_dirs(session_id))
     before = sent_count()
     third = await events_of(await start_turn(None, body("And the size?")))
     assert third[0]["resumed"] is True and third[-1]["type"] == "done"
@@ -216,3 +228,124 @@ async def test_a_message_of_attachments_alone_is_carried_by_later_turns_cold_res
     probe = b64[len(b64) // 2:len(b64) // 2 + 24]
     found = json.loads(await get("search_conversations").handler({"query": probe}, caller))
     assert found == {"matches": []}
+
+
+def sse_texts(raw: bytes) -> tuple[str, list[dict]]:
+    import json
+
+    events = [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: ")]
+    return "".join(e["text"] for e in events if e["type"] == "text"), events
+
+
+@pytest.mark.sdk
+async def test_sse_and_websocket_messages_with_attachments_and_every_refusal(offline_chat):
+    """SSE and websocket turns with attachments (text beside them, or none);
+    blank text alone, more than 20, a malformed id: 400; an unknown or
+    another resource's upload: 404 with nothing started or left; over the
+    message's total: 413. The refusals come before any CLI starts."""
+    from channels.testing import WebsocketCommunicator
+    from django.test import AsyncClient
+
+    from omni.asgi import application
+    from sessions_app import selectors
+
+    # an image the CLI re-encodes (a JPEG for the model and its transcript)
+    big = await upload("bea", "noise.png", noise_png(640))
+    # over 1 MB: the transcript line holding it is longer than the SDK's default buffer
+    long = await upload("bea", "long.txt", b"Long text file. " + b"word " * 240_000)
+    image = await upload("bea", "wide.png", png(40, 20))
+    theirs = await upload("cyd", "theirs.png", png(8, 8))
+    client = AsyncClient()
+
+    async def post(path, **fields):
+        return await client.post(path, {"resourceId": "bea", **fields}, content_type="application/json")
+
+    response = await post("/api/chat", message="Describe them", threadId="sse-att",
+                          attachments=[image.attachment_id, big.attachment_id, long.attachment_id])
+    assert response.status_code == 200
+    said, events = sse_texts(b"".join([c async for c in response.streaming_content]))
+    assert events[-1]["type"] == "done", events[-1]
+    # (the CLI re-encodes an image this big as a JPEG for the model: its size stays)
+    assert said.split("\n")[0] == "Offline model saw image/png 40x20"
+    assert said.split("\n")[1] in ("Offline model saw image/png 640x640", "Offline model saw image/jpeg 640x640")
+    assert said.split("\n")[2:] == [
+        'Offline model saw text document "long.txt": Long text file. word word word word word…',
+        'Offline model heard: "Describe them". Earlier questions: none.']
+    listed = await client.get("/api/sessions/messages", {"threadId": "sse-att", "resourceId": "bea"})
+    assert listed.json()["messages"][0]["text"] == "Describe them"
+    assert [a["attachmentId"] for a in listed.json()["messages"][0]["attachments"]] == [
+        image.attachment_id, big.attachment_id, long.attachment_id]
+
+    comm = WebsocketCommunicator(application, "/ws/chat/")
+    assert (await comm.connect())[0]
+    await comm.send_json_to({"type": "message", "message": " ", "threadId": "ws-att", "resourceId": "bea",
+                             "attachments": [image.attachment_id], "chunks": False})
+    events = []
+    while not events or events[-1]["type"] not in ("done", "error"):
+        events.append(await comm.receive_json_from(timeout=30))
+    assert events[-1]["type"] == "done"
+    assert "".join(e["text"] for e in events if e["type"] == "text").startswith(
+        "Offline model saw image/png 40x20\nOffline model heard: \"\".")
+    mapping = await selectors.get_metadata("ws-att", "bea")
+    assert mapping.title == "wide.png"  # a message of attachments alone: their names
+
+    async def ws_error(**frame):
+        await comm.send_json_to({"type": "message", "resourceId": "bea", "threadId": "ws-no", **frame})
+        event = await comm.receive_json_from(timeout=30)
+        assert event["type"] == "error", event
+        return event["code"]
+
+    too_many = [image.attachment_id] * 21
+    refusals = [  # (fields, status, code)
+        ({"message": " \n"}, 400, "bad_request"),
+        ({"message": "", "attachments": []}, 400, "bad_request"),
+        ({"message": "hi", "attachments": too_many}, 400, "bad_request"),
+        ({"message": "hi", "attachments": ["not an id"]}, 400, "bad_request"),
+        ({"message": "hi", "attachments": ["att-nothing"]}, 404, "not_found"),
+        ({"message": "", "attachments": [image.attachment_id, theirs.attachment_id]}, 404, "not_found"),
+    ]
+    for fields, status, code in refusals:
+        refused = await post("/api/chat", threadId="sse-no", **fields)
+        assert refused.status_code == status and refused.json()["error"]["code"] == code, (fields, refused.content)
+        assert await ws_error(**fields) == code, fields
+    forked = await post("/api/chat/fork", message="", forkFromThreadId="sse-att", threadId="fork-no",
+                        attachments=[theirs.attachment_id])
+    assert forked.status_code == 404
+    offline_chat.OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES = image.size - 1
+    over = await post("/api/chat", message="", threadId="sse-no", attachments=[image.attachment_id])
+    assert over.status_code == 413 and over.json()["error"]["code"] == "attachments_too_large"
+    await comm.disconnect()
+    for thread in ("sse-no", "ws-no", "fork-no"):
+        await sync_to_async(nothing_left)("bea", thread)
+    # the refused messages sent nothing: the other resource's upload is still unsent
+    await sync_to_async(theirs.refresh_from_db)()
+    assert theirs.sent_at is None
+
+
+@pytest.mark.engine_agnostic
+def test_the_offline_model_says_what_the_last_message_carried():
+    """Only the last message's blocks are described; the CLI's note beside
+    an image is not the person's text; a text-only reply is as before."""
+    import base64
+
+    from chat_app.offline_model import answer, reply_text
+
+    def image(data):
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": base64.b64encode(data).decode()}}
+
+    note = {"type": "text", "text": "[Image: source: /tmp/claude-0/x/images/1.png]"}
+    older = {"role": "user", "content": [image(png(10, 20)), {"type": "text", "text": "first"}]}
+    reply = {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}
+    latest = {"role": "user", "content": [
+        image(png(30, 12)), {"type": "document", "title": "a.pdf", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": base64.b64encode(pdf(1)).decode()}},
+        image(b"not an image"), note]}
+    said = answer({"messages": [older, reply, latest]})[0]["text"]
+    assert said == ("Offline model saw image/png 30x12\n"
+                    "Offline model saw document application/pdf, 1 page\n"
+                    "Offline model saw image image/png that it could not read (UnidentifiedImageError)\n"
+                    'Offline model heard: "". Earlier questions: "first".')
+    text_only = [older, reply, {"role": "user", "content": "second"}]
+    assert answer({"messages": text_only})[0]["text"] == reply_text(text_only) == (
+        'Offline model heard: "second". Earlier questions: "first".')

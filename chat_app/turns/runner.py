@@ -174,7 +174,8 @@ class Turn:
         self._kept: WarmClient | None = None  # the client to keep warm after the turn
         self._version: int | None = None  # the mapping's version after this turn's writes
         self._message_unsaved = False  # a follow-up: its message goes in with the turn's last save
-        # The message's content blocks (attachments, then its text), or None:
+        # The message's content blocks (each attachment after its marker, then
+        # the text), or None:
         # a text-only message goes to the CLI as a string.
         self._content: list[dict] | None = None
         self._client: ClaudeSDKClient | None = None
@@ -443,10 +444,8 @@ class Turn:
             await store.adopt_session(spec.resume_session_id)
         if spec.attachments:
             # The stored bytes read (and base64-encoded) off the event loop, once.
-            blocks = await sync_to_async(attachments.content_blocks_sync, thread_sensitive=False)(
-                spec.attachments)
-            self._content = blocks + ([{"type": "text", "text": spec.message}]
-                                      if spec.message.strip() else [])
+            self._content = await sync_to_async(attachments.message_content_sync, thread_sensitive=False)(
+                spec.attachments, spec.message)
         try:
             return await self._converse(spec.resume_session_id)
         except ResumeMissing:

@@ -13,7 +13,9 @@ leaves at most a file without a row (never a row without a file).
 from __future__ import annotations
 
 import base64
+import html
 import logging
+import re
 import uuid
 from datetime import timedelta
 
@@ -21,6 +23,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from ..errors import BadRequest, NotFound
@@ -110,6 +113,35 @@ def content_blocks_sync(attachments: list[Attachment]) -> list[dict]:
     return [content_block(a, read_bytes(a)) for a in attachments]
 
 
+# A text block right before each attachment's block names it: the model
+# reads the file's name, and the transcript names the upload even where the
+# CLI re-encoded the block's bytes (it turns an image of more than a few
+# hundred KB into a smaller JPEG, so its sha256 is no longer the upload's).
+MARKER = re.compile(r'^<attachment id="(att-[0-9a-f]{32})" name="[^"]*"/>$')
+
+
+def marker_block(attachment: Attachment) -> dict:
+    name = html.escape(attachment.name, quote=True)
+    return {"type": "text", "text": f'<attachment id="{attachment.attachment_id}" name="{name}"/>'}
+
+
+def marked_id(block) -> str | None:
+    """The attachment a marker block names (:func:`marker_block`), or None."""
+    if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+        if found := MARKER.match(block["text"].strip()):
+            return found[1]
+    return None
+
+
+def message_content_sync(attachments: list[Attachment], text: str) -> list[dict]:
+    """A message's content blocks: each attachment's, after its marker,
+    then the text (left out when blank: the API refuses an empty text block)."""
+    blocks = []
+    for attachment, block in zip(attachments, content_blocks_sync(attachments)):
+        blocks += [marker_block(attachment), block]
+    return blocks + ([{"type": "text", "text": text}] if text.strip() else [])
+
+
 def record_use_sync(resource_id: str, thread_id: str, attachment_pks: list[int]) -> None:
     """The thread's messages carry these attachments (sent: never pruned as orphans)."""
     if not attachment_pks:
@@ -197,17 +229,25 @@ def by_sha_sync(resource_id: str, shas: set[str]) -> dict[str, Attachment]:
 
 def name_messages_sync(resource_id: str, messages: list[dict]) -> None:
     """A listing's messages (:func:`sessions_app.transcripts.session_messages`)
-    name their attachments as the contract does: each ``{"sha256", ...}``
-    becomes ``{"attachmentId", "name", "mediaType", "size"}`` of the
-    resource's upload with those bytes (one query for the whole listing);
-    an upload deleted since keeps its block's facts and no id."""
+    name their attachments as the contract does: each ``{"attachmentId"
+    (from its marker, or None), "sha256", ...}`` becomes ``{"attachmentId",
+    "name", "mediaType", "size"}`` of the resource's upload of that id, else
+    of those bytes (one query for the whole listing); an upload deleted
+    since keeps its block's facts and no id."""
     refs = [ref for m in messages for ref in m.get("attachments") or ()]
     if not refs:
         return
-    found = by_sha_sync(resource_id, {ref["sha256"] for ref in refs})
+    ids = {ref["attachmentId"] for ref in refs if ref.get("attachmentId")}
+    shas = {ref["sha256"] for ref in refs}
+    by_id, by_sha = {}, {}
+    for a in Attachment.objects.filter(Q(attachment_id__in=ids) | Q(sha256__in=shas),
+                                       resource_id=resource_id).order_by("id"):
+        by_id[a.attachment_id] = a
+        by_sha.setdefault(a.sha256, a)
     for m in messages:
         if m.get("attachments"):
-            m["attachments"] = [_named(ref, found.get(ref["sha256"])) for ref in m["attachments"]]
+            m["attachments"] = [_named(ref, by_id.get(ref.get("attachmentId")) or by_sha.get(ref["sha256"]))
+                                for ref in m["attachments"]]
 
 
 def _named(ref: dict, attachment: Attachment | None) -> dict:
