@@ -65,8 +65,11 @@ def uploads(tmp_path):
     mapping = save("t-att", "alice", user_message="Look at these")
     services.record_use_sync("alice", "t-att", [image.pk, document.pk, text.pk])
     blocks = services.content_blocks_sync([image, document, text])
+    # As a turn sends them (a marker names each upload) ...
     first = {"type": "user", "uuid": str(uuid.uuid4()),
-             "message": {"role": "user", "content": [{"type": "text", "text": "Look at these"}, *blocks]}}
+             "message": {"role": "user", "content": services.message_content_sync(
+                 [image, document, text], "Look at these")}}
+    # ... and a block without its marker: found by the sha256 of its bytes.
     alone = {"type": "user", "uuid": str(uuid.uuid4()),
              "message": {"role": "user", "content": [blocks[0]]}}
     reply = {"type": "assistant", "uuid": str(uuid.uuid4()),
@@ -216,6 +219,7 @@ def test_the_conversation_names_images_and_documents(admin_client, uploads):
     assert [name.startswith(link(a)) for (_, _, name), a in zip(blocks, (image, document, text, image))] \
         == [True] * 4
     assert "Look at these" in conversation and "Seen" in conversation
+    assert "&lt;attachment id=" not in conversation  # the markers are not the person's text
     assert base64.b64encode(services.read_bytes(document)).decode()[:100] not in page
     assert "Zanzibar" not in conversation  # a text document's content is not spilled either
 
