@@ -168,6 +168,8 @@ def test_the_staff_view_serves_the_bytes_of_any_resource(admin_client, uploads):
         assert response["Content-Disposition"].startswith(f'{disposition}; filename="')
     missing = reverse("admin:sessions_app_attachment_content", args=[999_999])
     assert admin_client.get(missing).status_code == 404
+    services.storage().delete(uploads["lonely"].storage_name)  # a row whose file is gone
+    assert content(admin_client, uploads["lonely"])[0].status_code == 404
 
 
 def test_the_staff_view_needs_staff_who_may_view_attachments(client, uploads, django_user_model):

@@ -124,14 +124,6 @@ async def download(request, attachmentId: Id):
     user = await request_user(request)
     resource = resolve_resource(user, _valid_id(request.GET.get("resourceId")))
     attachment = await sync_to_async(services.owned_sync)(resource, attachmentId)
-    return bytes_response(attachment)
-
-
-def bytes_response(attachment) -> StreamingHttpResponse:
-    """An attachment's stored bytes, streamed off the event loop, with its
-    type, ``nosniff``, a sandboxing CSP and ``Content-Disposition`` (inline
-    for images, a download for everything else). The API's download and the
-    admin's staff view both answer with it."""
     chunks = services.iter_bytes(attachment)
     read = sync_to_async(next, thread_sensitive=False)
 
