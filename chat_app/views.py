@@ -26,6 +26,8 @@ def page_config(request) -> dict:
         ],
         "defaultAgent": settings.OMNI_DEFAULT_AGENT,
         "maxMessageChars": settings.OMNI_MAX_MESSAGE_CHARS,
+        "attachmentsPerMessage": settings.OMNI_ATTACHMENTS_PER_MESSAGE,
+        "attachmentMaxMb": settings.OMNI_ATTACHMENT_MAX_MB,
         "apiBase": "/api",
         "wsPath": "/ws/chat/",
         "loginUrl": resolve_url(settings.LOGIN_URL),

@@ -18,11 +18,10 @@ from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from ninja.security import HttpBearer
 from ninja.security.apikey import APIKeyCookie
-from ninja.utils import check_csrf
 
 from sessions_app import tokens
 from sessions_app.errors import Forbidden, NotAuthenticated
-from sessions_app.resources import SCOPE_TOKEN, load_rights
+from sessions_app.resources import SCOPE_TOKEN, csrf_failed, load_rights
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
 
@@ -72,7 +71,7 @@ class DjangoSession(APIKeyCookie):
         user = await request.auser()
         if not user.is_authenticated:
             return None
-        if request.method not in SAFE_METHODS and not auth_off() and check_csrf(request):
+        if request.method not in SAFE_METHODS and not auth_off() and csrf_failed(request):
             raise Forbidden("CSRF check failed: send the X-CSRFToken header", code="csrf_failed")
         return user
 

@@ -1,25 +1,30 @@
 import json
 from datetime import timedelta
 from decimal import Decimal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import DecimalField, OuterRef, Subquery, Sum, Value
+from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.db.models import DecimalField, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from . import services, transcripts, usage
+from .attachments import services as attachment_services
 from .errors import BadRequest, NotFound
-from .models import ApiToken, ResourceBudget, SessionMapping, ToolCall, TurnRecord
+from .models import (
+    ApiToken, Attachment, AttachmentUse, ResourceBudget, SessionMapping, ToolCall, TurnRecord,
+)
 
 # The thread's page shows its latest calls; the audit list has them all.
 THREAD_CALLS_SHOWN = 100
@@ -45,6 +50,67 @@ def _pretty_json(text: str) -> str:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     except (TypeError, ValueError):
         return text
+
+
+def _size(size) -> str:
+    """A byte count as people read it: "1.2 MB", "340 KB", "12 B"."""
+    size = int(size or 0)
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MB".replace(".0 MB", " MB")
+    if size >= 1024:
+        return f"{round(size / 1024)} KB"
+    return f"{size} B"
+
+
+def _content_url(attachment) -> str:
+    """The admin's own view of an attachment's bytes (staff only, any resource)."""
+    return reverse("admin:sessions_app_attachment_content", args=[attachment.pk])
+
+
+def _attachment_link(attachment) -> str:
+    url = reverse("admin:sessions_app_attachment_change", args=[attachment.pk])
+    return format_html('<a href="{}">{}</a>', url, attachment.name)
+
+
+def _thumbnail(attachment) -> str:
+    """A small image for an image (the staff view's URL, sized by CSS: never
+    the bytes in the page), a download link for anything else."""
+    if attachment.is_image:
+        return format_html(
+            '<a href="{}" target="_blank" rel="noopener"><img src="{}" alt="{}" loading="lazy" '
+            'class="omni-attachment-thumb" style="max-width: 120px; max-height: 90px; '
+            'object-fit: contain; border: 1px solid #ccc; vertical-align: middle"></a>',
+            _content_url(attachment), _content_url(attachment), attachment.name,
+        )
+    return format_html('<a href="{}" download>Download</a>', _content_url(attachment))
+
+
+def _bytes_response(attachment, opened) -> StreamingHttpResponse:
+    """An attachment's bytes from its open file, read off the event loop in
+    chunks, with its type, ``nosniff``, a sandboxing CSP and
+    ``Content-Disposition`` (inline for images, a download for everything
+    else), as ``GET /api/attachments/<id>`` sends them."""
+    read = sync_to_async(opened.read, thread_sensitive=False)
+
+    async def body():
+        try:
+            while chunk := await read(64 * 1024):
+                yield chunk
+        finally:
+            await sync_to_async(opened.close, thread_sensitive=False)()
+
+    media_type = attachment.media_type
+    response = StreamingHttpResponse(
+        body(), content_type=f"{media_type}; charset=utf-8" if media_type.startswith("text/") else media_type)
+    response["Content-Length"] = str(attachment.size)
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response["Cache-Control"] = "private, max-age=3600"
+    disposition = "inline" if attachment.is_image else "attachment"
+    ascii_name = attachment.name.encode("ascii", "replace").decode().replace('"', "'").replace("?", "_")
+    response["Content-Disposition"] = (f'{disposition}; filename="{ascii_name}"; '
+                                       f"filename*=UTF-8''{quote(attachment.name)}")
+    return response
 
 
 def _thread_link(mapping_id, thread_id):
@@ -78,7 +144,8 @@ class SessionMappingAdmin(admin.ModelAdmin):
     ordering = ("-updated_at", "-id")
     readonly_fields = (
         "thread_id", "resource_id", "session_id", "created_at", "updated_at",
-        "forked_from", "message_count", "cost", "turn_records", "conversation", "tool_calls",
+        "forked_from", "message_count", "cost", "turn_records", "conversation", "attachments",
+        "tool_calls",
     )
     fields = readonly_fields[:3] + ("agent", "title", "last_message") + readonly_fields[3:]
     list_per_page = 50
@@ -88,7 +155,7 @@ class SessionMappingAdmin(admin.ModelAdmin):
 
     # The thread's tool calls and its turns' usage records are shown only to
     # who may view them on their own pages (ToolCallAdmin, TurnRecordAdmin).
-    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord}
+    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord, "attachments": Attachment}
 
     def get_fields(self, request, obj=None):
         return [name for name in super().get_fields(request, obj)
@@ -163,13 +230,70 @@ class SessionMappingAdmin(admin.ModelAdmin):
         messages = transcripts.transcript_messages(transcripts.main_transcript(obj.session_id))
         if not messages:
             return "No stored transcript."
+        # A message's images and documents as one line each ([image/png, 1.2 MB]), the
+        # upload's name linked when it is still stored: never their bytes.
+        stored = self._uploads(obj.resource_id, [ref for m in messages for ref in m.get("attachments") or ()])
         return format_html(
             '<div class="omni-conversation">{}</div>',
             format_html_join(
                 "",
-                '<p data-uuid="{}"><strong>{}</strong>: <span style="white-space: pre-wrap">{}</span></p>',
-                ((m["uuid"], m["role"], m["text"]) for m in messages),
+                '<p data-uuid="{}"><strong>{}</strong>: <span style="white-space: pre-wrap">{}</span>{}</p>',
+                ((m["uuid"], m["role"], m["text"], self._blocks(m.get("attachments"), stored))
+                 for m in messages),
             ),
+        )
+
+    @staticmethod
+    def _uploads(resource_id, refs) -> dict:
+        """The uploads the blocks name: by the id of their marker, else by
+        the sha256 of their bytes (as the messages listing finds them)."""
+        ids = {ref["attachmentId"] for ref in refs if ref.get("attachmentId")}
+        shas = {ref["sha256"] for ref in refs}
+        found = {}
+        if refs:
+            for a in Attachment.objects.filter(Q(attachment_id__in=ids) | Q(sha256__in=shas),
+                                               resource_id=resource_id).order_by("id"):
+                found[a.attachment_id] = a
+                found.setdefault(a.sha256, a)
+        return found
+
+    @staticmethod
+    def _blocks(refs, stored) -> str:
+        """Each image or document of a message as ``[image/png, 1.2 MB] name``
+        (the name linked to the upload's page while it is stored)."""
+        if not refs:
+            return ""
+
+        def named(ref):
+            upload = stored.get(ref.get("attachmentId")) or stored.get(ref["sha256"])
+            if upload is not None:
+                return format_html(" {}", _attachment_link(upload))
+            return format_html(" {}", ref["name"]) if ref["name"] not in ("image", "document") else ""
+
+        return format_html_join(
+            "", '<br><span class="omni-block" data-sha256="{}">[{}, {}]{}</span>',
+            ((ref["sha256"], ref["mediaType"] or "attachment", _size(ref["size"]), named(ref)) for ref in refs),
+        )
+
+    @admin.display(description="Attachments")
+    def attachments(self, obj):
+        """The attachments the thread's messages carry (its own and a fork's
+        parent's): a thumbnail for an image, a download for anything else."""
+        uses = (AttachmentUse.objects.filter(resource_id=obj.resource_id, thread_id=obj.thread_id)
+                .select_related("attachment").order_by("attachment__created_at", "attachment__id"))
+        found = [use.attachment for use in uses]
+        if not found:
+            return "No attachments."
+        rows = format_html_join(
+            "",
+            '<tr data-attachment="{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            ((a.attachment_id, _thumbnail(a), _attachment_link(a), a.media_type, _size(a.size),
+              _when(a.sent_at)) for a in found),
+        )
+        return format_html(
+            '<table class="omni-attachments"><thead><tr><th></th><th>Name</th><th>Type</th><th>Size</th>'
+            "<th>First sent</th></tr></thead><tbody>{}</tbody></table>",
+            rows,
         )
 
     @admin.display(description="Tool calls")
@@ -238,6 +362,96 @@ class SessionMappingAdmin(admin.ModelAdmin):
             self.message_user(request, exc.message, messages.ERROR)
         except NotFound:
             pass  # deleted meanwhile
+
+
+class SentFilter(admin.SimpleListFilter):
+    title = "sent"
+    parameter_name = "sent"
+
+    def lookups(self, request, model_admin):
+        return (("yes", "Sent in a message"), ("no", "Never sent (deleted after OMNI_ATTACHMENT_ORPHAN_HOURS)"))
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(sent_at__isnull=False)
+        if self.value() == "no":
+            return queryset.filter(sent_at__isnull=True)
+        return queryset
+
+
+@admin.register(Attachment)
+class AttachmentAdmin(admin.ModelAdmin):
+    """Uploads (contract §11): read-only. They are deleted with the last
+    thread that carries them, or after ``OMNI_ATTACHMENT_ORPHAN_HOURS`` when
+    never sent, by the attachments service only. ``<id>/content/`` serves
+    the bytes to staff who may view attachments (any resource), so thumbnails
+    and downloads work here."""
+
+    list_display = ("name", "media_type", "size_display", "resource_id", "created_at", "sent_at")
+    list_filter = ("media_type", SentFilter, "created_at")
+    search_fields = ("name", "resource_id", "attachment_id")
+    ordering = ("-created_at", "-id")
+    list_per_page = 100
+    fields = (
+        "attachment_id", "name", "media_type", "size_display", "dimensions", "pages", "resource_id",
+        "created_at", "sent_at", "threads", "preview", "sha256", "storage_name",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False  # uploaded through POST /api/attachments
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # with their last thread, or as orphans (the service deletes the files too)
+
+    def get_urls(self):
+        content = self.admin_site.admin_view(self.content_view)
+        return [path("<int:pk>/content/", content, name="sessions_app_attachment_content"),
+                *super().get_urls()]
+
+    def content_view(self, request, pk):
+        """The stored bytes, with the headers the API's download sends its owner."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        attachment = Attachment.objects.filter(pk=pk).first()
+        if attachment is None:
+            raise Http404("no such attachment")
+        try:
+            opened = attachment_services.storage().open(attachment.storage_name, "rb")
+        except FileNotFoundError:
+            raise Http404("the attachment's file is missing") from None
+        except Exception:  # an unreachable bucket
+            return HttpResponse("The attachment storage cannot be reached.", status=503,
+                                content_type="text/plain; charset=utf-8")
+        return _bytes_response(attachment, opened)
+
+    @admin.display(description="Size", ordering="size")
+    def size_display(self, obj):
+        return _size(obj.size)
+
+    @admin.display(description="Width x height")
+    def dimensions(self, obj):
+        return f"{obj.width} x {obj.height}" if obj.width and obj.height else "—"
+
+    @admin.display(description="Threads")
+    def threads(self, obj):
+        uses = list(obj.uses.order_by("created_at", "id"))
+        if not uses:
+            return "Not sent in any thread."
+        mappings = {m.thread_id: m.pk for m in SessionMapping.objects.filter(
+            resource_id=obj.resource_id, thread_id__in=[u.thread_id for u in uses]).only("pk", "thread_id")}
+        return format_html_join(
+            mark_safe("<br>"), "{}",
+            ((_thread_link(mappings[u.thread_id], u.thread_id) if u.thread_id in mappings
+              else f"{u.thread_id} (deleted)",) for u in uses),
+        )
+
+    @admin.display(description="Preview")
+    def preview(self, obj):
+        return _thumbnail(obj)
 
 
 @admin.register(ToolCall)

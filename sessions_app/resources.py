@@ -88,6 +88,22 @@ def resolve_resource(user, requested: str | None) -> str:
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
 
 
+def csrf_failed(request):
+    """Django's CSRF check of a session's unsafe call (ninja's ``check_csrf``:
+    a response when it fails), taking the token from ``X-CSRFToken`` only
+    for a multipart body: the check reads ``request.POST`` for a form token,
+    which would parse an upload (``POST /api/attachments``) whole, with
+    Django's default handlers and no size limit, before the view could
+    stream it (which would then find the body already read)."""
+    from django.http import QueryDict
+    from django.utils.datastructures import MultiValueDict
+
+    content_type = request.META.get("CONTENT_TYPE", "").lower()
+    if content_type.startswith("multipart/") and not hasattr(request, "_post"):
+        request._post, request._files = QueryDict(), MultiValueDict()
+    return check_csrf(request)
+
+
 async def request_user(request):
     """The caller of an HTTP request: the user the API's auth classes
     (``omni.auth.API_AUTH``: Bearer token, or the session cookie with its
@@ -106,7 +122,7 @@ async def request_user(request):
         auth_required()
         and user.is_authenticated
         and request.method not in SAFE_METHODS
-        and check_csrf(request)
+        and csrf_failed(request)
     ):
         raise Forbidden("CSRF check failed: send the X-CSRFToken header", code="csrf_failed")
     return await load_rights(user)

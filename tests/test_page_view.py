@@ -68,3 +68,30 @@ async def test_static_files_are_served_by_the_async_middleware(async_client):
     body = b"".join(response.streaming_content)
     assert b"export class ChatSocket" in body
     assert (await async_client.get("/static/chat/missing.js")).status_code == 404
+
+
+@pytest.mark.engine_agnostic  # the CSRF check and the multipart body: no engine's business
+@pytest.mark.django_db(transaction=True)  # the upload stores on a thread of its own
+def test_a_logged_in_page_uploads_with_its_csrf_token(settings, tmp_path):
+    """The page's uploads (static/chat/attachments.js) send the page's
+    ``csrfToken`` as ``X-CSRFToken``, as its other calls do: with
+    ``OMNI_AUTH=required`` that is what lets a session's upload through."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.test import Client
+
+    settings.OMNI_AUTH = "required"
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(get_user_model().objects.create_user("alice", password="wonderland-123"))
+    config = page_config(browser.get("/"))
+    assert config["attachmentsPerMessage"] == 20
+    assert config["attachmentMaxMb"] == settings.OMNI_ATTACHMENT_MAX_MB
+
+    def upload(**headers):
+        return browser.post("/api/attachments", {"file": SimpleUploadedFile("notes.txt", b"hello\n")},
+                            **headers)
+
+    refused = upload()
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed"
+    done = upload(HTTP_X_CSRFTOKEN=config["csrfToken"])
+    assert done.status_code == 201, done.content
+    assert done.json()["name"] == "notes.txt" and done.json()["mediaType"] == "text/plain"

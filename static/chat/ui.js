@@ -6,6 +6,7 @@
 // or its result ever reaches innerHTML.
 
 import { Api, ChatSocket, newThreadId } from "./api.js";
+import { AttachmentTray, renderAttachments } from "./attachments.js";
 
 const config = JSON.parse(document.getElementById("omni-config").textContent);
 const authRequired = config.auth === "required";
@@ -38,6 +39,14 @@ const el = {
   forkCancel: $("fork-cancel"),
   confirm: $("confirm-delete"),
   confirmText: $("confirm-delete-text"),
+  conversation: document.querySelector("main.conversation"),
+  attachments: $("attachments"),
+  attach: $("attach"),
+  fileInput: $("file-input"),
+  attachStatus: $("attach-status"),
+  lightbox: $("lightbox"),
+  lightboxImg: $("lightbox-img"),
+  lightboxOpen: $("lightbox-open"),
 };
 
 // --- state -----------------------------------------------------------------------
@@ -123,6 +132,13 @@ const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.h
 const socket = new ChatSocket(wsUrl);
 socket.addEventListener("unauthenticated", () => {
   if (authRequired) logInAgain();
+});
+
+// The next message's attachments: uploaded as soon as they are added.
+const tray = new AttachmentTray(el.attachments, {
+  apiBase: config.apiBase, csrfToken: config.csrfToken, resourceId,
+  max: config.attachmentsPerMessage || 20, maxMb: config.attachmentMaxMb || 20,
+  onUnauthenticated: authRequired ? logInAgain : null, fallbackFocus: el.input,
 });
 
 // --- drawing helpers -----------------------------------------------------------------
@@ -356,7 +372,16 @@ function markCurrentThread() {
 
 // --- the conversation ----------------------------------------------------------------
 
-function appendMessage(role, text, uuid = null, toolCalls = []) {
+/** A full-size view of a message's image (Escape or Close ends it). */
+function openImage(url, name) {
+  el.lightboxImg.src = url;
+  el.lightboxImg.alt = name;
+  el.lightboxOpen.href = url;
+  el.lightbox.setAttribute("aria-label", name);
+  el.lightbox.showModal();
+}
+
+function appendMessage(role, text, uuid = null, toolCalls = [], attachments = []) {
   const li = document.createElement("li");
   li.className = `message ${role}`;
   if (uuid) li.dataset.uuid = uuid;
@@ -367,6 +392,9 @@ function appendMessage(role, text, uuid = null, toolCalls = []) {
   body.className = "text";
   renderText(body, text);
   li.append(who, body);
+  if (Array.isArray(attachments) && attachments.length) {
+    li.append(renderAttachments(attachments, { apiBase: config.apiBase, resourceId: resourceId(), openImage }));
+  }
   for (const stored of toolCalls || []) {
     if (!stored || typeof stored.toolUseId !== "string") continue;
     li.append(renderToolCall(state.threadId, rememberCall(state.threadId, stored)));
@@ -717,7 +745,7 @@ function drawRunning() {
   const running = state.threadId !== null && socket.isRunning(state.threadId);
   const stored = state.threadId !== null && state.sessions.has(state.threadId);
   el.stop.hidden = !running;
-  el.send.disabled = running || !socket.isOpen;
+  el.send.disabled = running || !socket.isOpen || tray.uploading;
   // Fork and delete a thread that is stored and not answering.
   el.forkThread.disabled = el.deleteThread.disabled = running || !stored;
 }
@@ -811,7 +839,7 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
     el.messages.replaceChildren();
     let li = null;
     for (const message of data.messages) {
-      li = appendMessage(message.role, message.text, message.uuid, message.toolCalls);
+      li = appendMessage(message.role, message.text, message.uuid, message.toolCalls, message.attachments);
     }
     if (note && ended && ended.text && li) addNote(li, note);
     if (streaming) {
@@ -850,7 +878,12 @@ function cancelFork() {
 
 function send() {
   const text = el.input.value;
-  if (!text.trim()) return;
+  if (tray.uploading) {
+    el.attachStatus.textContent = "Wait for the uploads to finish, then send.";
+    return;
+  }
+  const attachments = tray.ready;
+  if (!text.trim() && !attachments.length) return;
   if (!socket.isOpen) {
     showError("Not connected to the server; the page reconnects on its own.");
     return;
@@ -859,6 +892,7 @@ function send() {
   showError(null);
   // The page reads no chunk events (the raw SDK messages): the server leaves them out.
   const frame = { message: text, agent: el.agent.value, chunks: false };
+  if (attachments.length) frame.attachments = attachments.map((a) => a.attachmentId);
   const resource = resourceId();
   if (resource) frame.resourceId = resource;
 
@@ -879,15 +913,16 @@ function send() {
     if (!state.threadId) {
       state.threadId = newThreadId();
       history.pushState(null, "", "#thread=" + encodeURIComponent(state.threadId));
-      el.title.textContent = text.trim().slice(0, 80);
+      el.title.textContent = (text.trim() || attachments.map((a) => a.name).join(", ")).slice(0, 80);
     }
     Object.assign(frame, { type: "message", threadId: state.threadId });
   }
-  appendMessage("user", text);
+  appendMessage("user", text, null, [], attachments);
   startStreaming(frame.threadId);
   state.stopped = false;
   socket.startTurn(frame);
   el.input.value = "";
+  tray.clear();
   drawRunning();
 }
 
@@ -1103,6 +1138,68 @@ el.input.addEventListener("keydown", (e) => {
   }
 });
 el.stop.addEventListener("click", stop);
+
+// --- attaching: the button, a paste, a drop ------------------------------------------
+
+tray.addEventListener("change", () => {
+  // With a file attached the text may be empty.
+  el.input.required = tray.ready.length === 0;
+  const uploading = tray.items.filter((item) => item.status === "uploading").length;
+  el.attachStatus.textContent = uploading
+    ? `Uploading ${uploading} file${uploading > 1 ? "s" : ""}… Send waits for ${uploading > 1 ? "them" : "it"}.`
+    : "";
+  drawRunning();
+});
+el.attach.addEventListener("click", () => el.fileInput.click());
+el.fileInput.addEventListener("change", () => {
+  const files = [...el.fileInput.files];
+  el.fileInput.value = ""; // the same file can be picked again
+  if (files.length) tray.add(files);
+  el.input.focus();
+});
+el.input.addEventListener("paste", (e) => {
+  const files = e.clipboardData ? [...e.clipboardData.files] : [];
+  if (!files.length) return;
+  // A screenshot: attach it. Text pasted along with files is pasted as usual.
+  if (!e.clipboardData.types.includes("text/plain")) e.preventDefault();
+  tray.add(files);
+});
+
+const carriesFiles = (e) => Boolean(e.dataTransfer) && [...e.dataTransfer.types].includes("Files");
+let dragDepth = 0;
+el.conversation.addEventListener("dragenter", (e) => {
+  if (!carriesFiles(e)) return;
+  dragDepth += 1;
+  el.conversation.classList.add("dropping");
+});
+el.conversation.addEventListener("dragleave", (e) => {
+  if (!carriesFiles(e)) return;
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (!dragDepth) el.conversation.classList.remove("dropping");
+});
+el.conversation.addEventListener("dragover", (e) => {
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  e.dataTransfer.dropEffect = "copy";
+});
+el.conversation.addEventListener("drop", (e) => {
+  dragDepth = 0;
+  el.conversation.classList.remove("dropping");
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  tray.add([...e.dataTransfer.files]);
+  el.input.focus();
+});
+// A file dropped anywhere else is not opened in place of the page.
+for (const type of ["dragover", "drop"]) {
+  window.addEventListener(type, (e) => {
+    if (carriesFiles(e)) e.preventDefault();
+  });
+}
+el.lightbox.addEventListener("click", (e) => {
+  if (e.target === el.lightbox) el.lightbox.close(); // a click on the backdrop
+});
+el.lightbox.addEventListener("close", () => el.lightboxImg.removeAttribute("src"));
 el.newChat.addEventListener("click", newChat);
 el.moreThreads.addEventListener("click", () => loadThreads({ more: true }));
 el.forkThread.addEventListener("click", () => startFork());
@@ -1134,6 +1231,7 @@ if (!authRequired) {
       return;
     }
     localStorage.setItem(RESOURCE_KEY, value);
+    tray.clear(); // another resource's uploads
     newChat();
     loadThreads();
     loadUsage();
