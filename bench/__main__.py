@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-BENCHMARKS = ["store", "turns", "record", "spare", "pool", "resume", "scale"]
+BENCHMARKS = ["store", "turns", "record", "spare", "pool", "resume", "scale", "uploads"]
 
 
 def setup_django():

@@ -214,10 +214,13 @@ def _pdf(path: str, size: int) -> Inspected:
     from pypdf.errors import PyPdfError
 
     try:
-        reader = PdfReader(path, strict=False)
-        if reader.is_encrypted:
-            raise Invalid("the PDF is encrypted: send it without a password")
-        pages = len(reader.pages)
+        # An open file, not the path: given a path, pypdf reads the whole
+        # file into memory first; from a file it reads what it parses.
+        with open(path, "rb") as f:
+            reader = PdfReader(f, strict=False)
+            if reader.is_encrypted:
+                raise Invalid("the PDF is encrypted: send it without a password")
+            pages = len(reader.pages)
     except ApiError:
         raise
     except (PyPdfError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
