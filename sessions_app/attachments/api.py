@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from urllib.parse import quote
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
 from django.http import StreamingHttpResponse
 from ninja import Router, Schema
 from ninja.responses import Response
@@ -57,24 +58,37 @@ UPLOAD_DOC = {
 }
 
 
-def _accept_sync(request, user, query_resource) -> dict:
-    """The whole upload on a worker thread: receive, inspect, store."""
+def _receive_sync(request, query_resource) -> tuple[uploads.Received, str | None]:
     received = uploads.receive_sync(request)
+    requested = received.fields.get("resourceId") or query_resource
+    if requested is not None and not isinstance(requested, str):
+        received.cleanup()
+        raise BadRequest("resourceId must be a string")
+    return received, requested
+
+
+async def _accept(request, user, query_resource) -> dict:
+    """Receive, inspect and keep an upload. Parsing, decoding and the
+    storage are file, CPU or network work: worker threads of their own,
+    not the loop and not the database's thread, which writes the row."""
+    background = functools.partial(sync_to_async, thread_sensitive=False)
+    received, requested = await background(_receive_sync)(request, query_resource)
     inspected = None
     try:
-        requested = received.fields.get("resourceId") or query_resource
-        if requested is not None and not isinstance(requested, str):
-            raise BadRequest("resourceId must be a string")
         resource = resolve_resource(user, _valid_id(requested))
         name = inspect.clean_name(received.name)
-        inspected = inspect.inspect(received.path, received.size, name)
-        with transaction.atomic():
-            attachment = services.store_sync(resource, inspected, name)
+        inspected = await background(inspect.inspect)(received.path, received.size, name)
+        saved = await background(services.save_file_sync)(inspected)
+        attachment = await sync_to_async(services.create_row_sync)(resource, saved, inspected, name)
         return AttachmentOut.of(attachment)
     finally:
-        received.cleanup()
-        if inspected is not None:
-            inspected.cleanup()
+        await background(_cleanup)(received, inspected)
+
+
+def _cleanup(received, inspected) -> None:
+    received.cleanup()
+    if inspected is not None:
+        inspected.cleanup()
 
 
 def _cross_site(request) -> bool:
@@ -108,9 +122,10 @@ async def upload(request):
     if _cross_site(request):
         raise Forbidden("an upload from another site's page is refused", code="csrf_failed")
     query_resource = _valid_id(request.GET.get("resourceId"))
-    # Parsing, decoding and storing are file and CPU work: a worker thread
-    # of their own, not the loop and not the database's shared thread.
-    out = await sync_to_async(_accept_sync, thread_sensitive=False)(request, user, query_resource)
+    # Shielded: a client gone meanwhile does not stop the work half-way (a
+    # file without its row, a temporary file left); an upload never sent is
+    # swept after OMNI_ATTACHMENT_ORPHAN_HOURS like any other.
+    out = await asyncio.shield(asyncio.ensure_future(_accept(request, user, query_resource)))
     return Response(out, status=201)
 
 
