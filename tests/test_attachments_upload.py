@@ -201,8 +201,8 @@ def test_malformed_multipart_and_a_missing_file_are_400(client, attachments_dir,
     assert_error(response, 400, "bad_request")
     response = client.post(URL, {"other": SimpleUploadedFile("a.png", files.png()), "resourceId": "alice"})
     assert_error(response, 400, "bad_request")
-    response = upload(client, files.png(), "a.png", resource_id="bad id")
-    assert_error(response, 400, "bad_request")
+    for bad in ("bad id", ""):  # an empty field is no resource, not "the caller's own"
+        assert_error(upload(client, files.png(), "a.png", resource_id=bad), 400, "bad_request")
     assert_nothing_left(attachments_dir, upload_tmp)
 
 

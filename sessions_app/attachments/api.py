@@ -60,7 +60,8 @@ UPLOAD_DOC = {
 
 def _receive_sync(request, query_resource) -> tuple[uploads.Received, str | None]:
     received = uploads.receive_sync(request)
-    requested = received.fields.get("resourceId") or query_resource
+    # the form's field when sent (an empty one is invalid, not absent), else the query's
+    requested = received.fields["resourceId"] if "resourceId" in received.fields else query_resource
     if requested is not None and not isinstance(requested, str):
         received.cleanup()
         raise BadRequest("resourceId must be a string")
@@ -134,10 +135,10 @@ async def upload(request):
                                                "content": {"*/*": {"schema": {"type": "string",
                                                                               "format": "binary"}}}}}},
             summary="Download an attachment")
-async def download(request, attachmentId: Id):
+async def download(request, attachmentId: Id, resourceId: Id | None = None):
     """The stored bytes, to the owning resource only (404 for anyone else)."""
     user = await request_user(request)
-    resource = resolve_resource(user, _valid_id(request.GET.get("resourceId")))
+    resource = resolve_resource(user, resourceId)
     attachment = await sync_to_async(services.owned_sync)(resource, attachmentId)
     chunks = services.iter_bytes(attachment)
     read = sync_to_async(next, thread_sensitive=False)
