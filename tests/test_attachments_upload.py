@@ -434,3 +434,20 @@ def test_with_auth_required_401_without_credentials_and_403_for_another_resource
                  403, "forbidden")
     assert_error(client.get(path, HTTP_AUTHORIZATION=f"Bearer {bob}"), 404, "not_found")
     assert Attachment.objects.count() == 1 and User.objects.count() == 2
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_gif_frame_larger_than_its_canvas_is_held_to_the_pixel_limit(
+        client, settings, attachments_dir, upload_tmp, frames):
+    """Pillow grows a GIF's canvas to a frame that is larger than the
+    logical screen: the frames' size is checked, not only the screen's."""
+    from PIL import Image
+
+    settings.OMNI_IMAGE_MAX_PIXELS = 50 * 50
+    images = [Image.new("P", (100, 100), i) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:])
+    data = bytearray(out.getvalue())
+    data[6:10] = (10).to_bytes(2, "little") + (10).to_bytes(2, "little")  # the screen: 10x10
+    assert_error(upload(client, bytes(data), "grown.gif"), 400, "invalid_attachment")
+    assert_nothing_left(attachments_dir, upload_tmp)
