@@ -117,8 +117,10 @@ def _valid_id(value: str | None) -> str | None:
 async def upload(request):
     """An image, PDF or text file for a later message (`attachments` on a chat request).
     The type is read from the content: 415 for any other, 400 `invalid_attachment` for a file
-    that does not parse as its type, 413 over `OMNI_ATTACHMENT_MAX_MB`. Images are scaled down
-    to 1568 px on their longer side and stored without metadata."""
+    that does not parse as its type, 413 over `OMNI_ATTACHMENT_MAX_MB` (`attachment_too_large`;
+    `request_too_large` before the body is read when the request's length, or a chunked body as
+    it comes, is over that plus 64 kB for the form). Images are scaled down to 1568 px on their
+    longer side and stored without metadata (EXIF, GPS, XMP, comments, text chunks)."""
     user = await request_user(request)
     if _cross_site(request):
         raise Forbidden("an upload from another site's page is refused", code="csrf_failed")
