@@ -79,6 +79,8 @@ def honest_schema(schema: dict, auth_off: bool) -> dict:
                     if param["name"] == "resourceId":
                         param["required"] = True
                         param["schema"] = not_null(param["schema"])
+                for content in operation.get("requestBody", {}).get("content", {}).values():
+                    required_resource(content.get("schema", {}))  # an inline form (the upload's)
     return schema
 
 

@@ -91,7 +91,8 @@ def unsupported_media_type(request):
         or not request.path.startswith("/api/")
         or request.content_type.lower() == "application/json"
         or not has_body(request)
-        or (request.path == UPLOAD_PATH and request.method == "POST")  # multipart (contract §11)
+        # multipart (contract §11); another method there is the router's 405
+        or request.path == UPLOAD_PATH
     ):
         return None
     sent = request.content_type or "none"

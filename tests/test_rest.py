@@ -443,7 +443,8 @@ def test_openapi_document(client):
     assert {"resourceId", "limit", "cursor"} <= list_params
     for path, operations in paths.items():
         for method, operation in operations.items():
-            assert "200" in operation["responses"], (path, method)
+            # 200, or 201 for the upload (contract §11)
+            assert {"200", "201"} & set(operation["responses"]), (path, method)
 
 
 def test_docs_page_is_served_with_local_assets(client):

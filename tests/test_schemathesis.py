@@ -69,6 +69,13 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403]
 [[operations]]
 include-name = "GET /api/chat/stream"
 checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403, 404]
+
+# An upload's type and validity are its content's (contract §11), which a
+# schema cannot state: bytes that are not an accepted type are 415, ones that
+# do not parse as their type 400 invalid_attachment.
+[[operations]]
+include-name = "POST /api/attachments"
+checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403, 415]
 """
 
 

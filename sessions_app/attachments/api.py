@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from urllib.parse import quote
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
 from django.http import StreamingHttpResponse
 from ninja import Router, Schema
 from ninja.responses import Response
@@ -57,24 +58,38 @@ UPLOAD_DOC = {
 }
 
 
-def _accept_sync(request, user, query_resource) -> dict:
-    """The whole upload on a worker thread: receive, inspect, store."""
+def _receive_sync(request, query_resource) -> tuple[uploads.Received, str | None]:
     received = uploads.receive_sync(request)
+    # the form's field when sent (an empty one is invalid, not absent), else the query's
+    requested = received.fields["resourceId"] if "resourceId" in received.fields else query_resource
+    if requested is not None and not isinstance(requested, str):
+        received.cleanup()
+        raise BadRequest("resourceId must be a string")
+    return received, requested
+
+
+async def _accept(request, user, query_resource) -> dict:
+    """Receive, inspect and keep an upload. Parsing, decoding and the
+    storage are file, CPU or network work: worker threads of their own,
+    not the loop and not the database's thread, which writes the row."""
+    background = functools.partial(sync_to_async, thread_sensitive=False)
+    received, requested = await background(_receive_sync)(request, query_resource)
     inspected = None
     try:
-        requested = received.fields.get("resourceId") or query_resource
-        if requested is not None and not isinstance(requested, str):
-            raise BadRequest("resourceId must be a string")
         resource = resolve_resource(user, _valid_id(requested))
         name = inspect.clean_name(received.name)
-        inspected = inspect.inspect(received.path, received.size, name)
-        with transaction.atomic():
-            attachment = services.store_sync(resource, inspected, name)
+        inspected = await background(inspect.inspect)(received.path, received.size, name)
+        saved = await background(services.save_file_sync)(inspected)
+        attachment = await sync_to_async(services.create_row_sync)(resource, saved, inspected, name)
         return AttachmentOut.of(attachment)
     finally:
-        received.cleanup()
-        if inspected is not None:
-            inspected.cleanup()
+        await background(_cleanup)(received, inspected)
+
+
+def _cleanup(received, inspected) -> None:
+    received.cleanup()
+    if inspected is not None:
+        inspected.cleanup()
 
 
 def _cross_site(request) -> bool:
@@ -102,15 +117,18 @@ def _valid_id(value: str | None) -> str | None:
 async def upload(request):
     """An image, PDF or text file for a later message (`attachments` on a chat request).
     The type is read from the content: 415 for any other, 400 `invalid_attachment` for a file
-    that does not parse as its type, 413 over `OMNI_ATTACHMENT_MAX_MB`. Images are scaled down
-    to 1568 px on their longer side and stored without metadata."""
+    that does not parse as its type, 413 over `OMNI_ATTACHMENT_MAX_MB` (`attachment_too_large`;
+    `request_too_large` before the body is read when the request's length, or a chunked body as
+    it comes, is over that plus 64 kB for the form). Images are scaled down to 1568 px on their
+    longer side and stored without metadata (EXIF, GPS, XMP, comments, text chunks)."""
     user = await request_user(request)
     if _cross_site(request):
         raise Forbidden("an upload from another site's page is refused", code="csrf_failed")
     query_resource = _valid_id(request.GET.get("resourceId"))
-    # Parsing, decoding and storing are file and CPU work: a worker thread
-    # of their own, not the loop and not the database's shared thread.
-    out = await sync_to_async(_accept_sync, thread_sensitive=False)(request, user, query_resource)
+    # Shielded: a client gone meanwhile does not stop the work half-way (a
+    # file without its row, a temporary file left); an upload never sent is
+    # swept after OMNI_ATTACHMENT_ORPHAN_HOURS like any other.
+    out = await asyncio.shield(asyncio.ensure_future(_accept(request, user, query_resource)))
     return Response(out, status=201)
 
 
@@ -119,10 +137,10 @@ async def upload(request):
                                                "content": {"*/*": {"schema": {"type": "string",
                                                                               "format": "binary"}}}}}},
             summary="Download an attachment")
-async def download(request, attachmentId: Id):
+async def download(request, attachmentId: Id, resourceId: Id | None = None):
     """The stored bytes, to the owning resource only (404 for anyone else)."""
     user = await request_user(request)
-    resource = resolve_resource(user, _valid_id(request.GET.get("resourceId")))
+    resource = resolve_resource(user, resourceId)
     attachment = await sync_to_async(services.owned_sync)(resource, attachmentId)
     opened = await sync_to_async(services.open_sync, thread_sensitive=False)(attachment)
     chunks = services.iter_bytes(attachment, opened=opened)

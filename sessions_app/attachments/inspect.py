@@ -21,7 +21,9 @@ import codecs
 import hashlib
 import os
 import re
+import struct
 import tempfile
+import threading
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -133,70 +135,157 @@ def _digest(path: str) -> str:
 
 # --- images ----------------------------------------------------------------------
 
+# Image decodes at once in this process: each may hold a decoded image of up
+# to OMNI_IMAGE_MAX_PIXELS (4 bytes a pixel); more at once than cores gains
+# no time, only memory. The others wait on their worker thread.
+DECODES = threading.BoundedSemaphore(2)
+# What of a source image's ``info`` the re-encoded one keeps: transparency
+# and animation timing. Everything else (EXIF, XMP, ICC of another colour
+# space, comments, text chunks, dpi...) is dropped: Pillow writes some of
+# ``info`` by default (a JPEG's or GIF's comment, for one).
+KEEP_INFO = ("transparency", "duration", "loop", "background")
+
+
 def _image(path: str, claimed: str) -> Inspected:
-    from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     limit = settings.OMNI_IMAGE_MAX_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit  # Pillow's own guard, at the same limit
+    # Pillow's own guard: Image.open raises past twice this (the check
+    # below refuses past it); its warning in between is not needed.
+    Image.MAX_IMAGE_PIXELS = limit
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(IMAGE_TYPES)) as img:
-                media_type = IMAGE_TYPES.get(img.format)
-                if media_type != claimed:
-                    raise Invalid(f"the file starts as {claimed} but does not parse as one")
-                if img.width * img.height > limit:
-                    raise Invalid(f"the image is {img.width}x{img.height}: over the server's limit of "
-                                  f"{limit} pixels")
-                return _reencode(img, media_type, Image, ImageOps, ImageSequence)
+        with DECODES, Image.open(path, formats=list(IMAGE_TYPES)) as img:
+            media_type = IMAGE_TYPES.get(img.format)
+            if media_type != claimed:
+                raise Invalid(f"the file starts as {claimed} but does not parse as one")
+            _check_pixels(img.width, img.height, limit)
+            return _reencode(img, path)
     except ApiError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise Invalid(f"the image would decompress past the server's limit: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError,
+            struct.error, ZeroDivisionError) as exc:
         raise Invalid(f"the image cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-def _reencode(img, media_type: str, Image, ImageOps, ImageSequence) -> Inspected:
+def _check_pixels(width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise Invalid(f"the image is {width}x{height}: over the server's limit of {limit} pixels")
+
+
+def _webp_lossless(path: str) -> bool:
+    """A WebP whose image is lossless (a ``VP8L`` chunk, not ``VP8 ``)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[12:16] == b"VP8L":
+        return True
+    if head[12:16] != b"VP8X":
+        return False
+    with open(path, "rb") as f:  # extended: walk the chunks to the image's
+        f.seek(12)
+        while len(chunk := f.read(8)) == 8:
+            kind, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if kind in (b"VP8L", b"VP8 ", b"ANMF"):
+                if kind == b"ANMF":  # an animation's first frame: its image chunk follows 16 bytes on
+                    f.seek(16, 1)
+                    return f.read(4) == b"VP8L"
+                return kind == b"VP8L"
+            f.seek(size + (size & 1), 1)
+    return False
+
+
+def _fit(img, side: int):
+    """``img`` (loaded) in a mode every target format writes and the
+    resampling filters take, scaled into ``side`` x ``side``; may be ``img``
+    itself, changed in place."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit greyscale: to 8 bits, scaled
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        if max(img.size) > side or has_alpha:  # a palette resamples badly: its colours instead
+            img = img.convert("RGBA" if has_alpha else "RGB")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode == "CMYK":
+        img = img.convert("RGB")
+    elif mode in ("LA", "La"):
+        pass
+    elif mode == "RGBa":
+        img = img.convert("RGBA")
+    elif mode not in ("L", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in mode or "transparency" in img.info else "RGB")
+    if max(img.size) > side:
+        img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return img
+
+
+def _reencode(img, path: str) -> Inspected:
     """The image written anew: upright, at most ``OMNI_IMAGE_MAX_SIDE`` on a
-    side, no metadata (only the ICC colour profile and, for GIFs, the
+    side, no metadata (only the ICC colour profile of an image whose colour
+    space is unchanged, a palette's transparency and, for animations, the
     frames' timing are kept)."""
+    from PIL import ImageOps, ImageSequence
+
     side = settings.OMNI_IMAGE_MAX_SIDE
+    limit = settings.OMNI_IMAGE_MAX_PIXELS
     fmt = img.format
     animated = getattr(img, "is_animated", False) and fmt in ("GIF", "WEBP")
-    if fmt == "JPEG" and max(img.size) > side:
-        img.draft("RGB", (side, side))  # decode at 1/2, 1/4 or 1/8 scale: less memory and time
+    source_mode = img.mode
     icc = img.info.get("icc_profile")
+    loop = img.info.get("loop", 0)
     frames, durations = [], []
-    source = ImageSequence.Iterator(img) if animated else [img]
-    for frame in source:
-        frame.load()
-        durations.append(frame.info.get("duration", 100))
-        out = ImageOps.exif_transpose(frame) if not animated else frame.copy()
-        if max(out.size) > side:
-            out = out.copy() if out is frame else out
-            out.thumbnail((side, side), Image.Resampling.LANCZOS)
+    if animated:
+        decoded = 0
+        for frame in ImageSequence.Iterator(img):
+            # Pillow grows a GIF's canvas to a frame larger than it: each
+            # frame's size is checked, and all frames' pixels together.
+            _check_pixels(frame.width, frame.height, limit)
+            decoded += frame.width * frame.height
+            if decoded > limit:
+                raise Invalid(f"the animation's frames are over the server's limit of {limit} pixels "
+                              "together")
+            frame.load()
+            durations.append(frame.info.get("duration", 100))
+            frames.append(_fit(frame.copy(), side))
+    else:
+        if fmt == "JPEG" and max(img.size) > side:
+            # Decode at 1/2, 1/4 or 1/8 scale, no smaller than the target:
+            # a quarter of the memory and time or less. The box must keep
+            # the aspect ratio (a square one would rule out any scale).
+            ratio = side / max(img.size)
+            img.draft(img.mode, (max(1, round(img.width * ratio)), max(1, round(img.height * ratio))))
+        img.load()
+        out = _fit(img, side)
+        ImageOps.exif_transpose(out, in_place=True)  # upright; a copy only when it turns
         frames.append(out)
-    width, height = frames[0].size
-    fd, out_path = tempfile.mkstemp(prefix="omni-image-", dir=settings.FILE_UPLOAD_TEMP_DIR)
-    os.close(fd)
+    first = frames[0]
+    width, height = first.size
     save = {"format": fmt}
-    if icc:
+    if icc and first.mode == source_mode:  # a profile of the colour space it describes
         save["icc_profile"] = icc
     if fmt == "JPEG":
-        first = frames[0]
-        if first.mode not in ("RGB", "L", "CMYK"):
-            frames[0] = first.convert("RGB")
+        if first.mode not in ("RGB", "L"):
+            frames[0] = first = first.convert("RGB")
+            save.pop("icc_profile", None)
         save.update(quality=90, optimize=False)
     elif fmt == "WEBP":
-        save.update(quality=90)
+        save.update(lossless=True) if _webp_lossless(path) else save.update(quality=90)
     if animated:
-        save.update(save_all=True, append_images=frames[1:], duration=durations,
-                    loop=img.info.get("loop", 0))
+        save.update(save_all=True, append_images=frames[1:], duration=durations, loop=loop)
+    for frame in frames:
+        frame.info = {key: frame.info[key] for key in KEEP_INFO if key in frame.info}
+    fd, out_path = tempfile.mkstemp(prefix="omni-image-", dir=settings.FILE_UPLOAD_TEMP_DIR)
+    os.close(fd)
     try:
-        # No exif=, comment= or pnginfo=: nothing of the source's metadata is written.
-        frames[0].save(out_path, **save)
-        return Inspected(media_type, out_path, os.path.getsize(out_path), _digest(out_path),
+        # No exif=, comment=, xmp= or pnginfo=, and no such info left to
+        # carry: nothing of the source's metadata is written.
+        first.save(out_path, **save)
+        return Inspected(IMAGE_TYPES[fmt], out_path, os.path.getsize(out_path), _digest(out_path),
                          width=width, height=height, _temporary=[out_path])
     except BaseException:
         os.unlink(out_path)
@@ -214,10 +303,13 @@ def _pdf(path: str, size: int) -> Inspected:
     from pypdf.errors import PyPdfError
 
     try:
-        reader = PdfReader(path, strict=False)
-        if reader.is_encrypted:
-            raise Invalid("the PDF is encrypted: send it without a password")
-        pages = len(reader.pages)
+        # An open file, not the path: given a path, pypdf reads the whole
+        # file into memory first; from a file it reads what it parses.
+        with open(path, "rb") as f:
+            reader = PdfReader(f, strict=False)
+            if reader.is_encrypted:
+                raise Invalid("the PDF is encrypted: send it without a password")
+            pages = len(reader.pages)
     except ApiError:
         raise
     except (PyPdfError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,

@@ -42,28 +42,43 @@ def new_id() -> str:
     return f"att-{uuid.uuid4().hex}"
 
 
-def store_sync(resource_id: str, inspected: Inspected, name: str) -> Attachment:
-    """Keep an inspected upload: its file in the storage, then its row."""
+def save_file_sync(inspected: Inspected) -> tuple[str, str]:
+    """An inspected upload's file into the storage (file or network work:
+    a worker thread of its own). Returns ``(attachment_id, storage name)``
+    for :func:`create_row_sync`."""
     attachment_id = new_id()
     target = f"{attachment_id[4:6]}/{attachment_id}"
     with open(inspected.path, "rb") as f:
         content = File(f, name=target)
         content.content_type = inspected.media_type  # the object's Content-Type on S3
         try:
-            stored = storage().save(target, content)
+            return attachment_id, storage().save(target, content)
         except Exception as exc:  # a full disk, an unreachable or refusing bucket
             log.warning("could not store attachment %s", attachment_id, exc_info=True)
             delete_files([target])  # a partial file, if any (a multipart upload is aborted by boto3)
             raise Unavailable("the attachment storage cannot take the file now; try again later") from exc
+
+
+def create_row_sync(resource_id: str, saved: tuple[str, str], inspected: Inspected,
+                    name: str) -> Attachment:
+    """The row of a file :func:`save_file_sync` saved (database work: the
+    database's thread); the file is deleted if the row cannot be written."""
+    attachment_id, stored = saved
     try:
-        return Attachment.objects.create(
-            attachment_id=attachment_id, resource_id=resource_id, name=name,
-            media_type=inspected.media_type, size=inspected.size, sha256=inspected.sha256,
-            width=inspected.width, height=inspected.height, pages=inspected.pages,
-            storage_name=stored)
+        with transaction.atomic():
+            return Attachment.objects.create(
+                attachment_id=attachment_id, resource_id=resource_id, name=name,
+                media_type=inspected.media_type, size=inspected.size, sha256=inspected.sha256,
+                width=inspected.width, height=inspected.height, pages=inspected.pages,
+                storage_name=stored)
     except BaseException:
         delete_files([stored])
         raise
+
+
+def store_sync(resource_id: str, inspected: Inspected, name: str) -> Attachment:
+    """Keep an inspected upload: its file in the storage, then its row."""
+    return create_row_sync(resource_id, save_file_sync(inspected), inspected, name)
 
 
 def owned_sync(resource_id: str, attachment_id: str) -> Attachment:

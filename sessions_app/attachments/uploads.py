@@ -112,6 +112,18 @@ class LimitedFileHandler(FileUploadHandler):
                 pass
 
 
+def _arrived(request) -> int:
+    """The size of a request body Django holds in its spooled file."""
+    stream = request._stream
+    try:
+        here = stream.tell()
+        size = stream.seek(0, os.SEEK_END)
+        stream.seek(here)
+        return max(0, size - here)
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def receive_sync(request) -> Received:
     """Parse the upload (on a worker thread). 400 without a ``file`` field
     or for a body that is not well-formed multipart; 413 past the limit.
@@ -122,8 +134,14 @@ def receive_sync(request) -> Received:
 
         raise Unsupported("send the file as multipart/form-data (field 'file')")
     handler = LimitedFileHandler(request)
+    meta = request.META
+    if not meta.get("CONTENT_LENGTH"):
+        # A chunked body (no length; the server counted it against the
+        # limit as it came): Django's parser reads a body of the length it
+        # is told, so tell it what arrived.
+        meta = {**meta, "CONTENT_LENGTH": str(_arrived(request))}
     try:
-        parser = MultiPartParser(request.META, request, [handler], request.encoding)
+        parser = MultiPartParser(meta, request, [handler], request.encoding)
         fields, files = parser.parse()
         spooled = files.get(FIELD)
         if spooled is None:
