@@ -30,13 +30,14 @@ def not_blank(text: str) -> str:
 # A user's message: text with at least one non-space character (400
 # otherwise), unless the message carries attachments (then it may be empty:
 # checked by the request's model, see _Turn). Its length limit is checked by
-# the turn pipeline (413), so the document states it without pydantic
-# enforcing it.
+# the turn pipeline (413): the document says so in words, not as a
+# maxLength (a fuzzer negating a maxLength of 100,000 asks Hypothesis for a
+# longer string than it can make).
 Message = Annotated[
     StrictStr,
     Field(
-        json_schema_extra={"maxLength": settings.OMNI_MAX_MESSAGE_CHARS},
-        description="the text; it must hold a non-space character unless `attachments` is given",
+        description=f"the text, at most {settings.OMNI_MAX_MESSAGE_CHARS:,} characters (413 beyond); it "
+                    "must hold a non-space character unless `attachments` is given",
         examples=["What is 2+2?"],
     ),
 ]

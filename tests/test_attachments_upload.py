@@ -77,7 +77,7 @@ def assert_error(response, status: int, code: str):
     (b"MZ\x90\x00" + os.urandom(2000), "setup.exe"),
     (b"\x7fELF\x02\x01\x01" + os.urandom(2000), "tool"),
     (bytes(range(256)) * 16, "photo.png"),  # binary, named as an image
-])
+], ids=["zip", "exe", "elf", "binary-named-png"])
 def test_other_types_are_415(client, attachments_dir, upload_tmp, content, name):
     assert_error(upload(client, content, name), 415, "unsupported_media_type")
     assert_nothing_left(attachments_dir, upload_tmp)

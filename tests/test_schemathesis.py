@@ -39,7 +39,7 @@ def servers(tmp_path_factory):
 # Every check schemathesis has (`--checks all`; `enabled = true` also turns on
 # any check a later version adds), with the statuses the contract gives for
 # reasons a schema cannot state: 413 for a message over 100,000 characters (the
-# document's maxLength, with 413 among its responses), 409 for a thread that
+# document says so, with 413 among its responses), 409 for a thread that
 # exists or is busy and 429 for a resource over its turn rate (state, not
 # validity); a list's cursor is opaque (the document gives its alphabet, but
 # only a nextCursor is valid: anything else is 400).
