@@ -169,13 +169,77 @@ def run_database() -> "PostgresDatabase | None":
     """A fresh PostgreSQL database when the test run itself is on PostgreSQL
     (``DATABASE_URL=postgres://...``); None on the embedded libSQL file."""
     url = os.environ.get("DATABASE_URL", "")
-    return PostgresDatabase(url) if is_postgres(url) else None
+    return PostgresDatabase(url, migrated=True) if is_postgres(url) else None
+
+
+# --- migrated templates -----------------------------------------------------------
+# A server's first start runs ``manage.py migrate`` on its new database: ~4 s
+# on this 2-core machine, for a schema that is the same every time. So the
+# first one of a test run migrates a template (an embedded file, or a
+# PostgreSQL database), and later servers start from a copy of it, as if
+# they had migrated it themselves; a restart of a server that migrated its
+# database does not migrate again. A database that already exists (a
+# restored backup, a file shared by two servers, a proxied URL) is migrated
+# as before. Tests of migrate itself (test_migrations, test_engine_remote)
+# run it themselves.
+MIGRATED_URLS: set[str] = set()  # PostgreSQL databases cloned from the template
+_templates: dict[str, object] = {}
+
+
+def _migrate(env: dict[str, str]) -> None:
+    done = subprocess.run([python_bin(), "manage.py", "migrate", "--noinput"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"migrate failed:\n{done.stdout}\n{done.stderr}"
+
+
+def migrated_file_template(env: dict[str, str]) -> Path:
+    """A migrated embedded ``sessions.db`` of this test run."""
+    if "file" not in _templates:
+        import tempfile
+
+        data_dir = Path(tempfile.mkdtemp(prefix="omni-e2e-template-"))
+        _migrate({**{k: v for k, v in env.items() if k != "DATABASE_URL"}, "OMNI_DATA_DIR": str(data_dir)})
+        template = data_dir / "sessions.db"
+        assert template.exists() and not template.with_name("sessions.db-wal").exists(), \
+            sorted(p.name for p in data_dir.iterdir())
+        _templates["file"] = template
+    return _templates["file"]
+
+
+def migrated_postgres_template(admin_url: str) -> str:
+    """The name of a migrated PostgreSQL database of this test run (dropped at its end)."""
+    if "postgres" not in _templates:
+        import atexit
+
+        import psycopg
+
+        name = f"omni_e2e_template_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+        def drop():
+            with contextlib.suppress(Exception), \
+                    psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+        atexit.register(drop)
+        env = {k: v for k, v in os.environ.items() if k not in PROJECT_VARS}
+        env.update(DJANGO_SETTINGS_MODULE="omni.settings", OMNI_AUTH="off",
+                   DATABASE_URL=urlunsplit(urlsplit(admin_url)._replace(path="/" + name)))
+        import tempfile
+
+        env["OMNI_DATA_DIR"] = tempfile.mkdtemp(prefix="omni-e2e-template-")
+        _migrate(env)
+        _templates["postgres"] = name
+    return _templates["postgres"]
 
 
 class PostgresDatabase:
     """A database of its own on the test run's PostgreSQL server."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, migrated: bool = False):
+        """``migrated``: a copy of a migrated template (its server then
+        needs no ``migrate``), else an empty database."""
         import psycopg
 
         self.psycopg = psycopg
@@ -183,8 +247,14 @@ class PostgresDatabase:
         self.name = f"omni_e2e_{uuid.uuid4().hex[:12]}"
         self.admin_url = urlunsplit(parts._replace(path="/postgres"))
         self.url = urlunsplit(parts._replace(path="/" + self.name))
+        template = migrated_postgres_template(self.admin_url) if migrated else None
         with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'CREATE DATABASE "{self.name}"')
+            if template:
+                conn.execute(f'CREATE DATABASE "{self.name}" TEMPLATE "{template}"')
+            else:
+                conn.execute(f'CREATE DATABASE "{self.name}"')
+        if template:
+            MIGRATED_URLS.add(self.url)
 
     def tables(self) -> set[str]:
         with self.psycopg.connect(self.url, connect_timeout=10) as conn:
@@ -225,6 +295,7 @@ class Server:
         self.log_path: Path | None = None
         self.seen_cli: set[int] = set()  # CLI pids seen below daphne
         self.postgres: PostgresDatabase | None = None  # its own database, when make_server made one
+        self._migrated_url: str | None = None
 
     # --- lifecycle ---
     @property
@@ -256,11 +327,7 @@ class Server:
         """Migrate and serve; on ``port`` if given (a restart on the same
         address, as clients holding a URL see it), else on a free one."""
         env = self.env()
-        migrate = subprocess.run(
-            [python_bin(), "manage.py", "migrate", "--noinput"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-        )
-        assert migrate.returncode == 0, f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
+        self._migrate(env)
         self.starts += 1
         self.port = port or free_port()
         self.log_path = self.data_dir / f"daphne-{self.starts}.log"
@@ -284,6 +351,17 @@ class Server:
                 self.stop()
                 raise AssertionError(f"daphne did not answer within {START_TIMEOUT}s:\n{self.log()}")
             time.sleep(0.1)
+
+    def _migrate(self, env: dict[str, str]) -> None:
+        """``manage.py migrate``, or what it would leave (see MIGRATED_URLS)."""
+        url = env.get("DATABASE_URL")
+        if self.starts and url == self._migrated_url:
+            return  # a restart: this server migrated this database already
+        if url is None and not (self.data_dir / "sessions.db").exists():
+            shutil.copy2(migrated_file_template(env), self.data_dir / "sessions.db")
+        elif url not in MIGRATED_URLS:
+            _migrate(env)
+        self._migrated_url = url
 
     def stop(self, timeout: float = 15) -> None:
         """Terminate daphne (SIGTERM, as an operator or a process manager

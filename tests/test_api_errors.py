@@ -8,7 +8,7 @@ from django.test import Client
 
 from sessions_app import services
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.engine_agnostic]
 
 
 def assert_error(response, status, code):

@@ -9,7 +9,7 @@ from chat_app.turns import registry
 from omni.asgi import application
 from sessions_app import selectors
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
 
 async def connect(path="/ws/chat/", headers=None):

@@ -16,7 +16,7 @@ import pytest
 from tests.e2e import WSClient, daphne_server, new_id, reply, store_enabled  # noqa: F401 (fixture)
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]
 
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")

@@ -12,6 +12,7 @@ import pytest
 from tests.e2e import Server, WSClient, new_id, reply, run_database, serving, store_enabled
 
 pytestmark = [
+    pytest.mark.engine_agnostic,  # runs once: see pytest.ini
     pytest.mark.e2e,
     pytest.mark.skipif(not store_enabled(), reason="needs the transcript store (OMNI_SESSION_STORE)"),
 ]

@@ -13,7 +13,7 @@ from chat_app.turns import registry
 from sessions_app import services, tokens
 from sessions_app.models import SessionMapping
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.engine_agnostic]
 
 CALLS = [
     ("post", "/api/chat", {"message": "hi", "threadId": "t-new", "resourceId": "alice"}),

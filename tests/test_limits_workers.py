@@ -56,7 +56,7 @@ class RedisPair(ServerPair):
     """PostgreSQL and Redis shared: the starts are counted in Redis."""
 
     def __init__(self, tmp: Path):
-        self.pg = PostgresDatabase(postgres_url())
+        self.pg = PostgresDatabase(postgres_url(), migrated=True)
         self.prefix = f"omni-test-{uuid.uuid4().hex[:8]}"
         env = {**LIMITS, "REDIS_URL": redis_url(), "OMNI_REDIS_PREFIX": self.prefix}
         self.a = Worker(tmp / "worker-a", self.pg.url, env)

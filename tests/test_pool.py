@@ -18,7 +18,7 @@ from sessions_app.errors import RateLimited, ServerBusy
 from sessions_app.models import SessionMapping
 from tests.helpers import cli_processes, turn_bodies, wait_for_async
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
 
 body = turn_bodies("wes", "warm-1")

@@ -32,7 +32,7 @@ from tests.e2e import ROOT, descendants, is_cli, processes_with_env
 from tests.test_pool import alive, gone, text, turn
 from tests.helpers import wait_for_async
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
 KEY = ("wes", "warm-1")
 

@@ -81,7 +81,7 @@ def _pings(client) -> bool:
 class RedisCluster(ServerPair):
     def __init__(self, tmp: Path):
         self.redis = PrivateRedis(tmp)
-        self.pg = PostgresDatabase(postgres_url())
+        self.pg = PostgresDatabase(postgres_url(), migrated=True)
         env = {"REDIS_URL": self.redis.url, "OMNI_REDIS_PREFIX": f"omni-test-{uuid.uuid4().hex[:8]}",
                "OMNI_LEASE_SECONDS": str(LEASE_SECONDS), "OMNI_SHUTDOWN_GRACE_SECONDS": "8",
                "OMNI_TURNS_PER_MINUTE": str(TURNS_PER_MINUTE)}

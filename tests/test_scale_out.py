@@ -91,7 +91,7 @@ class Worker(Server):
 
 class Cluster(ServerPair):
     def __init__(self, tmp: Path):
-        self.pg = PostgresDatabase(postgres_url())
+        self.pg = PostgresDatabase(postgres_url(), migrated=True)
         self.prefix = f"omni-test-{uuid.uuid4().hex[:8]}"
         self.env = {"REDIS_URL": redis_url(), "OMNI_REDIS_PREFIX": self.prefix,
                     "OMNI_LEASE_SECONDS": str(LEASE_SECONDS), "OMNI_SHUTDOWN_GRACE_SECONDS": "8"}

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.e2e import issue_token, make_server, stop_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.engine_agnostic]
 
 EXAMPLES = 8
 HYPOTHESIS = settings(

@@ -21,7 +21,7 @@ from tests.e2e import (
 )
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.engine_agnostic]
 
 SECRET_KEY = "e2e-django-secret-key-that-no-cli-may-see"
 

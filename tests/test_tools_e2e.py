@@ -14,7 +14,7 @@ import pytest
 from tests.e2e import WSClient, new_id, serving
 from tests.helpers import wait_for_async
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.engine_agnostic]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from omni.asgi import application
 from sessions_app import tokens
 from sessions_app.models import SessionMapping, ToolCall, TurnRecord
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk, pytest.mark.engine_agnostic]
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from omni.asgi import application
 from sessions_app import services, tokens
 from sessions_app.models import SessionMapping
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.engine_agnostic]
 
 
 @pytest.fixture(autouse=True)
