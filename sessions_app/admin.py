@@ -1,15 +1,15 @@
 import json
 from datetime import timedelta
 from decimal import Decimal
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpResponse
 from django.db.models import DecimalField, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.template.response import TemplateResponse
@@ -85,32 +85,11 @@ def _thumbnail(attachment) -> str:
     return format_html('<a href="{}" download>Download</a>', _content_url(attachment))
 
 
-def _bytes_response(attachment, opened) -> StreamingHttpResponse:
-    """An attachment's bytes from its open file, read off the event loop in
-    chunks, with its type, ``nosniff``, a sandboxing CSP and
-    ``Content-Disposition`` (inline for images, a download for everything
-    else), as ``GET /api/attachments/<id>`` sends them."""
-    read = sync_to_async(opened.read, thread_sensitive=False)
+def _bytes_response(attachment, opened):
+    """The bytes as ``GET /api/attachments/<id>`` sends them (its headers)."""
+    from .attachments.api import bytes_response
 
-    async def body():
-        try:
-            while chunk := await read(64 * 1024):
-                yield chunk
-        finally:
-            await sync_to_async(opened.close, thread_sensitive=False)()
-
-    media_type = attachment.media_type
-    response = StreamingHttpResponse(
-        body(), content_type=f"{media_type}; charset=utf-8" if media_type.startswith("text/") else media_type)
-    response["Content-Length"] = str(attachment.size)
-    response["X-Content-Type-Options"] = "nosniff"
-    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
-    response["Cache-Control"] = "private, max-age=3600"
-    disposition = "inline" if attachment.is_image else "attachment"
-    ascii_name = attachment.name.encode("ascii", "replace").decode().replace('"', "'").replace("?", "_")
-    response["Content-Disposition"] = (f'{disposition}; filename="{ascii_name}"; '
-                                       f"filename*=UTF-8''{quote(attachment.name)}")
-    return response
+    return bytes_response(attachment, opened, cache_control="private, max-age=3600")
 
 
 def _thread_link(mapping_id, thread_id):

@@ -143,19 +143,22 @@ async def download(request, attachmentId: Id, resourceId: Id | None = None):
     resource = resolve_resource(user, resourceId)
     attachment = await sync_to_async(services.owned_sync)(resource, attachmentId)
     opened = await sync_to_async(services.open_sync, thread_sensitive=False)(attachment)
-    chunks = services.iter_bytes(attachment, opened=opened)
-    read = sync_to_async(next, thread_sensitive=False)
+    return bytes_response(attachment, opened, cache_control="private, max-age=86400, immutable")
+
+
+def bytes_response(attachment, opened, *, cache_control: str) -> StreamingHttpResponse:
+    """An attachment's bytes from its open file (closed at the end), read
+    off the event loop in chunks, with its type, ``nosniff``, a sandboxing
+    CSP and ``Content-Disposition`` (inline for images, a download for
+    everything else): the API's download and the admin's staff view."""
+    read = sync_to_async(opened.read, thread_sensitive=False)
 
     async def body():
         try:
-            while True:
-                chunk = await read(chunks, None)
-                if chunk is None:
-                    return
+            while chunk := await read(services.READ_CHUNK):
                 yield chunk
         finally:
-            await sync_to_async(chunks.close, thread_sensitive=False)()
-            await sync_to_async(opened.close, thread_sensitive=False)()  # never started: still open
+            await sync_to_async(opened.close, thread_sensitive=False)()
 
     media_type = attachment.media_type
     response = StreamingHttpResponse(
@@ -163,7 +166,7 @@ async def download(request, attachmentId: Id, resourceId: Id | None = None):
     response["Content-Length"] = str(attachment.size)
     response["X-Content-Type-Options"] = "nosniff"
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"
-    response["Cache-Control"] = "private, max-age=86400, immutable"
+    response["Cache-Control"] = cache_control
     disposition = "inline" if attachment.is_image else "attachment"
     ascii_name = attachment.name.encode("ascii", "replace").decode().replace('"', "'").replace("?", "_")
     response["Content-Disposition"] = (f'{disposition}; filename="{ascii_name}"; '

@@ -121,13 +121,6 @@ def open_sync(attachment: Attachment):
         raise Unavailable("the attachment storage cannot be reached; try again later") from exc
 
 
-def iter_bytes(attachment: Attachment, chunk: int = READ_CHUNK, opened=None):
-    """The stored bytes in chunks (a download: never whole in memory)."""
-    with opened if opened is not None else storage().open(attachment.storage_name, "rb") as f:
-        while data := f.read(chunk):
-            yield data
-
-
 def content_block(attachment: Attachment, data: bytes) -> dict:
     """The Messages API content block that carries an attachment: an image
     block, a PDF document block, or a text document block (Markdown and
