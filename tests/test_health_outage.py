@@ -205,7 +205,10 @@ def test_a_black_holed_database_is_reported_promptly_with_bounded_threads(outage
     # Threads: the requests' own, the one probe in flight; not one parked per probe.
     print(f"threads: {threads_before} before, at most {most_threads} during the outage,"
           f" at most {most_excess} beyond the requests in flight")
-    assert most_excess <= 6, (threads_before, most_threads, most_excess)
+    # 40 probes: one thread parked per probe would be ~40 beyond; the bound
+    # leaves room for the executors' idle threads on a busy 2-core machine
+    # (it was 6, and a clean CI run once saw 8).
+    assert most_excess <= 12, (threads_before, most_threads, most_excess)
     assert static_times and max(static_times) < 0.5, static_times  # expected ~20 ms
 
     # A REST call that needs the database: 503 with Retry-After, never a 500.
