@@ -10,7 +10,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
-from django.db.models import DecimalField, OuterRef, Q, Subquery, Sum, Value
+from django.db.models import DecimalField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -211,40 +211,27 @@ class SessionMappingAdmin(admin.ModelAdmin):
             return "No stored transcript."
         # A message's images and documents as one line each ([image/png, 1.2 MB]), the
         # upload's name linked when it is still stored: never their bytes.
-        stored = self._uploads(obj.resource_id, [ref for m in messages for ref in m.get("attachments") or ()])
+        find = attachment_services.uploads_named_sync(
+            obj.resource_id, [ref for m in messages for ref in m.get("attachments") or ()])
         return format_html(
             '<div class="omni-conversation">{}</div>',
             format_html_join(
                 "",
                 '<p data-uuid="{}"><strong>{}</strong>: <span style="white-space: pre-wrap">{}</span>{}</p>',
-                ((m["uuid"], m["role"], m["text"], self._blocks(m.get("attachments"), stored))
+                ((m["uuid"], m["role"], m["text"], self._blocks(m.get("attachments"), find))
                  for m in messages),
             ),
         )
 
     @staticmethod
-    def _uploads(resource_id, refs) -> dict:
-        """The uploads the blocks name: by the id of their marker, else by
-        the sha256 of their bytes (as the messages listing finds them)."""
-        ids = {ref["attachmentId"] for ref in refs if ref.get("attachmentId")}
-        shas = {ref["sha256"] for ref in refs}
-        found = {}
-        if refs:
-            for a in Attachment.objects.filter(Q(attachment_id__in=ids) | Q(sha256__in=shas),
-                                               resource_id=resource_id).order_by("id"):
-                found[a.attachment_id] = a
-                found.setdefault(a.sha256, a)
-        return found
-
-    @staticmethod
-    def _blocks(refs, stored) -> str:
+    def _blocks(refs, find) -> str:
         """Each image or document of a message as ``[image/png, 1.2 MB] name``
         (the name linked to the upload's page while it is stored)."""
         if not refs:
             return ""
 
         def named(ref):
-            upload = stored.get(ref.get("attachmentId")) or stored.get(ref["sha256"])
+            upload = find(ref)
             if upload is not None:
                 return format_html(" {}", _attachment_link(upload))
             return format_html(" {}", ref["name"]) if ref["name"] not in ("image", "document") else ""

@@ -281,38 +281,36 @@ def prune_orphans_sync(hours: float | None = None, now=None) -> int:
     return count
 
 
-def by_sha_sync(resource_id: str, shas: set[str]) -> dict[str, Attachment]:
-    """The resource's attachments by the sha256 of their stored bytes (how a
-    transcript's content blocks name them)."""
-    if not shas:
-        return {}
-    found: dict[str, Attachment] = {}
-    for a in Attachment.objects.filter(resource_id=resource_id, sha256__in=shas).order_by("id"):
-        found.setdefault(a.sha256, a)
-    return found
+def uploads_named_sync(resource_id: str, refs: list[dict]):
+    """The resource's uploads that a transcript's blocks name (each ref
+    ``{"attachmentId" (from its marker, or None), "sha256", ...}``): by the
+    id of its marker, else by the sha256 of its bytes, in one query for all.
+    Returns ``find(ref)``: the upload, or None for one deleted since."""
+    by_id: dict[str, Attachment] = {}
+    by_sha: dict[str, Attachment] = {}
+    if refs:
+        ids = {ref["attachmentId"] for ref in refs if ref.get("attachmentId")}
+        shas = {ref["sha256"] for ref in refs}
+        for a in Attachment.objects.filter(Q(attachment_id__in=ids) | Q(sha256__in=shas),
+                                           resource_id=resource_id).order_by("id"):
+            by_id[a.attachment_id] = a
+            by_sha.setdefault(a.sha256, a)
+    return lambda ref: by_id.get(ref.get("attachmentId")) or by_sha.get(ref["sha256"])
 
 
 def name_messages_sync(resource_id: str, messages: list[dict]) -> None:
     """A listing's messages (:func:`sessions_app.transcripts.session_messages`)
-    name their attachments as the contract does: each ``{"attachmentId"
-    (from its marker, or None), "sha256", ...}`` becomes ``{"attachmentId",
-    "name", "mediaType", "size"}`` of the resource's upload of that id, else
-    of those bytes (one query for the whole listing); an upload deleted
-    since keeps its block's facts and no id."""
+    name their attachments as the contract does: each ref (see
+    :func:`uploads_named_sync`) becomes ``{"attachmentId", "name",
+    "mediaType", "size"}`` of its upload; an upload deleted since keeps its
+    block's facts and no id."""
     refs = [ref for m in messages for ref in m.get("attachments") or ()]
     if not refs:
         return
-    ids = {ref["attachmentId"] for ref in refs if ref.get("attachmentId")}
-    shas = {ref["sha256"] for ref in refs}
-    by_id, by_sha = {}, {}
-    for a in Attachment.objects.filter(Q(attachment_id__in=ids) | Q(sha256__in=shas),
-                                       resource_id=resource_id).order_by("id"):
-        by_id[a.attachment_id] = a
-        by_sha.setdefault(a.sha256, a)
+    find = uploads_named_sync(resource_id, refs)
     for m in messages:
         if m.get("attachments"):
-            m["attachments"] = [_named(ref, by_id.get(ref.get("attachmentId")) or by_sha.get(ref["sha256"]))
-                                for ref in m["attachments"]]
+            m["attachments"] = [_named(ref, find(ref)) for ref in m["attachments"]]
 
 
 def _named(ref: dict, attachment: Attachment | None) -> dict:
