@@ -11,7 +11,7 @@ export class ApiError extends Error {
   }
 }
 
-/** REST: /api/sessions, /api/sessions/metadata, /api/sessions/messages, /api/usage, /api/chat/approval. */
+/** REST: /api/sessions, /api/sessions/metadata, /api/sessions/messages, /api/usage, /api/chat/approval, /api/chat/queue. */
 export class Api {
   /**
    * @param {object} opts
@@ -111,6 +111,16 @@ export class Api {
     if (message) body.message = message;
     return this.request("POST", "/chat/approval", { body });
   }
+
+  /** The thread's messages waiting for its running turn: {queued: [{queueId, message, position, createdAt}]}, in order. */
+  queue(threadId) {
+    return this.request("GET", "/chat/queue", { query: this.withResource({ threadId }) });
+  }
+
+  /** Take a waiting message back: {success, queueId}; ApiError 404 once its turn started (or unknown). */
+  cancelQueued(threadId, queueId) {
+    return this.request("DELETE", "/chat/queue", { body: this.withResource({ threadId, queueId }) });
+  }
 }
 
 /** A fresh thread id matching [A-Za-z0-9._:-]{1,128}. */
@@ -125,11 +135,14 @@ export function newThreadId(prefix = "thread") {
  *
  * Dispatches (an EventTarget):
  *   "state"      detail {state: "connecting"|"open"|"down", retryIn (ms, when down), attempt}
- *   "turn"       detail {threadId, event}: an event of a thread's turn (session, text,
+ *   "turn"       detail {threadId, event, ref}: an event of a thread's turn (session, text,
  *                tool_use, approval_request, approval, tool_result, done, error;
+ *                queued, for a message waiting for the thread's running turn;
  *                chunk too, unless the frame that started it said "chunks": false);
  *                threadId may be null for an error the page cannot place
- *                (shown wherever the person is)
+ *                (shown wherever the person is); ref: the startTurn caller's
+ *                ref when the event answers its frame (the queued event, the
+ *                new turn's first event, an error), else null
  *   "gone"       detail {threadId}: a turn the page was following is no longer
  *                running on the server (it ended while the socket was down)
  *   "idle"       detail {threadId}: a follow found no turn running on the thread
@@ -142,6 +155,12 @@ export function newThreadId(prefix = "thread") {
  * could not start, a follow of a turn that is gone) names the frame's thread
  * and no turn. A reconnect follows each streaming turn with its turnId and
  * afterSeq: only what was missed, of that turn only.
+ *
+ * A thread runs one turn at a time; messages sent with "ifBusy": "enqueue"
+ * (contract §12) wait as turns of their own, announced by a `queued` event.
+ * Their events are passed on in turn order: should one come before the
+ * running turn's last event, it is held until then. The turn of an
+ * "interrupt" message is held the same way.
  */
 export class ChatSocket extends EventTarget {
   constructor(url, { minDelay = 500, maxDelay = 5000 } = {}) {
@@ -154,8 +173,11 @@ export class ChatSocket extends EventTarget {
     this.attempt = 0;
     this.timer = null;
     this.closed = false;
-    this.threads = new Map(); // threadId -> {sessionId, running, turnId, lastSeq, resourceId}
-    this.pending = []; // frames sent and not answered yet: {kind, threadId}
+    // threadId -> {sessionId, running, turnId, lastSeq, resourceId, queued}, queued:
+    // turnId -> {lastSeq, held: [events], request} of the turns waiting for the running one
+    this.threads = new Map();
+    // frames sent and not answered yet: {kind: "start"|"enqueue"|"interrupt"|"follow", threadId, ref}
+    this.pending = [];
   }
 
   connect() {
@@ -190,6 +212,8 @@ export class ChatSocket extends EventTarget {
       if (this.ws !== ws) return;
       this.ws = null;
       this.pending = [];
+      // the server streamed the waiting turns to that connection only
+      for (const state of this.threads.values()) state.queued.clear();
       if (event.code === 4401) { // the server no longer accepts our credentials
         this.closed = true;
         this.setState("down");
@@ -234,7 +258,7 @@ export class ChatSocket extends EventTarget {
   thread(threadId) {
     let state = this.threads.get(threadId);
     if (!state) {
-      state = { sessionId: null, running: false, turnId: null, lastSeq: null, resourceId: null };
+      state = { sessionId: null, running: false, turnId: null, lastSeq: null, resourceId: null, queued: new Map() };
       this.threads.set(threadId, state);
     }
     return state;
@@ -248,13 +272,18 @@ export class ChatSocket extends EventTarget {
   /**
    * Start a turn: frame is a "message" or "fork" frame (with its threadId).
    * A client that reads no chunk events says "chunks": false in it (the page does).
+   * With "ifBusy": "enqueue" or "interrupt" the thread's running turn (if
+   * any) goes on being followed; the frame's answer carries `ref`.
    */
-  startTurn(frame) {
+  startTurn(frame, ref = null) {
     if (!this.send(frame)) return false;
     const state = this.thread(frame.threadId);
-    Object.assign(state, { running: true, turnId: null, lastSeq: null,
-      resourceId: frame.resourceId || null });
-    this.pending.push({ kind: "start", threadId: frame.threadId });
+    const kind = ["enqueue", "interrupt"].includes(frame.ifBusy) ? frame.ifBusy : "start";
+    if (kind === "start") {
+      Object.assign(state, { running: true, turnId: null, lastSeq: null });
+    }
+    if (kind === "start" || !state.running) state.resourceId = frame.resourceId || null;
+    this.pending.push({ kind, threadId: frame.threadId, ref });
     return true;
   }
 
@@ -296,8 +325,9 @@ export class ChatSocket extends EventTarget {
     this.pending = this.pending.filter((p) => p.threadId !== threadId);
   }
 
-  dropPending(threadId, kind = null) {
-    const index = this.pending.findIndex((p) => p.threadId === threadId && (!kind || p.kind === kind));
+  /** Take the oldest pending frame of the thread of one of `kinds`. */
+  dropPending(threadId, kinds) {
+    const index = this.pending.findIndex((p) => p.threadId === threadId && kinds.includes(p.kind));
     if (index >= 0) return this.pending.splice(index, 1)[0];
     return null;
   }
@@ -310,7 +340,7 @@ export class ChatSocket extends EventTarget {
     }
     if (!event.turnId) { // an error answering a frame of ours: no turn ran
       if (event.type !== "error") return;
-      const follow = event.code === "not_found" && this.dropPending(threadId, "follow");
+      const follow = event.code === "not_found" && this.dropPending(threadId, ["follow"]);
       const state = this.threads.get(threadId);
       if (follow) {
         // Nothing runs on that thread (any more).
@@ -320,28 +350,84 @@ export class ChatSocket extends EventTarget {
         this.dispatchEvent(new CustomEvent("idle", { detail: { threadId } }));
         return;
       }
-      if (this.dropPending(threadId, "start") && state) {
+      // (a refused enqueue or interrupt leaves the running turn running)
+      const request = this.dropPending(threadId, ["start", "enqueue", "interrupt"]);
+      if (request && request.kind === "start" && state) {
         Object.assign(state, { running: false, turnId: null, lastSeq: null });
       }
-      this.emitTurn(threadId, event);
+      this.emitTurn(threadId, event, request);
       return;
     }
     const state = this.threads.get(threadId);
     if (!state) return; // a turn of a thread the page no longer shows
-    this.dropPending(threadId);
-    if (state.turnId !== event.turnId) { // a turn we had not seen yet
-      Object.assign(state, { turnId: event.turnId, lastSeq: null, running: true });
+    if (event.type === "queued") { // a message of ours waits for the running turn
+      if (state.queued.has(event.turnId) || state.turnId === event.turnId) return; // replayed
+      const request = this.dropPending(threadId, ["enqueue"]);
+      state.queued.set(event.turnId, { lastSeq: event.seq, held: [], request: null });
+      this.emitTurn(threadId, event, request);
+      return;
     }
+    const waiting = state.queued.get(event.turnId);
+    if (waiting) {
+      if (waiting.lastSeq !== null && event.seq <= waiting.lastSeq) return;
+      waiting.lastSeq = event.seq;
+      waiting.held.push(event);
+      if (event.type === "error" || !state.running || state.turnId === null) this.release(threadId, event.turnId);
+      return;
+    }
+    let request = null;
+    if (state.turnId !== event.turnId) { // a turn we had not seen yet
+      if (state.running && state.turnId !== null
+          && this.pending.some((p) => p.threadId === threadId && p.kind === "interrupt")) {
+        // the turn of an "interrupt" message, to pass on once the interrupted one ended
+        const request = this.dropPending(threadId, ["interrupt"]);
+        state.queued.set(event.turnId, { lastSeq: event.seq, held: [event], request });
+        return;
+      }
+      request = this.dropPending(threadId, ["start", "interrupt", "follow"])
+        || this.dropPending(threadId, ["enqueue"]); // (one that started at once)
+      Object.assign(state, { turnId: event.turnId, lastSeq: null, running: true });
+    } else {
+      this.dropPending(threadId, ["start", "follow"]);
+    }
+    this.accept(threadId, state, event, request);
+  }
+
+  /** Pass on an event of the thread's current turn. */
+  accept(threadId, state, event, request = null) {
     if (state.lastSeq !== null && event.seq <= state.lastSeq) return; // replayed twice
     state.lastSeq = event.seq;
     if (event.type === "session") state.sessionId = event.sessionId;
     if (event.type === "done" || event.type === "error") {
       Object.assign(state, { running: false, lastSeq: null });
     }
-    this.emitTurn(threadId, event);
+    this.emitTurn(threadId, event, request);
+    if (!state.running) { // the next waiting turn whose events came already
+      const next = [...state.queued].find(([, waiting]) => waiting.held.length);
+      if (next) this.release(threadId, next[0]);
+    }
   }
 
-  emitTurn(threadId, event) {
-    this.dispatchEvent(new CustomEvent("turn", { detail: { threadId, event } }));
+  /** A waiting turn's held events, passed on: it is the thread's turn now (unless it ended unstarted). */
+  release(threadId, turnId) {
+    const state = this.threads.get(threadId);
+    const waiting = state.queued.get(turnId);
+    state.queued.delete(turnId);
+    let request = waiting.request;
+    for (const event of waiting.held) {
+      if (state.turnId !== turnId && (event.type === "error" || event.type === "done")) {
+        // cancelled or refused before it started: the running turn (if any) goes on
+        this.emitTurn(threadId, event, request);
+      } else {
+        if (state.turnId !== turnId) Object.assign(state, { turnId, lastSeq: null, running: true });
+        this.accept(threadId, state, event, request);
+      }
+      request = null;
+    }
+  }
+
+  emitTurn(threadId, event, request = null) {
+    const ref = request ? request.ref : null;
+    this.dispatchEvent(new CustomEvent("turn", { detail: { threadId, event, ref } }));
   }
 }

@@ -33,6 +33,7 @@ const el = {
   composer: $("composer"),
   input: $("message"),
   send: $("send"),
+  sendNow: $("send-now"),
   stop: $("stop"),
   forkBanner: $("fork-banner"),
   forkBannerText: $("fork-banner-text"),
@@ -62,6 +63,14 @@ const state = {
   // again once the socket is back (with the ended reply and its note)
   redrawOnReconnect: null,
   usage: null, // the resource's GET /api/usage answer (today's spend, the budget)
+  // threadId -> [entry]: the messages waiting for the thread's running turn, in
+  // the order they run (contract §12), each {threadId, text, attachments, kind:
+  // "queued"|"interrupt", queueId, turnId (null: not streamed to this page, e.g.
+  // read from GET /api/chat/queue after a reload), li, status: "waiting"|"started"|"gone"}
+  outbox: new Map(),
+  // threadId -> {li, text, turnId}: the person's message of a turn that started
+  // from the outbox, drawn until the stored conversation shows it
+  started: new Map(),
 };
 
 function resourceId() {
@@ -415,6 +424,8 @@ function appendMessage(role, text, uuid = null, toolCalls = [], attachments = []
 
 function startStreaming(threadId) {
   const li = appendMessage("assistant", "");
+  const next = firstWaiting(threadId); // the reply comes before the messages waiting for it
+  if (next) el.messages.insertBefore(li, next);
   li.classList.add("streaming");
   li.setAttribute("aria-busy", "true");
   state.streaming = { threadId, li };
@@ -464,6 +475,184 @@ function dropStoredCopies() {
       }
       stored.remove();
     }
+  }
+}
+
+// --- messages waiting for the running turn (queued, sent now) ----------------------
+
+function waitingOf(threadId) {
+  return state.outbox.get(threadId) || [];
+}
+
+/** The first waiting message shown in the open conversation (the running reply goes before it). */
+function firstWaiting(threadId) {
+  if (threadId !== state.threadId) return null;
+  const entry = waitingOf(threadId).find((e) => e.li.parentNode === el.messages);
+  return entry ? entry.li : null;
+}
+
+function waitingByTurn(threadId, turnId) {
+  return turnId ? waitingOf(threadId).find((e) => e.turnId === turnId) || null : null;
+}
+
+/** A waiting message's element: the person's message, marked queued (with Cancel) or sending. */
+function waitingMessage(entry) {
+  const li = appendMessage("user", entry.text, null, [], entry.attachments);
+  li.classList.add("waiting");
+  const line = document.createElement("div");
+  line.className = "queue-state";
+  const badge = document.createElement("span");
+  badge.className = "queue-badge";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.className = "queue-cancel";
+  cancel.textContent = "Cancel";
+  cancel.setAttribute("aria-label", "Cancel this queued message");
+  cancel.addEventListener("click", () => cancelWaiting(entry));
+  line.append(badge, cancel);
+  li.append(line);
+  return li;
+}
+
+/** Put a message in the thread's outbox (a "send now" ahead of the queued ones). */
+function addWaiting(entry) {
+  const entries = [...waitingOf(entry.threadId)];
+  entry.status = "waiting";
+  entry.li = waitingMessage(entry);
+  if (entry.kind === "interrupt") {
+    const next = firstWaiting(entry.threadId);
+    if (next) el.messages.insertBefore(entry.li, next);
+    entries.unshift(entry);
+  } else {
+    entries.push(entry);
+  }
+  state.outbox.set(entry.threadId, entries);
+  drawOutbox(entry.threadId);
+  return entry;
+}
+
+/** Each waiting message's mark: its place in line (the page's order), or that it is being sent. */
+function drawOutbox(threadId) {
+  let position = 0;
+  for (const entry of waitingOf(threadId)) {
+    const badge = entry.li.querySelector(".queue-badge");
+    const cancel = entry.li.querySelector(".queue-cancel");
+    if (entry.kind === "interrupt") {
+      entry.li.dataset.queueState = "sending";
+      badge.textContent = "Sending now…";
+      cancel.hidden = true;
+      continue;
+    }
+    position += 1;
+    entry.li.dataset.queueState = "queued";
+    entry.li.dataset.position = String(position);
+    badge.textContent = entry.queueId ? `Queued: ${position} in line` : "Queuing…";
+    cancel.hidden = !entry.queueId;
+    cancel.disabled = Boolean(entry.cancelling);
+    cancel.textContent = entry.cancelling ? "Cancelling…" : "Cancel";
+  }
+}
+
+function dropWaiting(entry) {
+  entry.status = "gone";
+  entry.li.remove();
+  const entries = waitingOf(entry.threadId).filter((e) => e !== entry);
+  if (entries.length) state.outbox.set(entry.threadId, entries);
+  else state.outbox.delete(entry.threadId);
+  drawOutbox(entry.threadId);
+  drawRunning();
+}
+
+/** A waiting message's turn started: it is the person's message of the running turn now. */
+function startWaiting(entry, turnId) {
+  if (entry.status !== "waiting") return;
+  dropWaiting(entry);
+  entry.status = "started";
+  const li = entry.li;
+  li.classList.remove("waiting");
+  delete li.dataset.queueState;
+  delete li.dataset.position;
+  li.querySelector(".queue-state")?.remove();
+  state.started.set(entry.threadId, { li, text: entry.text, turnId });
+  const next = firstWaiting(entry.threadId);
+  if (entry.threadId === state.threadId) {
+    if (next) el.messages.insertBefore(li, next);
+    else el.messages.append(li);
+  }
+}
+
+/** Take a queued message back (DELETE /api/chat/queue); its stream, if here, ends "cancelled". */
+async function cancelWaiting(entry) {
+  if (!entry.queueId || entry.cancelling || entry.status !== "waiting") return;
+  entry.cancelling = true;
+  drawOutbox(entry.threadId);
+  try {
+    await api.cancelQueued(entry.threadId, entry.queueId);
+    if (entry.status === "waiting") dropWaiting(entry);
+  } catch (err) {
+    entry.cancelling = false;
+    if (entry.status === "waiting") {
+      showError(err.status === 404
+        ? "This message no longer waits: its turn has started."
+        : `Could not cancel the message: ${describeError(err)}`);
+      drawOutbox(entry.threadId);
+      if (err.status === 404 && !entry.turnId) loadQueue(entry.threadId);
+    }
+  }
+}
+
+/**
+ * The thread's queued messages as the server keeps them (GET /api/chat/queue):
+ * those this page does not show yet are added (after a reload, another tab's);
+ * those not streamed to this page that no longer wait are dropped (they ran
+ * or were cancelled: the stored conversation shows them). Returns the answer.
+ */
+let queueReads = 0;
+
+async function loadQueue(threadId) {
+  const call = ++queueReads;
+  let data;
+  try {
+    data = await api.queue(threadId);
+  } catch (err) {
+    return null; // (drawn without; the conversation works without it)
+  }
+  if (call !== queueReads || threadId !== state.threadId) return data;
+  const waiting = new Set(data.queued.map((q) => q.queueId));
+  for (const entry of waitingOf(threadId)) {
+    if (!entry.turnId && entry.queueId && !waiting.has(entry.queueId)) dropWaiting(entry);
+  }
+  const shown = new Set(waitingOf(threadId).map((e) => e.queueId));
+  for (const queued of [...data.queued].sort((a, b) => a.position - b.position)) {
+    if (shown.has(queued.queueId)) continue;
+    addWaiting({ threadId, text: String(queued.message ?? ""), attachments: [], kind: "queued",
+      queueId: queued.queueId, turnId: null });
+  }
+  // Their turns do not come to this page by themselves: follow the thread until the next one runs.
+  if (waitingOf(threadId).some((e) => !e.turnId) && !socket.isRunning(threadId)) followContinuation(threadId);
+  return data;
+}
+
+/**
+ * A turn started that this page did not send (followed after a reload): if
+ * one of the queued messages read from the server no longer waits, it is
+ * that turn's message (the first of them in line; any other was cancelled).
+ */
+async function claimStarted(threadId, turnId) {
+  if (!waitingOf(threadId).some((e) => !e.turnId && e.queueId)) return;
+  const data = await api.queue(threadId).catch(() => null);
+  if (!data || threadId !== state.threadId) return;
+  const waiting = new Set(data.queued.map((q) => q.queueId));
+  const gone = waitingOf(threadId).filter((e) => !e.turnId && e.queueId && !waiting.has(e.queueId));
+  if (!gone.length) return;
+  const running = socket.threads.get(threadId);
+  const [first, ...others] = gone;
+  others.forEach(dropWaiting);
+  if (running && running.running && running.turnId === turnId) {
+    startWaiting(first, turnId);
+    if (state.streaming && state.streaming.threadId === threadId) el.messages.insertBefore(first.li, state.streaming.li);
+  } else {
+    dropWaiting(first);
   }
 }
 
@@ -745,7 +934,10 @@ function drawRunning() {
   const running = state.threadId !== null && socket.isRunning(state.threadId);
   const stored = state.threadId !== null && state.sessions.has(state.threadId);
   el.stop.hidden = !running;
-  el.send.disabled = running || !socket.isOpen || tray.uploading;
+  el.sendNow.hidden = !running;
+  // While it answers, a message waits for the reply (Send) or stops it (Send now).
+  el.send.disabled = el.sendNow.disabled = !socket.isOpen || tray.uploading;
+  el.send.title = running ? "Queue this message: it is sent when the current reply ends (Enter)" : "";
   // Fork and delete a thread that is stored and not answering.
   el.forkThread.disabled = el.deleteThread.disabled = running || !stored;
 }
@@ -783,6 +975,7 @@ async function openThread(threadId, { focus = true } = {}) {
     socket.follow(threadId, resourceId());
   }
   if (focus) el.input.focus();
+  await loadQueue(threadId); // the messages waiting for it
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -828,7 +1021,11 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
       state.redrawOnReconnect = null;
       showError(null); // the "could not load" of before
     }
-    const last = data.messages[data.messages.length - 1];
+    // The message of a turn that started from the outbox, when the store has it already.
+    const started = state.started.get(threadId);
+    const final = data.messages[data.messages.length - 1];
+    const startedStored = Boolean(started) && final && final.role === "user" && final.text === started.text;
+    const last = data.messages[data.messages.length - (startedStored ? 2 : 1)];
     const stored = !ended || !ended.text || (last && last.role === "assistant" && last.text === ended.text);
     if (!stored) {
       if (attempt >= 5) return;
@@ -839,13 +1036,22 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
     el.messages.replaceChildren();
     let li = null;
     for (const message of data.messages) {
-      li = appendMessage(message.role, message.text, message.uuid, message.toolCalls, message.attachments);
+      const item = appendMessage(message.role, message.text, message.uuid, message.toolCalls, message.attachments);
+      if (message === last) li = item;
     }
     if (note && ended && ended.text && li) addNote(li, note);
+    if (started && !startedStored) el.messages.append(started.li);
     if (streaming) {
       el.messages.append(streaming.li);
       dropStoredCopies();
     }
+    // The messages waiting for the running turn, after it. One not streamed to
+    // this page that the store shows as its last message has run: dropped.
+    const head = waitingOf(threadId)[0];
+    if (head && !head.turnId && !startedStored && final && final.role === "user" && final.text === head.text) {
+      dropWaiting(head);
+    }
+    for (const entry of waitingOf(threadId)) el.messages.append(entry.li);
     return;
   }
 }
@@ -876,7 +1082,8 @@ function cancelFork() {
   for (const item of el.messages.querySelectorAll(".fork-point")) item.classList.remove("fork-point");
 }
 
-function send() {
+/** Send the composer's message; `now`: while a turn runs, interrupt it (else queue the message). */
+function send({ now = false } = {}) {
   const text = el.input.value;
   if (tray.uploading) {
     el.attachStatus.textContent = "Wait for the uploads to finish, then send.";
@@ -888,7 +1095,9 @@ function send() {
     showError("Not connected to the server; the page reconnects on its own.");
     return;
   }
-  if (state.threadId && socket.isRunning(state.threadId)) return;
+  const running = state.threadId !== null && socket.isRunning(state.threadId);
+  const busy = state.threadId !== null && !state.forkFrom && (running || waitingOf(state.threadId).length > 0);
+  if (running && state.forkFrom) return; // (Fork is not offered while the thread answers)
   showError(null);
   // The page reads no chunk events (the raw SDK messages): the server leaves them out.
   const frame = { message: text, agent: el.agent.value, chunks: false };
@@ -916,6 +1125,18 @@ function send() {
       el.title.textContent = (text.trim() || attachments.map((a) => a.name).join(", ")).slice(0, 80);
     }
     Object.assign(frame, { type: "message", threadId: state.threadId });
+  }
+  if (busy) {
+    // The thread answers: the message waits for it (queued), or stops it (sent now).
+    frame.ifBusy = now ? "interrupt" : "enqueue";
+    const entry = addWaiting({ threadId: frame.threadId, text, attachments, kind: frame.ifBusy === "interrupt" ? "interrupt" : "queued",
+      queueId: null, turnId: null });
+    if (now && running) state.stopped = true;
+    socket.startTurn(frame, entry);
+    el.input.value = "";
+    tray.clear();
+    drawRunning();
+    return;
   }
   appendMessage("user", text, null, [], attachments);
   startStreaming(frame.threadId);
@@ -950,6 +1171,8 @@ async function deleteThread() {
     }
   }
   socket.forget(threadId);
+  state.outbox.delete(threadId);
+  state.started.delete(threadId);
   state.sessions.delete(threadId);
   el.threads.querySelector(`[data-thread-id="${CSS.escape(threadId)}"]`)?.remove();
   if (state.threadId === threadId) newChat();
@@ -975,7 +1198,31 @@ function showCall(threadId, toolUseId) {
   if (streaming) drawReply(streaming);
 }
 
-socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
+/**
+ * An event for a message of the outbox (the answer to its frame, or of its
+ * turn): true when that is all it is (queued, refused, cancelled); its turn's
+ * first event makes it the running turn's message, and goes on as any turn's.
+ */
+function onWaiting(entry, event, current) {
+  if (event.type === "queued") {
+    Object.assign(entry, { queueId: event.queueId, turnId: event.turnId });
+    drawOutbox(entry.threadId);
+    return true;
+  }
+  if (event.type === "error" && (!event.turnId || entry.status !== "started")) {
+    // refused (a full queue, a budget spent...), cancelled, or its thread deleted
+    const waited = entry.status === "waiting";
+    dropWaiting(entry);
+    if (entry.kind === "interrupt") state.stopped = false;
+    if (!event.turnId && waited && current && !el.input.value) el.input.value = entry.text; // to send again
+    if (event.code !== "cancelled" && current) showError(describeError(event, entry.threadId));
+    return true;
+  }
+  if (entry.status === "waiting" && event.type !== "done") startWaiting(entry, event.turnId);
+  return false;
+}
+
+socket.addEventListener("turn", async ({ detail: { threadId, event, ref } }) => {
   const current = threadId !== null && threadId === state.threadId;
   if (threadId === null) {
     // An error the page cannot place (e.g. a stop that came after the end).
@@ -983,7 +1230,12 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
     return;
   }
   continuing.delete(threadId);
+  const entry = ref || waitingByTurn(threadId, event.turnId);
+  if (entry && entry.status !== "started" && onWaiting(entry, event, current)) return;
+  const own = socket.threads.get(threadId);
+  if (event.turnId && own && own.turnId !== event.turnId) return; // the end of a turn that never ran
   if (event.type === "session") {
+    if (!entry) claimStarted(threadId, event.turnId); // (a queued message read after a reload)
     replies.set(threadId, [{ kind: "text", text: "" }]);
     if (event.notice && current) showError(event.notice);
     loadThreads().then(() => current && state.threadId === threadId && drawHeader());
@@ -1048,6 +1300,7 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
     // still waits (in the store) and can be decided; a new turn goes on after.
     const lost = event.type === "error" && event.code === "turn_lost" && replyWaits(threadId);
     replies.delete(threadId);
+    if (state.started.get(threadId)?.turnId === event.turnId) state.started.delete(threadId);
     if (current) {
       const stopped = state.stopped;
       state.stopped = false;
@@ -1066,6 +1319,10 @@ socket.addEventListener("turn", async ({ detail: { threadId, event } }) => {
       drawRunning();
       await Promise.all([loadThreads(), drawConversation(threadId, { ended, note })]);
       if (state.threadId === threadId) drawHeader();
+      // Queued messages whose turns this page receives only by following the thread (after a reload).
+      if (state.threadId === threadId && !socket.isRunning(threadId) && waitingOf(threadId).some((e) => !e.turnId)) {
+        followContinuation(threadId);
+      }
     } else {
       loadThreads();
     }
@@ -1079,6 +1336,7 @@ socket.addEventListener("gone", async ({ detail: { threadId } }) => {
   const waiting = replyWaits(threadId);
   const parts = replies.get(threadId);
   replies.delete(threadId);
+  state.started.delete(threadId);
   if (threadId !== state.threadId) return;
   const ended = state.streaming ? { text: lastText(parts) } : null;
   const note = waiting ? null : "interrupted: the connection to the server was lost";
@@ -1099,7 +1357,10 @@ socket.addEventListener("idle", ({ detail: { threadId } }) => {
     return;
   }
   continuing.delete(threadId);
-  if (threadId === state.threadId) drawConversation(threadId); // what the store has
+  if (threadId === state.threadId) {
+    drawConversation(threadId); // what the store has
+    loadQueue(threadId); // (what still waits: followed again while some does)
+  }
 });
 
 socket.addEventListener("state", ({ detail }) => {
@@ -1134,10 +1395,11 @@ el.composer.addEventListener("submit", (e) => {
 el.input.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
-    send();
+    send({ now: e.ctrlKey || e.metaKey });
   }
 });
 el.stop.addEventListener("click", stop);
+el.sendNow.addEventListener("click", () => send({ now: true }));
 
 // --- attaching: the button, a paste, a drop ------------------------------------------
 
@@ -1241,7 +1503,18 @@ if (!authRequired) {
 let connectedBefore = false;
 socket.addEventListener("state", ({ detail }) => {
   if (detail.state === "open") {
-    if (connectedBefore) loadUsage(); // turns may have ended meanwhile (read at load the first time)
+    if (connectedBefore) {
+      loadUsage(); // turns may have ended meanwhile (read at load the first time)
+      // The waiting messages' streams were the lost connection's: from now on
+      // known as the server's queue lists them (and their turns followed).
+      for (const entries of state.outbox.values()) {
+        for (const entry of [...entries]) {
+          if (!entry.queueId) dropWaiting(entry);
+          else entry.turnId = null;
+        }
+      }
+      if (state.threadId) loadQueue(state.threadId);
+    }
     connectedBefore = true;
   }
   // Connected (first time or again): receive the open thread's running turn, if any.
