@@ -12,9 +12,8 @@ from sessions_app.errors import BadRequest
 from sessions_app.resources import request_user, resolve_resource
 from sessions_app.schemas import ErrorOut, Id
 
-from . import streams
-from . import approvals
-from .schemas import ApprovalIn, ApprovalOut, ChatIn, ForkIn
+from . import approvals, queue, streams
+from .schemas import ApprovalIn, ApprovalOut, CancelIn, CancelOut, ChatIn, ForkIn, QueueOut, QueueQuery
 from .turns import start_turn
 
 router = Router(tags=["chat"])
@@ -99,14 +98,16 @@ async def chat(request, body: ChatIn):
     """Runs one turn on the thread, resuming its session; a missing `threadId` gets a generated one.
     `attachments` (uploads of the same resource, at most 20) go to the model as content blocks
     beside the text, which may then be empty: 404 for an unknown or another resource's upload,
-    413 `attachments_too_large` over `OMNI_ATTACHMENTS_MESSAGE_MAX_MB` together."""
-    return sse_response(streams.Stream.of(await start_turn(await request_user(request), body)))
+    413 `attachments_too_large` over `OMNI_ATTACHMENTS_MESSAGE_MAX_MB` together. A busy thread:
+    as `ifBusy` says (409 `thread_busy`; queued: the stream opens with `queued`, 429 `queue_full`;
+    or the running turn interrupted and this message run next)."""
+    return sse_response(queue.stream_of(await start_turn(await request_user(request), body)))
 
 
 @router.post("/chat/fork", response=ERRORS, openapi_extra=SSE_DOC, summary="Fork a thread (SSE)")
 async def fork(request, body: ForkIn):
     """Starts `threadId` as a branch of `forkFromThreadId` (optionally at `atMessageUuid`)."""
-    return sse_response(streams.Stream.of(await start_turn(await request_user(request), body, fork=True)))
+    return sse_response(queue.stream_of(await start_turn(await request_user(request), body, fork=True)))
 
 
 class StreamQuery(Schema):
@@ -148,3 +149,20 @@ async def approval(request, body: ApprovalIn):
     server process: the conversation goes on, streamed to whoever follows the thread. 404 unknown
     or expired approval, 409 `already_decided`."""
     return await approvals.decide(await request_user(request), body)
+
+
+@router.get("/chat/queue", response={200: QueueOut, **ERRORS}, summary="A thread's queued messages")
+async def queue_list(request, query: Query[QueueQuery]):
+    """The messages waiting for the thread (sent with `ifBusy: "enqueue"` or `"interrupt"` while
+    it was busy), in the order they will run; `position` 1 runs next. 404 for a thread the
+    resource does not have."""
+    resource = resolve_resource(await request_user(request), query.resourceId)
+    return await queue.listing(resource, query.threadId)
+
+
+@router.delete("/chat/queue", response={200: CancelOut, **ERRORS}, summary="Cancel a queued message")
+async def queue_cancel(request, body: CancelIn):
+    """Cancel a message still waiting in the thread's queue: its stream ends with `error`
+    `cancelled`. 404 once its turn started, or for an unknown id."""
+    resource = resolve_resource(await request_user(request), body.resourceId)
+    return await queue.cancel(resource, body.threadId, body.queueId)

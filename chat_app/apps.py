@@ -14,9 +14,12 @@ class ChatAppConfig(AppConfig):
 
         # The stream hub answers for this process's turns on the channel
         # layer; then the followers waiting for a thread's next turn (a
-        # continuation after a decision) are woken. In this order.
+        # continuation after a decision) are woken. In this order. A turn
+        # that freed its thread starts the thread's next queued message.
+        from .queue import turn_freed
+
         for hooks, hook in ((registry.started, hub.attach), (registry.started, announce_started),
-                            (registry.forgotten, hub.forgotten)):
+                            (registry.forgotten, hub.forgotten), (registry.freed, turn_freed)):
             if hook not in hooks:
                 hooks.append(hook)
 

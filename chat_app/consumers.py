@@ -12,7 +12,7 @@ from django.db import DatabaseError
 from sessions_app.errors import ApiError
 from sessions_app.resources import auth_required, reauthenticate, resolve_resource
 
-from . import approvals, events, metrics, streams
+from . import approvals, events, metrics, queue, streams
 from .pool import pool
 from .schemas import parse_frame
 from .turns import Turn, start_turn
@@ -22,7 +22,7 @@ log = logging.getLogger("omni.chat")
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     """Many turns per connection, on several threads at once. Frames:
-    ``message``, ``fork``, ``interrupt``, ``follow``. Whatever goes wrong
+    ``message``, ``fork``, ``interrupt``, ``follow``, ``approval``, ``cancel``. Whatever goes wrong
     handling a frame becomes an ``error`` event (naming the frame's
     ``threadId``) and the socket stays open. Closing the socket stops
     forwarding; the turns themselves run to their end.
@@ -150,9 +150,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         user = self.scope.get("user")
         if frame.type in ("message", "fork"):
             turn = await start_turn(user, frame, fork=frame.type == "fork")
+            if isinstance(turn, queue.QueuedStream):  # a busy thread queued it (ifBusy)
+                self.forward(turn, resource=turn.resource_id)
+                return
             self.own_turns[turn.spec.thread_id] = turn
             self.forward(streams.Stream.of(turn), own=turn,
                          resource=turn.spec.resource_id)
+        elif frame.type == "cancel":  # as DELETE /api/chat/queue; the queued stream ends with `cancelled`
+            await queue.cancel(resolve_resource(user, frame.resourceId), frame.threadId, frame.queueId)
         elif frame.type == "interrupt":
             turn = self.own_turns.get(frame.threadId)
             if turn is not None and not turn.finished:

@@ -1,6 +1,6 @@
 """The server's start and its shutdown order: the one place the pool, the
-registry, the stream hub, the approvals' sweeper and the sweep of orphaned
-attachments are started and stopped.
+registry, the stream hub, the approvals' sweeper, the sweep of busy threads'
+queues and the sweep of orphaned attachments are started and stopped.
 
 At start (:func:`startup`, when daphne's reactor runs) this worker takes
 turns, its process pool serves on the server's event loop and starts its
@@ -31,6 +31,7 @@ import sys
 
 from sessions_app.attachments import sweeper as attachment_sweeper
 
+from . import queue
 from .approvals import start_sweeper, stop_sweeper
 from .pool import pool
 from .streams import hub
@@ -47,6 +48,7 @@ async def startup() -> None:
     pool.start()
     pool.fill_spares()  # a process ready for the first new thread
     start_sweeper()
+    queue.start_sweeper()  # queues whose worker died go on here
     attachment_sweeper.start()  # uploads never sent, deleted after OMNI_ATTACHMENT_ORPHAN_HOURS
     await hub.start()  # on the channel layer: deletes, followers and interrupts from other workers
 
@@ -54,6 +56,7 @@ async def startup() -> None:
 async def shutdown(grace: float | None = None) -> None:
     try:
         await stop_sweeper()  # decided calls wait for another worker (or this one's restart)
+        await queue.stop_sweeper()  # queued messages wait for another worker's sweep
         await attachment_sweeper.stop()
         await registry.shutdown(grace)
     finally:

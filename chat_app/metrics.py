@@ -87,6 +87,14 @@ SPARE_MISSES = Counter("omni_spare_misses", "New threads' first turns that had t
 EVICTIONS = Counter("omni_evictions", "Clients the pool closed, by reason (budget, lru, idle, "
                     "recycled, process_gone, stale, ...)", ["reason"], registry=REGISTRY)
 
+# --- a busy thread's queue (contract §12) ---------------------------------------------------
+QUEUE_DEPTH = Gauge("omni_queue_depth", "Messages waiting in busy threads' queues, on every worker "
+                    "(read from the database by this worker's queue sweep, every few seconds)",
+                    registry=REGISTRY)
+QUEUE_WAIT = Histogram(
+    "omni_queue_wait_seconds", "How long a queued message waited before its turn started",
+    buckets=(0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=REGISTRY)
+
 # --- connections, approvals ---------------------------------------------------------------
 _sockets: "weakref.WeakSet" = weakref.WeakSet()
 WEBSOCKETS = Gauge("omni_websockets_open", "Websockets open on this worker", registry=REGISTRY)
@@ -134,6 +142,14 @@ def turn_finished(record: dict) -> None:
 
 def refused(code: str) -> None:
     REFUSED.labels(_label(code)).inc()
+
+
+def queue_waited(seconds: float) -> None:
+    QUEUE_WAIT.observe(max(0.0, seconds))
+
+
+def queue_depth(depth: int) -> None:
+    QUEUE_DEPTH.set(depth)
 
 
 def checkout(kind: str, *, new_thread: bool = False, fork: bool = False,

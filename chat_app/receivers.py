@@ -11,16 +11,19 @@ from sessions_app.selectors import mapping_of
 
 from . import leases, metrics, streams
 from .models import ThreadLease
+from .turns import queued
 
 
 async def thread_deleted(sender, thread_id, resource_id, **kwargs):
     """A deleted thread leaves nothing running or holding it: its running turn
     stops on whichever worker runs it (saving nothing, so the thread is never
     brought back), every worker's warm client of it closes, and its lease row
-    goes. Without a channel layer reaching other workers (or from a
+    goes, and so does its queue (each queued message's stream ends with an
+    ``error``). Without a channel layer reaching other workers (or from a
     management command), the lease row's deletion stops a turn elsewhere at
     its next renewal, and the pool's janitor closes warm clients whose
     thread is gone."""
+    await sync_to_async(queued.delete_thread_sync)(resource_id, thread_id)  # before the streams wake
     await streams.stop_thread((resource_id, thread_id))
     await sync_to_async(leases.forget_sync)(resource_id, thread_id)
 

@@ -68,6 +68,16 @@ SAYS_SOMETHING = {"anyOf": [
 ]}
 
 
+# What to do when the thread already runs a turn (contract §12).
+IfBusy = Annotated[
+    Literal["reject", "enqueue", "interrupt"],
+    Field(description="when the thread already runs a turn: `reject` (409 `thread_busy`), `enqueue` "
+                      "(the message waits in the thread's queue and runs next: the stream opens with "
+                      "`queued`; 429 `queue_full` over `OMNI_MAX_QUEUED_PER_THREAD`) or `interrupt` "
+                      "(the running turn is stopped and this message runs as soon as it ended)"),
+]
+
+
 class _Turn(Schema):
     """What every request that sends a message has: the text and its attachments."""
 
@@ -75,6 +85,7 @@ class _Turn(Schema):
 
     message: Message
     attachments: Attachments = []
+    ifBusy: IfBusy = "reject"
 
     @model_validator(mode="after")
     def _says_something(self):
@@ -118,6 +129,39 @@ class InterruptFrame(Schema):
 
 
 TurnId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,64}$")]
+QueueId = Annotated[str, StringConstraints(pattern=r"^q-[0-9a-f]{32}$"),
+                    Field(examples=["q-9f1c2d7e4b6a4e0f8a3b5c7d9e1f2a3b"])]
+
+
+class QueueQuery(Schema):
+    threadId: Id
+    resourceId: Id | None = None
+
+
+class QueuedOut(Schema):
+    queueId: str
+    message: str
+    position: int = Field(description="1: the next to run")
+    createdAt: str
+
+
+class QueueOut(Schema):
+    queued: list[QueuedOut]
+
+
+class CancelIn(Schema):
+    threadId: Id
+    resourceId: Id | None = None
+    queueId: QueueId
+
+
+class CancelOut(Schema):
+    success: bool
+    queueId: str
+
+
+class CancelFrame(CancelIn):
+    type: Literal["cancel"]
 
 
 class FollowFrame(Schema):
@@ -166,6 +210,7 @@ FRAMES = {
     "interrupt": InterruptFrame,
     "follow": FollowFrame,
     "approval": ApprovalFrame,
+    "cancel": CancelFrame,
 }
 
 
@@ -199,6 +244,12 @@ class SessionEvent(_Event):
     resumed: bool
     forkedFromThreadId: str | None
     notice: str | None = Field(None, description="a stored session could not be resumed")
+
+
+class QueuedEvent(_Event):
+    type: Literal["queued"]
+    queueId: str
+    position: int = Field(description="its place in the thread's queue when it was queued (1: next)")
 
 
 class TextEvent(_Event):
@@ -265,7 +316,7 @@ class ErrorEvent(_Event):
 
 
 ChatEvent = Annotated[
-    SessionEvent | TextEvent | ChunkEvent | ToolUseEvent | ApprovalRequestEvent | ApprovalEvent
+    QueuedEvent | SessionEvent | TextEvent | ChunkEvent | ToolUseEvent | ApprovalRequestEvent | ApprovalEvent
     | ToolResultEvent | DoneEvent | ErrorEvent,
     Field(discriminator="type"),
 ]

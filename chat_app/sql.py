@@ -185,3 +185,24 @@ def turn_start_delete(*, resource_id: str, slot: int, turn_id: str) -> int:
             f"AND {col['turn_id']} = %(turn)s",
             {"resource": resource_id, "slot": slot, "turn": turn_id})
         return cursor.rowcount
+
+
+# --- the queue of a busy thread (contract §12) ------------------------------------------
+
+
+def queue_open(*, resource_id: str, thread_id: str) -> bool:
+    """Whether messages wait in the thread's queue (or one's turn is
+    starting): a message admitted now would jump them. One ``SELECT`` on the
+    index ``(resource_id, thread_id, state, ...)``."""
+    from .models import QueuedMessage
+
+    connection = connection_for(QueuedMessage)
+    table, column = names(QueuedMessage, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {table} WHERE {column['resource_id']} = %(resource)s "
+            f"AND {column['thread_id']} = %(thread)s AND {column['state']} IN (%(waiting)s, %(starting)s) "
+            f"LIMIT 1",
+            {"resource": resource_id, "thread": thread_id, "waiting": QueuedMessage.WAITING,
+             "starting": QueuedMessage.STARTING})
+        return cursor.fetchone() is not None

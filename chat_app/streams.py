@@ -438,21 +438,33 @@ async def announce_started(turn) -> None:
     the thread, and, for a continuation after a decision, every other
     worker's (a turn of a thread whose call waits is always one)."""
     key = turn.spec.key
+    if turn.spec.continuation is None and turn.spec.queue_id is None:
+        for woken in _watchers.get(key, ()):
+            woken.set()
+        return
+    await wake_thread(key, "omni.started", turn=turn.turn_id)
+
+
+async def wake_thread(key: tuple[str, str], kind: str, **fields) -> None:
+    """Wake the followers waiting for thread ``key`` (a :class:`ThreadWatch`):
+    this worker's at once, every other worker's through the thread's group
+    (a continuation or a queued message started; the thread's queue changed)."""
     for woken in _watchers.get(key, ()):
         woken.set()
-    if getattr(turn.spec, "continuation", None) is None or not distributed():
+    if not distributed():
         return
     try:
-        await layer().group_send(thread_group(key), {"type": "omni.started", "turn": turn.turn_id})
-    except Exception as exc:  # the followers look at the call and the lease again anyway
-        layer_health.failed(f"announcing turn {turn.turn_id}", exc)
+        await layer().group_send(thread_group(key), {"type": kind, **fields})
+    except Exception as exc:  # the followers look at the call, the queue and the lease again anyway
+        layer_health.failed(f"waking the followers of thread {key[1]}", exc)
 
 
 
 class ThreadWatch:
     """Wakes (:meth:`wait`) when a turn starts on thread ``key``: on this
-    worker (:func:`announce_started`), or a continuation on another one
-    (the thread's group on the channel layer)."""
+    worker (:func:`announce_started`), or a continuation or a queued message
+    on another one (the thread's group on the channel layer); also when the
+    thread's queue changes (:func:`wake_thread`) or the thread is deleted."""
 
     def __init__(self, key: tuple[str, str]):
         self.key = key
@@ -473,7 +485,7 @@ class ThreadWatch:
 
     async def _read(self) -> None:
         async for message in received(self.channel, f"follower of thread {self.key[1]}"):
-            if message.get("type") == "omni.started":
+            if message.get("type") in ("omni.started", "omni.queue"):
                 self.woken.set()
 
     async def wait(self, timeout: float) -> None:
@@ -514,6 +526,8 @@ async def stop_thread(key: tuple[str, str], *, remote: bool = False) -> None:
     from another worker), every other worker is told the same."""
     await registry.abort(key, "thread_deleted", DELETED)
     pool.forget(key, "deleted")
+    for woken in _watchers.get(key, ()):  # its queued messages' streams end
+        woken.set()
     if not remote:
         await hub.broadcast_deleted(key)
 

@@ -310,6 +310,8 @@ OMNI_MAX_TURNS_PER_RESOURCE = int(os.environ.get("OMNI_MAX_TURNS_PER_RESOURCE", 
 # An open websocket's caller is checked again (token, session, active, rights)
 # when its last check is this old, on its next frame or forwarded event.
 OMNI_WS_RECHECK_SECONDS = float(os.environ.get("OMNI_WS_RECHECK_SECONDS", "5"))
+# Messages that may wait in a busy thread's queue (contract §12): one more is 429 queue_full.
+OMNI_MAX_QUEUED_PER_THREAD = int(os.environ.get("OMNI_MAX_QUEUED_PER_THREAD", "10"))
 # Retry-After (seconds) of server_busy and rate_limited answers.
 OMNI_BUSY_RETRY_AFTER = int(os.environ.get("OMNI_BUSY_RETRY_AFTER", "2"))
 

@@ -40,6 +40,7 @@ from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, Server
 from .. import leases, limits, metrics
 from ..pool import pool
 from ..sdk import agent_preset
+from . import queued
 from .registry import registry
 from .runner import Turn, TurnSpec
 
@@ -137,9 +138,29 @@ def _process(spec: TurnSpec):
 
 def _message_sync(spec: TurnSpec):
     """A message: the thread's mapping (it resumes its session), and 409
-    while a call of it waits for a decision or for its continuation. The
+    while a call of it waits for a decision or for its continuation, or
+    while messages wait in its queue (this one would jump them). The
     mapping and the budget's state are one ``SELECT``."""
-    _attachments_sync(spec)
+    attachments_sync(spec)
+    if spec.queue_id is None and queued.is_open_sync(spec.resource_id, spec.thread_id):
+        raise leases.busy_error(spec.thread_id, 1)
+    return _mapping_sync(spec)
+
+
+def _queued_sync(spec: TurnSpec):
+    """A queued message's turn (:mod:`chat_app.queue`): the thread's next
+    in its queue (else 409: another is first, or it was cancelled), then a
+    message's checks; its row moves to ``starting`` in the same trip."""
+    head = queued.head_sync(spec.resource_id, spec.thread_id)
+    if head is None or head.queue_id != spec.queue_id:
+        raise leases.busy_error(spec.thread_id, 1)
+    attachments_sync(spec)
+    budget = _mapping_sync(spec)
+    queued.mark_starting_sync(head)
+    return budget
+
+
+def _mapping_sync(spec: TurnSpec):
     mapping, budget = selectors.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id)
     if mapping is not None:
         if mapping.pending_approval_id:
@@ -153,7 +174,7 @@ def _fork_sync(spec: TurnSpec) -> None:
     whose call waits for a decision, 409 ``thread_exists`` for a taken
     target (exact: under the target's lease), 400 for a cut that is not a
     message of the parent."""
-    _attachments_sync(spec)
+    attachments_sync(spec)
     parent = selectors.turn_mapping_sync(spec.fork_from_thread_id, spec.resource_id)
     if parent is None:
         raise NotFound(f"no thread {spec.fork_from_thread_id!r} to fork from")
@@ -184,7 +205,7 @@ def _continuation_sync(spec: TurnSpec) -> None:
         spec.resume_session_id = spec.continuation.session_id
 
 
-def _attachments_sync(spec: TurnSpec) -> None:
+def attachments_sync(spec: TurnSpec) -> None:
     """The message's attachments (contract §11), looked up once: each the
     resource's own upload (404 otherwise), their bytes together within
     ``OMNI_ATTACHMENTS_MESSAGE_MAX_BYTES`` (413). None named: no query."""
@@ -200,6 +221,9 @@ def _attachments_sync(spec: TurnSpec) -> None:
 
 
 MESSAGE = Kind("message", _message_sync)
+# A message with ifBusy enqueue or interrupt: a busy thread queues it, uncounted.
+MESSAGE_OR_QUEUE = Kind("message", _message_sync, count_busy=False)
+QUEUED = Kind("queued", _queued_sync, count_busy=False)
 FORK = Kind("fork", _fork_sync)
 CONTINUATION = Kind("continuation", _continuation_sync, count_busy=False)
 

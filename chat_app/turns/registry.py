@@ -6,7 +6,8 @@ end still gets the tail, by its ``turnId``).
 Across processes the thread's lease (:mod:`chat_app.leases`) is the lock;
 the registry only knows this process's turns. Other modules hook in without
 the registry importing them: ``started`` hooks run in a turn's task before
-it runs (the streams hub answers for it on the channel layer), ``forgotten``
+it runs (the streams hub answers for it on the channel layer), ``freed``
+hooks once it freed its thread (the thread's queue goes on), ``forgotten``
 hooks when its linger ends.
 """
 
@@ -34,6 +35,9 @@ class TurnRegistry:
         self.draining = False  # the server is stopping: no new turns
         self.started: list[Callable[[Turn], Awaitable[None]]] = []
         self.forgotten: list[Callable[[Turn], None]] = []
+        # Run once a turn freed its thread here (process back, lease let go),
+        # before its last event: the thread's queue starts its next message.
+        self.freed: list[Callable[[Turn], None]] = []
 
     # --- lookups ----------------------------------------------------------------
     def get(self, resource_id: str, thread_id: str) -> Turn | None:
@@ -81,6 +85,11 @@ class TurnRegistry:
         if self._running.get(key) is not turn:
             return
         del self._running[key]
+        for hook in self.freed:
+            try:
+                hook(turn)
+            except Exception:
+                log.warning("a freed-turn hook failed", exc_info=True)
         linger = float(settings.OMNI_STREAM_LINGER_SECONDS)
         try:
             asyncio.get_running_loop().call_later(linger, self._forget, turn)

@@ -51,7 +51,7 @@ from .. import events, leases, metrics
 from ..pool import Slot, WarmClient, pool
 from ..sdk import build_options, session_store
 from ..tools import Caller, ToolContext
-from . import store
+from . import queued, store
 from .buffer import EventLog
 from .states import TRANSITIONS, BadTransition, Ending, State
 
@@ -106,6 +106,8 @@ class TurnSpec:
     attachment_ids: list[str] = field(default_factory=list)  # as the request named them
     # Their rows (sessions_app.models.Attachment), found by the admission path.
     attachments: list = field(default_factory=list)
+    queue_id: str | None = None  # a queued message's turn (chat_app.queue): its row
+    queued_event: dict | None = None  # its ``queued`` event: the turn's seq 0 (ifBusy enqueue)
 
     def __post_init__(self):
         self.turn_id = self.turn_id or new_turn_id()
@@ -314,6 +316,8 @@ class Turn:
         event: a client may send its next message, to any worker, the
         moment it reads it (and find its warm client here)."""
         logs.bind_turn(self)  # every line of this task (and of those it starts) names the turn
+        if self.spec.queued_event is not None:  # a queued message: its stream began with it
+            self._publish(dict(self.spec.queued_event))
         try:
             async with leases.holding(self.lease, self.lease_was_lost) if self.lease is not None \
                     else contextlib.nullcontext():
@@ -386,6 +390,13 @@ class Turn:
         if ending.stopped and self.session_id is not None:
             # Its CLI may have written after the delete: leave nothing behind.
             await asyncio.shield(store.erase_if_orphaned(self.session_id))
+        if self.spec.queue_id is not None and self.session_id is None and not ending.stopped:
+            # A queued message whose turn ended before storing it: refused
+            # (its stream's error), not run again by the thread's next kick.
+            event = ending.event
+            with contextlib.suppress(Exception):
+                await asyncio.shield(sync_to_async(queued.mark_failed_sync)(
+                    self.spec.queue_id, event.get("code", "turn_failed"), event.get("message", "")))
 
     def _publish_ending(self) -> None:
         if self.state is State.ENDED:
@@ -761,6 +772,8 @@ class Turn:
             # The message is stored: the thread carries its attachments (and
             # a fork its parent's), which are then never pruned as unsent.
             await sync_to_async(_record_uses_sync)(spec)
+        if spec.queue_id is not None:  # the queued message is history now
+            await sync_to_async(queued.mark_started_sync)(spec.queue_id)
         self._publish(
             events.session_event(
                 spec.thread_id, spec.resource_id, session_id, resumed,

@@ -20,8 +20,12 @@ from .admission import FORK, MESSAGE, admit
 from .runner import Turn, TurnSpec
 
 
-async def start_turn(user, body, *, fork: bool = False) -> Turn:
-    """Start a chat or fork turn (a ``ChatIn``/``ForkIn``).
+async def start_turn(user, body, *, fork: bool = False):
+    """Start a chat or fork turn (a ``ChatIn``/``ForkIn``): the
+    :class:`~chat_app.turns.runner.Turn`, or for a busy thread and ``ifBusy``
+    ``enqueue``/``interrupt`` the queued message's
+    :class:`~chat_app.queue.QueuedStream` (a fork's target is a new thread:
+    it never queues).
 
     Raises the contract's errors: 400 unknown agent or fork point, 401/403
     from resource resolution, 404 fork parent missing, 409 fork target
@@ -34,7 +38,12 @@ async def start_turn(user, body, *, fork: bool = False) -> Turn:
     except ApiError as exc:
         metrics.refused(exc.code)
         raise
-    return await admit(spec, FORK if fork else MESSAGE)
+    if_busy = getattr(body, "ifBusy", "reject")
+    if fork or if_busy == "reject":
+        return await admit(spec, FORK if fork else MESSAGE)
+    from ..queue import submit  # above the turn pipeline: it imports this package
+
+    return await submit(spec, if_busy, user)
 
 
 def _spec(user, body, *, fork: bool) -> TurnSpec:
