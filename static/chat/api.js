@@ -378,9 +378,10 @@ export class ChatSocket extends EventTarget {
     let request = null;
     if (state.turnId !== event.turnId) { // a turn we had not seen yet
       if (state.running && state.turnId !== null
-          && this.pending.some((p) => p.threadId === threadId && p.kind === "interrupt")) {
-        // the turn of an "interrupt" message, to pass on once the interrupted one ended
-        const request = this.dropPending(threadId, ["interrupt"]);
+          && this.pending.some((p) => p.threadId === threadId && ["interrupt", "enqueue"].includes(p.kind))) {
+        // the turn of an "interrupt" message (or of an "enqueue" one that did not
+        // wait), to pass on once the running one ended
+        const request = this.dropPending(threadId, ["interrupt", "enqueue"]);
         state.queued.set(event.turnId, { lastSeq: event.seq, held: [event], request });
         return;
       }

@@ -507,7 +507,7 @@ function waitingMessage(entry) {
   cancel.type = "button";
   cancel.className = "queue-cancel";
   cancel.textContent = "Cancel";
-  cancel.setAttribute("aria-label", "Cancel this queued message");
+  cancel.setAttribute("aria-label", "Cancel, take it off the queue");
   cancel.addEventListener("click", () => cancelWaiting(entry));
   line.append(badge, cancel);
   li.append(line);
@@ -1230,7 +1230,9 @@ socket.addEventListener("turn", async ({ detail: { threadId, event, ref } }) => 
     return;
   }
   continuing.delete(threadId);
-  const entry = ref || waitingByTurn(threadId, event.turnId);
+  const entry = ref || waitingByTurn(threadId, event.turnId)
+    // (a queued message read after a reload: its turn's stream, followed, starts with its queued event)
+    || (event.type === "queued" && waitingOf(threadId).find((e) => e.queueId === event.queueId)) || null;
   if (entry && entry.status !== "started" && onWaiting(entry, event, current)) return;
   const own = socket.threads.get(threadId);
   if (event.turnId && own && own.turnId !== event.turnId) return; // the end of a turn that never ran
