@@ -237,6 +237,8 @@ function showError(message) {
 const ERROR_TEXT = {
   thread_busy: "This conversation is still answering; wait for it or press Stop.",
   thread_waiting: "This conversation waits for a decision on a tool call: Allow or Deny it first.",
+  queue_full: "Too many messages already wait in this conversation; cancel one or wait for it to run.",
+  cancelled: "The queued message was cancelled.",
   rate_limited: "Too many messages for now.",
   server_busy: "The server is at its limit of running conversations.",
   model_unavailable: "The model could not be reached.",
