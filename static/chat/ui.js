@@ -611,7 +611,7 @@ async function cancelWaiting(entry) {
  */
 let queueReads = 0;
 
-async function loadQueue(threadId) {
+async function loadQueue(threadId, { follow = true } = {}) {
   const call = ++queueReads;
   let data;
   try {
@@ -631,7 +631,7 @@ async function loadQueue(threadId) {
       queueId: queued.queueId, turnId: null });
   }
   // Their turns do not come to this page by themselves: follow the thread until the next one runs.
-  if (waitingOf(threadId).some((e) => !e.turnId) && !socket.isRunning(threadId)) followContinuation(threadId);
+  if (follow && waitingOf(threadId).some((e) => !e.turnId) && !socket.isRunning(threadId)) followContinuation(threadId);
   return data;
 }
 
@@ -1027,7 +1027,11 @@ async function fetchAndDraw(threadId, call, { ended = null, note = null }) {
     const started = state.started.get(threadId);
     const final = data.messages[data.messages.length - 1];
     const startedStored = Boolean(started) && final && final.role === "user" && final.text === started.text;
-    const last = data.messages[data.messages.length - (startedStored ? 2 : 1)];
+    let last = data.messages[data.messages.length - (startedStored ? 2 : 1)];
+    if (ended && ended.more) {
+      // The turns of the messages that waited may be stored after it already.
+      last = data.messages.slice(-4).reverse().find((m) => m.role === "assistant" && m.text === ended.text) || last;
+    }
     const stored = !ended || !ended.text || (last && last.role === "assistant" && last.text === ended.text);
     if (!stored) {
       if (attempt >= 5) return;
@@ -1299,7 +1303,9 @@ socket.addEventListener("turn", async ({ detail: { threadId, event, ref } }) => 
       session.costUsd += Number(event.result && event.result.costUsd) || 0;
       if (current) drawCost();
     }
-    const ended = current && state.streaming ? { text: lastText(replies.get(threadId)) } : null;
+    // (more: messages wait, whose turns may be stored after this reply by the time it is read)
+    const ended = current && state.streaming
+      ? { text: lastText(replies.get(threadId)), more: waitingOf(threadId).length > 0 } : null;
     // The server process running the turn stops while a call waits: the call
     // still waits (in the store) and can be decided; a new turn goes on after.
     const lost = event.type === "error" && event.code === "turn_lost" && replyWaits(threadId);
@@ -1321,12 +1327,10 @@ socket.addEventListener("turn", async ({ detail: { threadId, event, ref } }) => 
       }
       endStreaming(note);
       drawRunning();
+      // Queued messages whose turns this page receives only by following the thread (after a reload).
+      if (!socket.isRunning(threadId) && waitingOf(threadId).some((e) => !e.turnId)) followContinuation(threadId);
       await Promise.all([loadThreads(), drawConversation(threadId, { ended, note })]);
       if (state.threadId === threadId) drawHeader();
-      // Queued messages whose turns this page receives only by following the thread (after a reload).
-      if (state.threadId === threadId && !socket.isRunning(threadId) && waitingOf(threadId).some((e) => !e.turnId)) {
-        followContinuation(threadId);
-      }
     } else {
       loadThreads();
     }
@@ -1352,18 +1356,35 @@ socket.addEventListener("gone", async ({ detail: { threadId } }) => {
 
 socket.addEventListener("idle", ({ detail: { threadId } }) => {
   // No turn on the thread (yet): after a decision, the one that goes on starts within moments.
+  // Likewise the next queued message's, after the one that ran (queued messages read after a reload).
   const until = continuing.get(threadId);
   if (until === undefined) return;
+  const queued = threadId === state.threadId && waitingOf(threadId).some((e) => !e.turnId);
   if (Date.now() < until) {
-    setTimeout(() => {
-      if (continuing.has(threadId) && !socket.isRunning(threadId)) socket.follow(threadId, resourceId());
-    }, 400);
+    (queued ? loadQueue(threadId, { follow: false }) : Promise.resolve()).then(() => {
+      if (!continuing.has(threadId) || socket.isRunning(threadId)) return;
+      if (queued && !waitingOf(threadId).some((e) => !e.turnId)) { // none waits any more: all ran
+        continuing.delete(threadId);
+        drawConversation(threadId);
+        return;
+      }
+      setTimeout(() => {
+        if (continuing.has(threadId) && !socket.isRunning(threadId)) socket.follow(threadId, resourceId());
+      }, 400);
+    });
     return;
   }
   continuing.delete(threadId);
   if (threadId === state.threadId) {
     drawConversation(threadId); // what the store has
-    loadQueue(threadId); // (what still waits: followed again while some does)
+    if (queued) {
+      // Messages still wait, and no turn runs: look again now and then.
+      loadQueue(threadId, { follow: false });
+      setTimeout(() => {
+        if (threadId === state.threadId && !socket.isRunning(threadId) && !continuing.has(threadId)
+            && waitingOf(threadId).some((e) => !e.turnId)) followContinuation(threadId);
+      }, 5000);
+    }
   }
 });
 
