@@ -252,8 +252,7 @@ async def _sweep_forever() -> None:
     pruned_at = 0.0
     while True:
         try:
-            await sweep()
-            metrics.queue_depth(await sync_to_async(queued.depth_sync)())
+            await sweep_and_count()
             if time.monotonic() - pruned_at > KEEP_ENDED_SECONDS / 10:
                 pruned_at = time.monotonic()
                 await sync_to_async(queued.prune_ended_sync)(KEEP_ENDED_SECONDS)
@@ -262,6 +261,14 @@ async def _sweep_forever() -> None:
         except Exception:
             log.warning("queue: a sweep failed", exc_info=True)
         await asyncio.sleep(SWEEP_SECONDS)
+
+
+async def sweep_and_count() -> list[Turn]:
+    """One round of the sweep (:func:`sweep`), then ``omni_queue_depth``
+    from the database: the messages still waiting on every thread."""
+    started = await sweep()
+    metrics.queue_depth(await sync_to_async(queued.depth_sync)())
+    return started
 
 
 async def sweep() -> list[Turn]:
