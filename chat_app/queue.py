@@ -343,7 +343,12 @@ async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncItera
                 event = {**ending, "seq": first, "turnId": row.turn_id, "threadId": row.thread_id}
                 yield event, json.dumps(event)
                 return
-            await watch.wait(min(0.1 * 2 ** misses, streams.idle_seconds()) if misses else streams.idle_seconds())
+            woke = await watch.wait(min(0.1 * 2 ** misses, streams.idle_seconds()) if misses else streams.idle_seconds())
+            # Another message's turn started (the queue goes on): nothing of this
+            # row changed, so no read (with many waiting, their reads would
+            # delay the turn that just started).
+            while woke and fresh is not None and fresh.state == QueuedMessage.WAITING and row.turn_id not in woke:
+                woke = await watch.wait(streams.idle_seconds())
 
 
 def _outcome(row: QueuedMessage | None) -> dict | None:
