@@ -166,9 +166,16 @@ def _spawn(coro) -> None:
 
 
 def turn_freed(turn: Turn) -> None:
-    """Registry ``freed`` hook: the thread is free here; its queue goes on."""
+    """Registry ``freed`` hook: the thread is free here; its queue goes on.
+    A turn whose last save let the lease go read then whether messages wait
+    (:attr:`chat_app.leases.Lease.queue_waiting`, in the same statement): no
+    query after a turn of a thread with no queue. A message queued after
+    that read is started by its own sender's kick (the thread was free by
+    then)."""
     if registry.draining:
         return  # another worker's sweep starts it (this one stops)
+    if turn.lease is not None and turn.lease.queue_waiting is False:
+        return
     _spawn(kick(*turn.spec.key))
 
 

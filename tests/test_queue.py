@@ -223,3 +223,34 @@ async def test_websocket_enqueue_and_cancel(warm):
             assert event["code"] == "not_found" and event["threadId"] == "q-ws"
             break
     await socket.disconnect()
+
+
+async def test_a_thread_waiting_for_a_decision_keeps_its_queue_until_the_decisions_turn_ended(warm):
+    from types import SimpleNamespace
+
+    from chat_app import approvals
+
+    await collect((await start_turn(None, body("keep me", "q-keep", agent="datadog"))).listen())
+    asking = await start_turn(None, body(
+        'Delete it [tool delete_conversation {"threadId": "q-keep"}]', "q-appr", chunks=False))
+    request = None
+    events = asking.listen()
+    async for event in events:
+        if event["type"] == "approval_request":
+            request = event
+            break
+    assert request is not None
+    waiting = await start_turn(None, body("after the decision", "q-appr", ifBusy="enqueue", chunks=False))
+    waiting = aiter(waiting)
+    first = await anext(waiting)
+    assert first["type"] == "queued"
+    await asyncio.sleep(0.3)  # nothing starts while the call waits
+    assert [q["message"] for q in (await queue.listing("quinn", "q-appr"))["queued"]] == ["after the decision"]
+    await approvals.decide(None, SimpleNamespace(threadId="q-appr", resourceId="quinn",
+                                                 approvalId=request["approvalId"], decision="deny",
+                                                 message="not now"))
+    rest = [e async for e in events]
+    assert [e["type"] for e in rest if e["type"] != "text"][-1] == "done"
+    after = await collect(waiting)
+    assert types(after) == ["session", "done"]
+    assert heard(after).startswith('Offline model heard: "after the decision". Earlier questions: "Delete it')

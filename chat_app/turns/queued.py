@@ -25,7 +25,6 @@ from django.utils import timezone
 
 from sessions_app.errors import RateLimited
 
-from .. import sql
 from ..models import QueuedMessage
 
 OPEN = QueuedMessage.OPEN
@@ -63,11 +62,6 @@ def insert_sync(spec, mode: str, created_by: str) -> QueuedMessage:
             agent=spec.agent if spec.agent_given else "", chunks=spec.chunks, mode=mode,
             priority=0 if interrupt else 1, position=ahead + 1, created_by=created_by[:150],
             created_at=timezone.now())
-
-
-def is_open_sync(resource_id: str, thread_id: str) -> bool:
-    """Messages wait on the thread (a message admitted now would jump them)."""
-    return sql.queue_open(resource_id=resource_id, thread_id=thread_id)
 
 
 def head_sync(resource_id: str, thread_id: str) -> QueuedMessage | None:
