@@ -277,20 +277,10 @@ async def sweep() -> list[Turn]:
     if registry.draining:
         return []
     started = []
-    for key in await sync_to_async(_orphaned_sync)():
+    for key in await sync_to_async(queued.orphaned_threads_sync)():
         if registry.get(*key) is None and (turn := await kick(*key)) is not None:
             started.append(turn)
     return started
-
-
-def _orphaned_sync() -> list[tuple[str, str]]:
-    """Threads with open rows and no live lease (or one of a dead process)."""
-    keys = []
-    for key in queued.open_threads_sync():
-        lease = leases.active_sync(*key)
-        if lease is None or leases.holder_is_dead(lease):
-            keys.append(key)
-    return keys
 
 
 # --- the stream of a queued message -------------------------------------------------------------
