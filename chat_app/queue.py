@@ -166,9 +166,16 @@ def _spawn(coro) -> None:
 
 
 def turn_freed(turn: Turn) -> None:
-    """Registry ``freed`` hook: the thread is free here; its queue goes on."""
+    """Registry ``freed`` hook: the thread is free here; its queue goes on.
+    A turn whose last save let the lease go read then whether messages wait
+    (:attr:`chat_app.leases.Lease.queue_waiting`, in the same statement): no
+    query after a turn of a thread with no queue. A message queued after
+    that read is started by its own sender's kick (the thread was free by
+    then)."""
     if registry.draining:
         return  # another worker's sweep starts it (this one stops)
+    if turn.lease is not None and turn.lease.queue_waiting is False:
+        return
     _spawn(kick(*turn.spec.key))
 
 
@@ -277,20 +284,10 @@ async def sweep() -> list[Turn]:
     if registry.draining:
         return []
     started = []
-    for key in await sync_to_async(_orphaned_sync)():
+    for key in await sync_to_async(queued.orphaned_threads_sync)():
         if registry.get(*key) is None and (turn := await kick(*key)) is not None:
             started.append(turn)
     return started
-
-
-def _orphaned_sync() -> list[tuple[str, str]]:
-    """Threads with open rows and no live lease (or one of a dead process)."""
-    keys = []
-    for key in queued.open_threads_sync():
-        lease = leases.active_sync(*key)
-        if lease is None or leases.holder_is_dead(lease):
-            keys.append(key)
-    return keys
 
 
 # --- the stream of a queued message -------------------------------------------------------------
