@@ -57,6 +57,7 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 
+from omni.background import Background
 from sessions_app import selectors
 from sessions_app.errors import ApiError, Conflict, NotFound
 
@@ -234,27 +235,6 @@ def queued_event(row: QueuedMessage) -> dict:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-_sweeper: asyncio.Task | None = None
-
-
-def start_sweeper() -> None:
-    """Start this worker's sweep of queues nobody starts (:mod:`chat_app.lifecycle`)."""
-    global _sweeper
-    loop = asyncio.get_running_loop()
-    if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
-        return
-    _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
-
-
-async def stop_sweeper() -> None:
-    global _sweeper
-    task, _sweeper = _sweeper, None
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-
 async def _sweep_forever() -> None:
     pruned_at = 0.0
     while True:
@@ -269,6 +249,11 @@ async def _sweep_forever() -> None:
         except Exception:
             log.warning("queue: a sweep failed", exc_info=True)
         await asyncio.sleep(SWEEP_SECONDS)
+
+
+_sweeper = Background(_sweep_forever)
+start_sweeper = _sweeper.start  # this worker's sweep of queues nobody starts (chat_app.lifecycle)
+stop_sweeper = _sweeper.stop
 
 
 async def sweep() -> list[Turn]:
