@@ -275,19 +275,38 @@ class QueuedStream(streams.WaitingStream):
     turn's, wherever and whenever it runs (see the module doc)."""
 
     @classmethod
-    def of(cls, row: QueuedMessage) -> "QueuedStream":
+    def of(cls, row: QueuedMessage, after: int = -1) -> "QueuedStream":
+        """Its events after seq ``after`` (a client reconnecting with the
+        SSE id of the ``queued`` event gets the rest)."""
         stream = cls(row.turn_id, None, row.thread_id)
         stream.resource_id = row.resource_id
-        stream.events = _queued_events(stream, row)
+        stream.events = _queued_events(stream, row, after)
         return stream
 
 
-async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncIterator[tuple[dict, str]]:
+async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None,
+                 after: int | None = None, exclude=()) -> streams.Stream | None:
+    """:func:`chat_app.streams.follow`, and also a queued message's turn
+    that has not started yet, by the ``turnId`` its ``queued`` event named
+    (``Last-Event-ID``, a websocket ``follow`` with ``turnId``)."""
+    try:
+        return await streams.follow(resource_id, thread_id, turn_id=turn_id, after=after, exclude=exclude)
+    except NotFound:
+        if turn_id is None:
+            raise
+        row = await sync_to_async(queued.by_turn_sync)(resource_id, thread_id, turn_id)
+        if row is None or row.state != QueuedMessage.WAITING:
+            raise
+        return None if turn_id in exclude else QueuedStream.of(row, -1 if after is None else after)
+
+
+async def _queued_events(stream: QueuedStream, row: QueuedMessage, after: int) -> AsyncIterator[tuple[dict, str]]:
     key = (row.resource_id, row.thread_id)
     first = 0
     if row.mode == QueuedMessage.ENQUEUE:
-        event = {**queued_event(row), "seq": 0, "turnId": row.turn_id, "threadId": row.thread_id}
-        yield event, json.dumps(event)
+        if after < 0:
+            event = {**queued_event(row), "seq": 0, "turnId": row.turn_id, "threadId": row.thread_id}
+            yield event, json.dumps(event)
         first = 1
     misses = 0
     async with streams.ThreadWatch(key) as watch:  # before looking: a change from now on wakes it
@@ -299,7 +318,7 @@ async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncItera
             ending = _outcome(fresh)
             if ending is None and fresh.state in (QueuedMessage.STARTING, QueuedMessage.STARTED):
                 try:
-                    found = await streams.follow(*key, turn_id=fresh.turn_id, after=first - 1)
+                    found = await streams.follow(*key, turn_id=fresh.turn_id, after=max(after, first - 1))
                 except NotFound:
                     found = None
                     misses += 1
