@@ -57,6 +57,7 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 
+from omni.background import Background
 from sessions_app import selectors
 from sessions_app.errors import ApiError, Conflict, NotFound
 
@@ -234,27 +235,6 @@ def queued_event(row: QueuedMessage) -> dict:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-_sweeper: asyncio.Task | None = None
-
-
-def start_sweeper() -> None:
-    """Start this worker's sweep of queues nobody starts (:mod:`chat_app.lifecycle`)."""
-    global _sweeper
-    loop = asyncio.get_running_loop()
-    if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
-        return
-    _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
-
-
-async def stop_sweeper() -> None:
-    global _sweeper
-    task, _sweeper = _sweeper, None
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-
 async def _sweep_forever() -> None:
     pruned_at = 0.0
     while True:
@@ -268,6 +248,11 @@ async def _sweep_forever() -> None:
         except Exception:
             log.warning("queue: a sweep failed", exc_info=True)
         await asyncio.sleep(SWEEP_SECONDS)
+
+
+_sweeper = Background(_sweep_forever)
+start_sweeper = _sweeper.start  # this worker's sweep of queues nobody starts (chat_app.lifecycle)
+stop_sweeper = _sweeper.stop
 
 
 async def sweep_and_count() -> list[Turn]:
@@ -297,19 +282,38 @@ class QueuedStream(streams.WaitingStream):
     turn's, wherever and whenever it runs (see the module doc)."""
 
     @classmethod
-    def of(cls, row: QueuedMessage) -> "QueuedStream":
+    def of(cls, row: QueuedMessage, after: int = -1) -> "QueuedStream":
+        """Its events after seq ``after`` (a client reconnecting with the
+        SSE id of the ``queued`` event gets the rest)."""
         stream = cls(row.turn_id, None, row.thread_id)
         stream.resource_id = row.resource_id
-        stream.events = _queued_events(stream, row)
+        stream.events = _queued_events(stream, row, after)
         return stream
 
 
-async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncIterator[tuple[dict, str]]:
+async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None,
+                 after: int | None = None, exclude=()) -> streams.Stream | None:
+    """:func:`chat_app.streams.follow`, and also a queued message's turn
+    that has not started yet, by the ``turnId`` its ``queued`` event named
+    (``Last-Event-ID``, a websocket ``follow`` with ``turnId``)."""
+    try:
+        return await streams.follow(resource_id, thread_id, turn_id=turn_id, after=after, exclude=exclude)
+    except NotFound:
+        if turn_id is None:
+            raise
+        row = await sync_to_async(queued.by_turn_sync)(resource_id, thread_id, turn_id)
+        if row is None or row.state != QueuedMessage.WAITING:
+            raise
+        return None if turn_id in exclude else QueuedStream.of(row, -1 if after is None else after)
+
+
+async def _queued_events(stream: QueuedStream, row: QueuedMessage, after: int) -> AsyncIterator[tuple[dict, str]]:
     key = (row.resource_id, row.thread_id)
     first = 0
     if row.mode == QueuedMessage.ENQUEUE:
-        event = {**queued_event(row), "seq": 0, "turnId": row.turn_id, "threadId": row.thread_id}
-        yield event, json.dumps(event)
+        if after < 0:
+            event = {**queued_event(row), "seq": 0, "turnId": row.turn_id, "threadId": row.thread_id}
+            yield event, json.dumps(event)
         first = 1
     misses = 0
     async with streams.ThreadWatch(key) as watch:  # before looking: a change from now on wakes it
@@ -321,7 +325,7 @@ async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncItera
             ending = _outcome(fresh)
             if ending is None and fresh.state in (QueuedMessage.STARTING, QueuedMessage.STARTED):
                 try:
-                    found = await streams.follow(*key, turn_id=fresh.turn_id, after=first - 1)
+                    found = await streams.follow(*key, turn_id=fresh.turn_id, after=max(after, first - 1))
                 except NotFound:
                     found = None
                     misses += 1

@@ -96,9 +96,13 @@ async def test_cancel_ends_the_stream_and_the_queue_goes_on(warm):
         "queued"][0]["message"] == "kept"
     events = await collect(doomed)
     assert types(events) == ["queued", "error"] and events[-1]["code"] == "cancelled"
+    # a client that lost the stream while its message waits picks it up by the queued event's id
+    again = await queue.follow("quinn", "q-cancel", turn_id=kept.turn_id, after=0)
     await collect(running.listen())
     rest = await collect(kept)
     assert heard(rest) == 'Offline model heard: "kept". Earlier questions: "busy [slow]".'
+    assert [(e["type"], e["seq"]) for e in await collect(again) if e["type"] != "text"] == [
+        (e["type"], e["seq"]) for e in rest if e["type"] not in ("text", "queued")]
     # once started it is not in the queue any more: 404
     again = await client.delete("/api/chat/queue", {"threadId": "q-cancel", "resourceId": "quinn",
                                                      "queueId": queued[1]["queueId"]},

@@ -96,6 +96,11 @@ def get_sync(queue_id: str) -> QueuedMessage | None:
     return QueuedMessage.objects.filter(queue_id=queue_id).first()
 
 
+def by_turn_sync(resource_id: str, thread_id: str, turn_id: str) -> QueuedMessage | None:
+    """The thread's queued message whose turn will be ``turn_id``."""
+    return _thread(resource_id, thread_id).filter(turn_id=turn_id).first()
+
+
 def waiting_sync(resource_id: str, thread_id: str) -> list[QueuedMessage]:
     """The thread's queue in order: the messages whose turn has not started."""
     return list(_thread(resource_id, thread_id).filter(state=QueuedMessage.WAITING).order_by("priority", "id"))
