@@ -4,7 +4,8 @@ libSQL file, the one worker started again on the same data dir: its sweep
 takes the dead process's lease and runs the queue, in order), and two
 workers share one thread's queue over PostgreSQL and Redis (a message
 queued on B whose turn runs on A streams on B; a cancel on A ends B's
-stream; an interrupt through B stops the turn running on A).
+stream; an interrupt through B stops the turn running on A; A SIGKILLed
+mid-turn, B's sweep takes the thread and B's open stream carries the turn).
 (In one process: tests/test_queue.py.)
 """
 
@@ -22,6 +23,7 @@ from tests.test_scale_out import messages, running_cluster, start_slow_turn
 pytestmark = [pytest.mark.e2e, pytest.mark.engine_agnostic]  # the embedded file; PostgreSQL + Redis
 
 SLOW = "Tell me slowly [slow]"  # 30 deltas 0.1 s apart: ~3 s of reply
+QUIET = 10  # seconds a queued message's stream may stay silent (under the 15 s heartbeat): not a hang
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,10 @@ def cluster(tmp_path_factory):
 
 
 def send(server: Server, message: str, resource: str, thread: str, if_busy: str) -> SSEStream:
-    """A message with ``ifBusy`` for a busy thread: its open stream."""
+    """A message with ``ifBusy`` for a busy thread: its open stream (a
+    read fails after ``QUIET`` seconds of silence rather than wait on)."""
     stream = server.open_sse("/api/chat", {"message": message, "resourceId": resource,
-                                           "threadId": thread, "ifBusy": if_busy})
+                                           "threadId": thread, "ifBusy": if_busy}, timeout=QUIET)
     assert stream.status == 200 and stream.is_stream, stream.result().describe()
     return stream
 
@@ -164,3 +167,24 @@ def test_two_workers_share_a_threads_queue(cluster):
         ("user", "stop, do this"), ("assistant", text_of(interrupting)),
         ("user", "first in line"), ("assistant", text_of(events)),
     ]
+
+
+def test_a_worker_killed_mid_turn_leaves_its_queue_to_the_other(cluster):
+    """Last in the module: A stays dead (the teardown stops what is left)."""
+    a, b = cluster.a, cluster.b
+    resource, thread = new_id("user"), new_id("thread")
+    slow = start_slow_turn(a, resource, thread, SLOW)
+    kept, first = enqueue(b, "first in line", resource, thread)
+    # (B's kick right after queueing it found the thread busy by now)
+    assert queue_of(b, thread, resource) == [(first["queueId"], "first in line", 1)]
+    kill(a)  # its lease is of a dead process of this host: B's sweep takes it
+    slow.close()
+    # the stream that queued it on B carries the turn that B runs
+    with kept:
+        events = kept.result().events
+    assert kinds(events) == ["queued", "session", "done"], events
+    assert {e["turnId"] for e in events} == {first["turnId"]}
+    assert text_of(events) == reply("first in line", SLOW)
+    assert started_here(b, first["queueId"]) and not started_here(a, first["queueId"])
+    assert messages(b, thread, resource) == [
+        ("user", SLOW), ("user", "first in line"), ("assistant", text_of(events))]
