@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-BENCHMARKS = ["store", "turns", "record", "spare", "pool", "resume", "scale", "attachments", "uploads"]
+BENCHMARKS = ["store", "turns", "record", "spare", "pool", "resume", "scale", "attachments", "uploads", "queue"]
 
 
 def setup_django():

@@ -131,7 +131,8 @@ async def follow(request, query: Query[StreamQuery]):
     channel layer), then the rest live; with `Last-Event-ID`, only the later events of the
     turn it names. Without `Last-Event-ID`, a thread whose tool call waits while no turn runs
     (every server process restarted): its `approval_request` again, then the turn that goes on
-    after the decision, through `done`. 404 when no turn runs and no call waits (with
+    after the decision, through `done`. With the `Last-Event-ID` of a queued message's `queued`
+    event while it waits: the rest of its stream. 404 when no turn runs and no call waits (with
     `Last-Event-ID`: when that turn neither runs nor ended in the last moments)."""
     turn_id = after = None
     if (last := request.headers.get("Last-Event-ID")) is not None:
@@ -140,7 +141,7 @@ async def follow(request, query: Query[StreamQuery]):
             raise BadRequest("Last-Event-ID must be an event's SSE id: <turnId>:<seq>")
         turn_id, after = match["turn"], int(match["seq"])
     resource = resolve_resource(await request_user(request), query.resourceId)
-    return sse_response(await streams.follow(resource, query.threadId, turn_id=turn_id, after=after))
+    return sse_response(await queue.follow(resource, query.threadId, turn_id=turn_id, after=after))
 
 
 @router.post("/chat/approval", response={200: ApprovalOut, **ERRORS}, summary="Decide a tool call")

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
+from omni.background import Background
 from sessions_app.errors import ApiError, Conflict, NotFound, RateLimited, ServerBusy
 from sessions_app.resources import resolve_resource
 
@@ -88,35 +88,25 @@ async def notify(turn_id: str) -> None:
         turn.wake()
         return
     await streams.send_to_turn(turn_id, {"type": "omni.decided"})
-    if (_kick is not None and _sweeper is not None and not _sweeper.done()
-            and _sweeper.get_loop() is asyncio.get_running_loop()):
+    if _kick is not None and _sweeper.running:
         _kick.set()
 
 
 # --- the sweeper ---------------------------------------------------------------------
 
-_sweeper: asyncio.Task | None = None
 _kick: asyncio.Event | None = None  # set: the sweeper looks now, not after SWEEP_SECONDS
 
 
 def start_sweeper() -> None:
     """Start this worker's sweeper (:func:`chat_app.lifecycle.startup`, once)."""
-    global _sweeper, _kick
-    loop = asyncio.get_running_loop()
-    if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
-        return
-    _kick = asyncio.Event()
-    # A context of its own: not that of whoever started the server.
-    _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
+    global _kick
+    if not _sweeper.running:
+        _kick = asyncio.Event()
+        _sweeper.start()
 
 
 async def stop_sweeper() -> None:
-    global _sweeper
-    task, _sweeper = _sweeper, None
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+    await _sweeper.stop()
 
 
 async def _sweep_forever() -> None:
@@ -132,6 +122,9 @@ async def _sweep_forever() -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SWEEP_SECONDS):
                 await kick.wait()
+
+
+_sweeper = Background(_sweep_forever)
 
 
 async def sweep() -> list:

@@ -167,7 +167,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await streams.interrupt(resolve_resource(user, frame.resourceId), frame.threadId)
         elif frame.type == "follow":
             resource = resolve_resource(user, frame.resourceId)
-            stream = await streams.follow(resource, frame.threadId, turn_id=frame.turnId,
+            stream = await queue.follow(resource, frame.threadId, turn_id=frame.turnId,
                                           after=frame.afterSeq, exclude=self.streaming())
             if stream is not None:  # None: already streaming this turn to this socket
                 self.forward(stream, resource=resource)

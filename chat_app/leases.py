@@ -155,6 +155,9 @@ class Lease:
     token: int
     expires_at: datetime = field(default_factory=timezone.now)
     released: bool = False
+    # Whether messages waited in the thread's queue when the last save let
+    # the lease go (None: not known, the lease went another way).
+    queue_waiting: bool | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -187,9 +190,13 @@ class Lease:
     def release_if_held_sync(self) -> bool:
         """One ``UPDATE``: let the lease lapse now if it is still ours and
         live; False if it was lost. For a caller's transaction (a turn's last
-        save): the caller marks it ``released`` once that commits."""
-        return sql.lease_release_if_held(resource_id=self.resource_id, thread_id=self.thread_id,
-                                         turn_id=self.turn_id, token=self.token, now=timezone.now())
+        save): the caller marks it ``released`` once that commits. The same
+        statement tells whether messages wait in the thread's queue
+        (:attr:`queue_waiting`)."""
+        waiting = sql.lease_release_if_held(resource_id=self.resource_id, thread_id=self.thread_id,
+                                            turn_id=self.turn_id, token=self.token, now=timezone.now())
+        self.queue_waiting = waiting
+        return waiting is not None
 
     def held_sync(self) -> bool:
         return self._row().filter(token=self.token, expires_at__gt=timezone.now()).exists()

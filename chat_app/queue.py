@@ -57,6 +57,7 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 
+from omni.background import Background
 from sessions_app import selectors
 from sessions_app.errors import ApiError, Conflict, NotFound
 
@@ -166,9 +167,16 @@ def _spawn(coro) -> None:
 
 
 def turn_freed(turn: Turn) -> None:
-    """Registry ``freed`` hook: the thread is free here; its queue goes on."""
+    """Registry ``freed`` hook: the thread is free here; its queue goes on.
+    A turn whose last save let the lease go read then whether messages wait
+    (:attr:`chat_app.leases.Lease.queue_waiting`, in the same statement): no
+    query after a turn of a thread with no queue. A message queued after
+    that read is started by its own sender's kick (the thread was free by
+    then)."""
     if registry.draining:
         return  # another worker's sweep starts it (this one stops)
+    if turn.lease is not None and turn.lease.queue_waiting is False:
+        return
     _spawn(kick(*turn.spec.key))
 
 
@@ -227,33 +235,11 @@ def queued_event(row: QueuedMessage) -> dict:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-_sweeper: asyncio.Task | None = None
-
-
-def start_sweeper() -> None:
-    """Start this worker's sweep of queues nobody starts (:mod:`chat_app.lifecycle`)."""
-    global _sweeper
-    loop = asyncio.get_running_loop()
-    if _sweeper is not None and not _sweeper.done() and _sweeper.get_loop() is loop:
-        return
-    _sweeper = loop.create_task(_sweep_forever(), context=contextvars.Context())
-
-
-async def stop_sweeper() -> None:
-    global _sweeper
-    task, _sweeper = _sweeper, None
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-
 async def _sweep_forever() -> None:
     pruned_at = 0.0
     while True:
         try:
-            await sweep()
-            metrics.queue_depth(await sync_to_async(queued.depth_sync)())
+            await sweep_and_count()
             if time.monotonic() - pruned_at > KEEP_ENDED_SECONDS / 10:
                 pruned_at = time.monotonic()
                 await sync_to_async(queued.prune_ended_sync)(KEEP_ENDED_SECONDS)
@@ -264,26 +250,29 @@ async def _sweep_forever() -> None:
         await asyncio.sleep(SWEEP_SECONDS)
 
 
+_sweeper = Background(_sweep_forever)
+start_sweeper = _sweeper.start  # this worker's sweep of queues nobody starts (chat_app.lifecycle)
+stop_sweeper = _sweeper.stop
+
+
+async def sweep_and_count() -> list[Turn]:
+    """One round of the sweep (:func:`sweep`), then ``omni_queue_depth``
+    from the database: the messages still waiting on every thread."""
+    started = await sweep()
+    metrics.queue_depth(await sync_to_async(queued.depth_sync)())
+    return started
+
+
 async def sweep() -> list[Turn]:
     """Kick every queue whose thread no live turn holds (its worker died, or
     its end's kick was refused for a moment). The turns it started."""
     if registry.draining:
         return []
     started = []
-    for key in await sync_to_async(_orphaned_sync)():
+    for key in await sync_to_async(queued.orphaned_threads_sync)():
         if registry.get(*key) is None and (turn := await kick(*key)) is not None:
             started.append(turn)
     return started
-
-
-def _orphaned_sync() -> list[tuple[str, str]]:
-    """Threads with open rows and no live lease (or one of a dead process)."""
-    keys = []
-    for key in queued.open_threads_sync():
-        lease = leases.active_sync(*key)
-        if lease is None or leases.holder_is_dead(lease):
-            keys.append(key)
-    return keys
 
 
 # --- the stream of a queued message -------------------------------------------------------------
@@ -293,19 +282,38 @@ class QueuedStream(streams.WaitingStream):
     turn's, wherever and whenever it runs (see the module doc)."""
 
     @classmethod
-    def of(cls, row: QueuedMessage) -> "QueuedStream":
+    def of(cls, row: QueuedMessage, after: int = -1) -> "QueuedStream":
+        """Its events after seq ``after`` (a client reconnecting with the
+        SSE id of the ``queued`` event gets the rest)."""
         stream = cls(row.turn_id, None, row.thread_id)
         stream.resource_id = row.resource_id
-        stream.events = _queued_events(stream, row)
+        stream.events = _queued_events(stream, row, after)
         return stream
 
 
-async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncIterator[tuple[dict, str]]:
+async def follow(resource_id: str, thread_id: str, *, turn_id: str | None = None,
+                 after: int | None = None, exclude=()) -> streams.Stream | None:
+    """:func:`chat_app.streams.follow`, and also a queued message's turn
+    that has not started yet, by the ``turnId`` its ``queued`` event named
+    (``Last-Event-ID``, a websocket ``follow`` with ``turnId``)."""
+    try:
+        return await streams.follow(resource_id, thread_id, turn_id=turn_id, after=after, exclude=exclude)
+    except NotFound:
+        if turn_id is None:
+            raise
+        row = await sync_to_async(queued.by_turn_sync)(resource_id, thread_id, turn_id)
+        if row is None or row.state != QueuedMessage.WAITING:
+            raise
+        return None if turn_id in exclude else QueuedStream.of(row, -1 if after is None else after)
+
+
+async def _queued_events(stream: QueuedStream, row: QueuedMessage, after: int) -> AsyncIterator[tuple[dict, str]]:
     key = (row.resource_id, row.thread_id)
     first = 0
     if row.mode == QueuedMessage.ENQUEUE:
-        event = {**queued_event(row), "seq": 0, "turnId": row.turn_id, "threadId": row.thread_id}
-        yield event, json.dumps(event)
+        if after < 0:
+            event = {**queued_event(row), "seq": 0, "turnId": row.turn_id, "threadId": row.thread_id}
+            yield event, json.dumps(event)
         first = 1
     misses = 0
     async with streams.ThreadWatch(key) as watch:  # before looking: a change from now on wakes it
@@ -317,7 +325,7 @@ async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncItera
             ending = _outcome(fresh)
             if ending is None and fresh.state in (QueuedMessage.STARTING, QueuedMessage.STARTED):
                 try:
-                    found = await streams.follow(*key, turn_id=fresh.turn_id, after=first - 1)
+                    found = await streams.follow(*key, turn_id=fresh.turn_id, after=max(after, first - 1))
                 except NotFound:
                     found = None
                     misses += 1
@@ -336,7 +344,12 @@ async def _queued_events(stream: QueuedStream, row: QueuedMessage) -> AsyncItera
                 event = {**ending, "seq": first, "turnId": row.turn_id, "threadId": row.thread_id}
                 yield event, json.dumps(event)
                 return
-            await watch.wait(min(0.1 * 2 ** misses, streams.idle_seconds()) if misses else streams.idle_seconds())
+            woke = await watch.wait(min(0.1 * 2 ** misses, streams.idle_seconds()) if misses else streams.idle_seconds())
+            # Another message's turn started (the queue goes on): nothing of this
+            # row changed, so no read (with many waiting, their reads would
+            # delay the turn that just started).
+            while woke and fresh is not None and fresh.state == QueuedMessage.WAITING and row.turn_id not in woke:
+                woke = await watch.wait(streams.idle_seconds())
 
 
 def _outcome(row: QueuedMessage | None) -> dict | None:

@@ -72,20 +72,25 @@ def lease_take_from_dead(*, pk: int, held_turn_id: str, held_token: int, turn_id
     return None if taken is None else taken[0]
 
 
-def lease_release_if_held(*, resource_id: str, thread_id: str, turn_id: str, token: int, now) -> bool:
+def lease_release_if_held(*, resource_id: str, thread_id: str, turn_id: str, token: int,
+                          now) -> bool | None:
     """Let a lease lapse now (``expires_at`` a second ago) if it is still
-    this take's and live: one ``UPDATE``. False if it was lost."""
+    this take's and live: one ``UPDATE``. None if it was lost; else whether
+    messages wait in the thread's queue (read in the same statement: the
+    worker that frees the thread starts the next only if there is one)."""
     connection = connection_for(ThreadLease)
     table, column = names(ThreadLease, connection)
+    waiting, params = queue_open_expression(connection, resource_id=resource_id, thread_id=thread_id)
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET {column['expires_at']} = %(lapsed)s "
             f"WHERE {column['resource_id']} = %(resource)s AND {column['thread_id']} = %(thread)s "
             f"AND {column['turn_id']} = %(turn)s AND {column['token']} = %(token)s "
-            f"AND {column['expires_at']} > %(now)s",
+            f"AND {column['expires_at']} > %(now)s RETURNING {waiting}",
             {"lapsed": _stamp(connection, now - timedelta(seconds=1)), "resource": resource_id,
-             "thread": thread_id, "turn": turn_id, "token": token, "now": _stamp(connection, now)})
-        return cursor.rowcount == 1
+             "thread": thread_id, "turn": turn_id, "token": token, "now": _stamp(connection, now), **params})
+        row = cursor.fetchone()
+    return None if row is None else bool(row[0])
 
 
 def _live_leases(connection, resource_id: str) -> tuple[str, dict]:
@@ -190,19 +195,16 @@ def turn_start_delete(*, resource_id: str, slot: int, turn_id: str) -> int:
 # --- the queue of a busy thread (contract §12) ------------------------------------------
 
 
-def queue_open(*, resource_id: str, thread_id: str) -> bool:
-    """Whether messages wait in the thread's queue (or one's turn is
-    starting): a message admitted now would jump them. One ``SELECT`` on the
-    index ``(resource_id, thread_id, state, ...)``."""
+def queue_open_expression(connection, *, resource_id: str, thread_id: str) -> tuple[str, dict]:
+    """``EXISTS (...)``: messages wait in the thread's queue (or one's turn
+    is starting), to put in another statement (the lease's release, a
+    message's mapping read), and its parameters. Uses the index
+    ``(resource_id, thread_id, state, ...)``."""
     from .models import QueuedMessage
 
-    connection = connection_for(QueuedMessage)
     table, column = names(QueuedMessage, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT 1 FROM {table} WHERE {column['resource_id']} = %(resource)s "
-            f"AND {column['thread_id']} = %(thread)s AND {column['state']} IN (%(waiting)s, %(starting)s) "
-            f"LIMIT 1",
-            {"resource": resource_id, "thread": thread_id, "waiting": QueuedMessage.WAITING,
-             "starting": QueuedMessage.STARTING})
-        return cursor.fetchone() is not None
+    return (f"EXISTS (SELECT 1 FROM {table} WHERE {column['resource_id']} = %(queue_resource)s "
+            f"AND {column['thread_id']} = %(queue_thread)s "
+            f"AND {column['state']} IN (%(queue_waiting)s, %(queue_starting)s))",
+            {"queue_resource": resource_id, "queue_thread": thread_id,
+             "queue_waiting": QueuedMessage.WAITING, "queue_starting": QueuedMessage.STARTING})

@@ -429,7 +429,30 @@ hub = Hub()  # its hooks on the registry are set when the app loads (chat_app.ap
 
 # --- followers waiting for a thread's next turn (a decided call's continuation) -------
 
-_watchers: dict[tuple[str, str], set[asyncio.Event]] = {}  # thread -> its waiting followers here
+class Woken(asyncio.Event):
+    """A :class:`ThreadWatch`'s wake, and why: the turns that started on the
+    thread (:meth:`started`), or anything else (``set()``: the thread's
+    queue changed, the thread was deleted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.turns: set[str] = set()
+        self.other = False
+
+    def started(self, turn_id: str) -> None:
+        self.turns.add(turn_id)
+        super().set()
+
+    def set(self) -> None:
+        self.other = True
+        super().set()
+
+    def clear(self) -> None:
+        self.turns, self.other = set(), False
+        super().clear()
+
+
+_watchers: dict[tuple[str, str], set[Woken]] = {}  # thread -> its waiting followers here
 
 
 async def announce_started(turn) -> None:
@@ -440,7 +463,7 @@ async def announce_started(turn) -> None:
     key = turn.spec.key
     if turn.spec.continuation is None and turn.spec.queue_id is None:
         for woken in _watchers.get(key, ()):
-            woken.set()
+            woken.started(turn.turn_id)
         return
     await wake_thread(key, "omni.started", turn=turn.turn_id)
 
@@ -450,7 +473,10 @@ async def wake_thread(key: tuple[str, str], kind: str, **fields) -> None:
     this worker's at once, every other worker's through the thread's group
     (a continuation or a queued message started; the thread's queue changed)."""
     for woken in _watchers.get(key, ()):
-        woken.set()
+        if kind == "omni.started" and fields.get("turn"):
+            woken.started(fields["turn"])
+        else:
+            woken.set()
     if not distributed():
         return
     try:
@@ -468,7 +494,7 @@ class ThreadWatch:
 
     def __init__(self, key: tuple[str, str]):
         self.key = key
-        self.woken = asyncio.Event()
+        self.woken = Woken()
         self.channel: str | None = None
         self._reader: asyncio.Task | None = None
 
@@ -485,15 +511,22 @@ class ThreadWatch:
 
     async def _read(self) -> None:
         async for message in received(self.channel, f"follower of thread {self.key[1]}"):
-            if message.get("type") in ("omni.started", "omni.queue"):
+            if message.get("type") == "omni.started" and message.get("turn"):
+                self.woken.started(message["turn"])
+            elif message.get("type") in ("omni.started", "omni.queue"):
                 self.woken.set()
 
-    async def wait(self, timeout: float) -> None:
-        """Until a turn started on the thread (since the last wait), or ``timeout``."""
+    async def wait(self, timeout: float) -> frozenset[str] | None:
+        """Until a turn started on the thread (since the last wait), or
+        ``timeout``. The ids of the turns that started, if nothing else woke
+        it; None after anything else (a change of the queue, a deletion, a
+        timeout)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.woken.wait()
+        woke = frozenset(self.woken.turns) if self.woken.is_set() and not self.woken.other else None
         self.woken.clear()
+        return woke
 
     async def __aexit__(self, *exc) -> None:
         watchers = _watchers.get(self.key)

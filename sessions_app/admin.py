@@ -20,6 +20,8 @@ from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from . import services, transcripts, usage
+from chat_app.models import QueuedMessage
+
 from .attachments import services as attachment_services
 from .errors import BadRequest, NotFound
 from .models import (
@@ -123,7 +125,7 @@ class SessionMappingAdmin(admin.ModelAdmin):
     ordering = ("-updated_at", "-id")
     readonly_fields = (
         "thread_id", "resource_id", "session_id", "created_at", "updated_at",
-        "forked_from", "message_count", "cost", "turn_records", "conversation", "attachments",
+        "forked_from", "message_count", "cost", "turn_records", "conversation", "queue", "attachments",
         "tool_calls",
     )
     fields = readonly_fields[:3] + ("agent", "title", "last_message") + readonly_fields[3:]
@@ -134,7 +136,8 @@ class SessionMappingAdmin(admin.ModelAdmin):
 
     # The thread's tool calls and its turns' usage records are shown only to
     # who may view them on their own pages (ToolCallAdmin, TurnRecordAdmin).
-    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord, "attachments": Attachment}
+    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord, "attachments": Attachment,
+                  "queue": QueuedMessage}
 
     def get_fields(self, request, obj=None):
         return [name for name in super().get_fields(request, obj)
@@ -240,6 +243,14 @@ class SessionMappingAdmin(admin.ModelAdmin):
             "", '<br><span class="omni-block" data-sha256="{}">[{}, {}]{}</span>',
             ((ref["sha256"], ref["mediaType"] or "attachment", _size(ref["size"]), named(ref)) for ref in refs),
         )
+
+    @admin.display(description="Queue")
+    def queue(self, obj):
+        """The thread's queued messages (contract §12), read-only: the ones
+        waiting, in order, and the latest that ended."""
+        from chat_app.admin import thread_queue
+
+        return thread_queue(obj.resource_id, obj.thread_id)
 
     @admin.display(description="Attachments")
     def attachments(self, obj):

@@ -98,16 +98,19 @@ def turn_mapping_sync(thread_id: str, resource_id: str) -> TurnMapping | None:
     return None if row is None else TurnMapping(*row)
 
 
-def turn_mapping_and_budget_sync(thread_id: str, resource_id: str):
+def turn_mapping_and_budget_sync(thread_id: str, resource_id: str, also=None):
     """A message's reads in one ``SELECT`` (every message's, the warm path):
     the thread's mapping as :func:`turn_mapping_sync` gives it, and the
-    resource's budget state for :func:`sessions_app.usage.check_budget_sync`."""
+    resource's budget state for :func:`sessions_app.usage.check_budget_sync`;
+    with ``also`` (``also(connection) -> (expression, parameters)``) the
+    expression's value as a third item."""
     from . import usage
 
-    row, budget = sql.mapping_and_budget(
+    row, budget, value = sql.mapping_and_budget(
         thread_id=thread_id, resource_id=resource_id, fields=_TURN_MAPPING_FIELDS,
-        day=usage.today(), default_caps=usage.default_caps())
-    return (None if row is None else TurnMapping(*row)), budget
+        day=usage.today(), default_caps=usage.default_caps(), also=also)
+    mapping = None if row is None else TurnMapping(*row)
+    return (mapping, budget) if also is None else (mapping, budget, value)
 
 
 def current_sessions_sync(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:

@@ -244,24 +244,29 @@ def budget_state(*, resource_id: str, day: date, default_caps: bool) -> BudgetSt
 
 
 def mapping_and_budget(*, thread_id: str, resource_id: str, fields: list[str], day: date,
-                       default_caps: bool) -> tuple[tuple | None, BudgetState]:
-    """A message's two reads in one ``SELECT``: the thread's mapping's
-    ``fields`` (None: no mapping; ``fields[0]`` must be a NOT NULL column)
-    and the resource's :func:`budget_state`."""
+                       default_caps: bool, also=None) -> tuple[tuple | None, BudgetState, object]:
+    """A message's reads in one ``SELECT``: the thread's mapping's
+    ``fields`` (None: no mapping; ``fields[0]`` must be a NOT NULL column),
+    the resource's :func:`budget_state` and, given ``also`` (a caller's
+    ``(expression, parameters)``, e.g. chat_app's "messages wait in the
+    thread's queue"), that expression's value (else None)."""
     connection = connection_for(SessionMapping, write=False)
     table, column = names(SessionMapping, connection)
     budget_columns, budget_join = _budget_columns(connection)
+    extra, extra_params = also(connection) if also is not None else ("NULL", {})
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT {', '.join(f'{table}.{column[name]}' for name in fields)}, {budget_columns} "
+            f"SELECT {', '.join(f'{table}.{column[name]}' for name in fields)}, {extra}, {budget_columns} "
             f"FROM (SELECT 1 AS one) one "
             f"LEFT JOIN {table} ON {table}.{column['thread_id']} = %(thread)s "
             f"AND {table}.{column['resource_id']} = %(resource)s {budget_join}",
             {"thread": thread_id, "resource": resource_id,
-             "day": db_value(TurnRecord, "day", day, connection), "default_caps": bool(default_caps)})
+             "day": db_value(TurnRecord, "day", day, connection), "default_caps": bool(default_caps),
+             **extra_params})
         row = cursor.fetchone()
-    mapping, budget = row[:len(fields)], row[len(fields):]
-    return (None if mapping[0] is None else tuple(mapping)), _budget_state(*budget)
+    n = len(fields)
+    mapping, value, budget = row[:n], row[n], row[n + 1:]
+    return (None if mapping[0] is None else tuple(mapping)), _budget_state(*budget), value
 
 
 def _decimal(value, field) -> Decimal | None:

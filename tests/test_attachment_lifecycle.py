@@ -194,7 +194,7 @@ def test_the_servers_sweep_deletes_orphaned_uploads(tmp_path, settings):
     async_to_sync(run)()
     assert exists(old) == (False, False)
     assert exists(young) == (False, False)
-    assert sweeper._task is None
+    assert sweeper._sweeper.task is None
 
 
 def test_two_sweeps_at_once_delete_each_upload_once(tmp_path, settings):

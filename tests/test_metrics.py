@@ -179,3 +179,43 @@ def test_it_counts_decisions_once_each(token):
     for decision, n in (("allow", 1), ("deny", 0), ("expired", 1)):
         assert (value(after, "omni_approvals_total", decision=decision)
                 - value(before, "omni_approvals_total", decision=decision)) == n, decision
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.sdk
+async def test_a_queued_turns_wait_and_the_queue_depth_after_a_sweep(warm, token):
+    from datetime import timedelta
+
+    from asgiref.sync import sync_to_async
+
+    from chat_app import queue
+    from chat_app.models import QueuedMessage
+    from chat_app.sdk import agent_preset
+    from chat_app.turns import TurnSpec, queued, registry
+    from tests.helpers import collect, wait_for_async
+
+    # two messages wait on a thread nobody runs (their worker died): the sweep starts the first
+    agent, preset = agent_preset(None)
+    rows = [await sync_to_async(queued.insert_sync)(TurnSpec("mona", "m-queue", text, agent, preset),
+                                                    "enqueue", "mona") for text in ("one", "two")]
+    await sync_to_async(QueuedMessage.objects.filter(pk=rows[0].pk).update)(
+        created_at=rows[0].created_at - timedelta(seconds=40))
+    before = await scrape()
+
+    started = await queue.sweep_and_count()
+    assert [t.turn_id for t in started] == [rows[0].turn_id]
+    swept = await scrape()
+    assert value(swept, "omni_queue_depth") == 1  # the second still waits (the first is starting)
+    assert value(swept, "omni_queue_wait_seconds_count") - value(before, "omni_queue_wait_seconds_count") == 1
+    waited = value(swept, "omni_queue_wait_seconds_sum") - value(before, "omni_queue_wait_seconds_sum")
+    assert 40 <= waited < 60
+    assert value(swept, "omni_queue_wait_seconds_bucket", le="30.0") == value(
+        before, "omni_queue_wait_seconds_bucket", le="30.0")
+
+    await collect(started[0].listen())  # its end starts the next one on this worker
+    await wait_for_async(lambda: registry.by_id(rows[1].turn_id) is not None)
+    await collect(registry.by_id(rows[1].turn_id).listen())
+    await queue.sweep_and_count()
+    after = await scrape()
+    assert value(after, "omni_queue_depth") == 0
+    assert value(after, "omni_queue_wait_seconds_count") - value(before, "omni_queue_wait_seconds_count") == 2

@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
-from chat_app import queue, sdk
+from chat_app import metrics, queue, sdk
 from chat_app.models import QueuedMessage
 from chat_app.turns import registry, start_turn
 from omni.asgi import application
@@ -36,6 +36,7 @@ def types(events) -> list[str]:
 
 
 async def test_queued_messages_run_in_order_after_the_running_turn_on_its_warm_process(warm):
+    hits = metrics.WARM_HITS._value.get()
     first = await start_turn(None, body("one [slow]", "q-order", chunks=False))
     # reject (the default) is today's answer
     with pytest.raises(Conflict) as busy:
@@ -68,6 +69,7 @@ async def test_queued_messages_run_in_order_after_the_running_turn_on_its_warm_p
     assert heard(three) == 'Offline model heard: "three". Earlier questions: "one [slow]" | "two".'
     assert ends["one"] <= ends["two"] <= ends["three"]
     # one process served the whole thread: the queued turns ran on its warm client
+    assert metrics.WARM_HITS._value.get() - hits == 2
     assert {e["sessionId"] for e in one + two + three if e["type"] == "session"} == {
         one[0]["sessionId"]}
     assert (await queue.listing("quinn", "q-order")) == {"queued": []}
@@ -94,17 +96,23 @@ async def test_cancel_ends_the_stream_and_the_queue_goes_on(warm):
         "queued"][0]["message"] == "kept"
     events = await collect(doomed)
     assert types(events) == ["queued", "error"] and events[-1]["code"] == "cancelled"
+    # a client that lost the stream while its message waits picks it up by the queued event's id
+    again = await queue.follow("quinn", "q-cancel", turn_id=kept.turn_id, after=0)
     await collect(running.listen())
     rest = await collect(kept)
     assert heard(rest) == 'Offline model heard: "kept". Earlier questions: "busy [slow]".'
+    assert [(e["type"], e["seq"]) for e in await collect(again) if e["type"] != "text"] == [
+        (e["type"], e["seq"]) for e in rest if e["type"] not in ("text", "queued")]
     # once started it is not in the queue any more: 404
     again = await client.delete("/api/chat/queue", {"threadId": "q-cancel", "resourceId": "quinn",
                                                      "queueId": queued[1]["queueId"]},
                                 content_type="application/json")
     assert again.status_code == 404
     assert (await client.get("/api/chat/queue", {"threadId": "nowhere", "resourceId": "quinn"})).status_code == 404
+    assert (await client.get("/api/chat/queue", {"threadId": "q-cancel", "resourceId": "mallory"})).status_code == 404
 
 
+@pytest.mark.engine_agnostic  # the queue's SQL runs on both engines in the tests above
 async def test_interrupt_stops_the_turn_and_the_next_call_carries_what_it_said(warm):
     model = sdk._offline_model
     running = await start_turn(None, body("long story [slow]", "q-int", chunks=False))
@@ -134,6 +142,7 @@ async def test_interrupt_stops_the_turn_and_the_next_call_carries_what_it_said(w
     assert '"stop, do this"' in heard(last)
 
 
+@pytest.mark.engine_agnostic  # the queue's SQL runs on both engines in the tests above
 async def test_a_queued_message_is_checked_when_queued_and_again_when_it_starts(warm):
     running = await start_turn(None, body("first [slow]", "q-check", chunks=False))
     with pytest.raises(NotFound):  # an unknown upload is refused at once, not when it would run
@@ -195,6 +204,7 @@ async def test_the_sweep_starts_a_queue_nobody_kicked_and_a_dead_attempt_runs_ag
     assert states == ["started", "started"]
 
 
+@pytest.mark.engine_agnostic  # the queue's SQL runs on both engines in the tests above
 async def test_websocket_enqueue_and_cancel(warm):
     socket = WebsocketCommunicator(application, "/ws/chat/")
     connected, _ = await socket.connect()
@@ -223,3 +233,35 @@ async def test_websocket_enqueue_and_cancel(warm):
             assert event["code"] == "not_found" and event["threadId"] == "q-ws"
             break
     await socket.disconnect()
+
+
+@pytest.mark.engine_agnostic  # the queue's SQL runs on both engines in the tests above
+async def test_a_thread_waiting_for_a_decision_keeps_its_queue_until_the_decisions_turn_ended(warm):
+    from types import SimpleNamespace
+
+    from chat_app import approvals
+
+    await collect((await start_turn(None, body("keep me", "q-keep", agent="datadog"))).listen())
+    asking = await start_turn(None, body(
+        'Delete it [tool delete_conversation {"threadId": "q-keep"}]', "q-appr", chunks=False))
+    request = None
+    events = asking.listen()
+    async for event in events:
+        if event["type"] == "approval_request":
+            request = event
+            break
+    assert request is not None
+    waiting = await start_turn(None, body("after the decision", "q-appr", ifBusy="enqueue", chunks=False))
+    waiting = aiter(waiting)
+    first = await anext(waiting)
+    assert first["type"] == "queued"
+    await asyncio.sleep(0.3)  # nothing starts while the call waits
+    assert [q["message"] for q in (await queue.listing("quinn", "q-appr"))["queued"]] == ["after the decision"]
+    await approvals.decide(None, SimpleNamespace(threadId="q-appr", resourceId="quinn",
+                                                 approvalId=request["approvalId"], decision="deny",
+                                                 message="not now"))
+    rest = [e async for e in events]
+    assert [e["type"] for e in rest if e["type"] != "text"][-1] == "done"
+    after = await collect(waiting)
+    assert types(after) == ["session", "done"]
+    assert heard(after).startswith('Offline model heard: "after the decision". Earlier questions: "Delete it')

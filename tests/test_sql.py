@@ -103,6 +103,42 @@ def test_save_session_and_the_finish_are_one_update(frozen):
         services._save_session("gone", "alice", "s1", None, "Q", None, None, False)
 
 
+def test_the_lease_release_and_a_messages_read_say_whether_messages_wait_in_the_queue(frozen):
+    """One statement each (contract §12): the worker freeing a thread learns
+    whether to start its next queued message; a message learns it must not
+    jump the queue."""
+    from chat_app.models import QueuedMessage
+
+    holder = {"host": "h", "host_id": "hid", "pid": 42, "pid_started": 4242}
+    expires = NOW + timedelta(seconds=30)
+
+    def take(token):
+        assert chat_sql.lease_take(resource_id="alice", thread_id="q", turn_id=f"t{token}", now=NOW,
+                                   expires=expires, **holder) == token
+
+    def release(token):
+        return chat_sql.lease_release_if_held(resource_id="alice", thread_id="q", turn_id=f"t{token}",
+                                              token=token, now=NOW + timedelta(seconds=1))
+
+    def waiting_seen():
+        also = lambda conn: chat_sql.queue_open_expression(conn, resource_id="alice", thread_id="q")  # noqa: E731
+        return bool(selectors.turn_mapping_and_budget_sync("q", "alice", also)[2])
+
+    take(1)
+    assert release(1) is False and not waiting_seen()
+    ThreadLease.objects.filter(thread_id="q").update(expires_at=NOW - timedelta(seconds=1))
+    take(2)
+    row = QueuedMessage.objects.create(queue_id="q-1", resource_id="alice", thread_id="q", turn_id="t",
+                                       mode="enqueue", created_at=NOW)
+    QueuedMessage.objects.create(queue_id="q-2", resource_id="alice", thread_id="other", turn_id="t2",
+                                 mode="enqueue", created_at=NOW)
+    assert waiting_seen()
+    assert release(2) is True
+    assert release(2) is None  # not held any more
+    QueuedMessage.objects.filter(pk=row.pk).update(state="started")
+    assert not waiting_seen()
+
+
 def test_the_raw_lease_row_is_the_orms_row(frozen):
     holder = {"host": "h", "host_id": "hid", "pid": 42, "pid_started": 4242}
     expires = NOW + timedelta(seconds=30)
@@ -124,7 +160,7 @@ def test_the_raw_lease_row_is_the_orms_row(frozen):
     assert row(ThreadLease, raw.pk, "thread_id") == row(ThreadLease, orm.pk, "thread_id")
     # the release lets it lapse a second ago, as Lease.release_sync's ORM update does
     assert chat_sql.lease_release_if_held(resource_id="alice", thread_id="raw", turn_id="turn-2", token=2,
-                                          now=NOW + timedelta(seconds=40)) is True
+                                          now=NOW + timedelta(seconds=40)) is False  # held; no queue waits
     ThreadLease.objects.filter(pk=orm.pk).update(expires_at=NOW + timedelta(seconds=39))
     assert row(ThreadLease, raw.pk, "thread_id") == row(ThreadLease, orm.pk, "thread_id")
 

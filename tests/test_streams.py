@@ -306,3 +306,22 @@ async def test_a_turn_that_loses_its_lease_stops_and_leaves_the_new_holder_alone
     assert events[-1]["type"] == "error" and events[-1]["code"] == "lease_lost"
     assert events[-1]["seq"] == len(events) - 1
     assert (await leases.active("sam", "stolen")).turn_id == "thief"  # not released by the loser
+
+
+async def test_a_thread_watch_says_which_turns_started(offline_chat, monkeypatch):
+    """A queued message's stream skips its read when only another message's
+    turn started (with many waiting, their reads delayed the turn)."""
+    key = ("sam", "watch-1")
+    async with streams.ThreadWatch(key) as watch:
+        await streams.wake_thread(key, "omni.started", turn="t-1")
+        assert await watch.wait(1) == {"t-1"}
+        await streams.wake_thread(key, "omni.started", turn="t-2")
+        await streams.wake_thread(key, "omni.queue")  # something else too: the watcher looks
+        assert await watch.wait(1) is None
+        assert await watch.wait(0.01) is None  # a timeout
+    monkeypatch.setattr(streams, "distributed", lambda: True)
+    async with streams.ThreadWatch(key) as watch:  # another worker's start, over the channel layer
+        await streams.layer().group_send(streams.thread_group(key), {"type": "omni.started", "turn": "t-3"})
+        assert await watch.wait(1) == {"t-3"}
+        await streams.layer().group_send(streams.thread_group(key), {"type": "omni.queue"})
+        assert await watch.wait(1) is None

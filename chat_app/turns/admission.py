@@ -25,6 +25,7 @@ a turn that did not start.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,7 +38,7 @@ from sessions_app import toolcalls as calls
 from sessions_app.attachments import services as attachments
 from sessions_app.errors import ApiError, BadRequest, Conflict, NotFound, ServerBusy, TooLarge
 
-from .. import leases, limits, metrics
+from .. import leases, limits, metrics, sql
 from ..pool import pool
 from ..sdk import agent_preset
 from . import queued
@@ -142,9 +143,7 @@ def _message_sync(spec: TurnSpec):
     while messages wait in its queue (this one would jump them). The
     mapping and the budget's state are one ``SELECT``."""
     attachments_sync(spec)
-    if spec.queue_id is None and queued.is_open_sync(spec.resource_id, spec.thread_id):
-        raise leases.busy_error(spec.thread_id, 1)
-    return _mapping_sync(spec)
+    return _mapping_sync(spec, queue_first=True)
 
 
 def _queued_sync(spec: TurnSpec):
@@ -160,8 +159,14 @@ def _queued_sync(spec: TurnSpec):
     return budget
 
 
-def _mapping_sync(spec: TurnSpec):
-    mapping, budget = selectors.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id)
+def _mapping_sync(spec: TurnSpec, queue_first: bool = False):
+    """The thread's mapping and the budget's state in one ``SELECT`` (with
+    ``queue_first``, also whether messages wait in its queue: then 409)."""
+    also = functools.partial(sql.queue_open_expression, resource_id=spec.resource_id,
+                             thread_id=spec.thread_id) if queue_first else None
+    mapping, budget, *waiting = selectors.turn_mapping_and_budget_sync(spec.thread_id, spec.resource_id, also)
+    if waiting and waiting[0]:
+        raise leases.busy_error(spec.thread_id, 1)
     if mapping is not None:
         if mapping.pending_approval_id:
             _check_waiting_call_sync(spec.resource_id, spec.thread_id)

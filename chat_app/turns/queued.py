@@ -25,7 +25,6 @@ from django.utils import timezone
 
 from sessions_app.errors import RateLimited
 
-from .. import sql
 from ..models import QueuedMessage
 
 OPEN = QueuedMessage.OPEN
@@ -65,11 +64,6 @@ def insert_sync(spec, mode: str, created_by: str) -> QueuedMessage:
             created_at=timezone.now())
 
 
-def is_open_sync(resource_id: str, thread_id: str) -> bool:
-    """Messages wait on the thread (a message admitted now would jump them)."""
-    return sql.queue_open(resource_id=resource_id, thread_id=thread_id)
-
-
 def head_sync(resource_id: str, thread_id: str) -> QueuedMessage | None:
     """The thread's next message to run: the first open row in order."""
     return _thread(resource_id, thread_id).filter(state__in=OPEN).order_by("priority", "id").first()
@@ -102,6 +96,11 @@ def get_sync(queue_id: str) -> QueuedMessage | None:
     return QueuedMessage.objects.filter(queue_id=queue_id).first()
 
 
+def by_turn_sync(resource_id: str, thread_id: str, turn_id: str) -> QueuedMessage | None:
+    """The thread's queued message whose turn will be ``turn_id``."""
+    return _thread(resource_id, thread_id).filter(turn_id=turn_id).first()
+
+
 def waiting_sync(resource_id: str, thread_id: str) -> list[QueuedMessage]:
     """The thread's queue in order: the messages whose turn has not started."""
     return list(_thread(resource_id, thread_id).filter(state=QueuedMessage.WAITING).order_by("priority", "id"))
@@ -112,16 +111,25 @@ def depth_sync() -> int:
     return QueuedMessage.objects.filter(state=QueuedMessage.WAITING).count()
 
 
-def open_threads_sync(limit: int = 100) -> list[tuple[str, str]]:
-    """Threads with open rows, oldest first: the sweep's candidates."""
-    rows = (QueuedMessage.objects.filter(state__in=OPEN).order_by("id")
-            .values_list("resource_id", "thread_id"))
-    seen: dict[tuple[str, str], None] = {}
-    for key in rows[:limit * 10]:
-        seen.setdefault(key, None)
-        if len(seen) >= limit:
+def orphaned_threads_sync(limit: int = 100) -> list[tuple[str, str]]:
+    """Threads with open rows that no live turn holds (no live lease, or
+    one of a process of this host that died), oldest first: the sweep's
+    work. Two queries, however many threads."""
+    from .. import leases
+    from ..models import ThreadLease
+
+    keys: dict[tuple[str, str], None] = {}
+    for key in (QueuedMessage.objects.filter(state__in=OPEN).order_by("id")
+                .values_list("resource_id", "thread_id")[:limit * 10]):
+        keys.setdefault(key, None)
+        if len(keys) >= limit:
             break
-    return list(seen)
+    if not keys:
+        return []
+    live = ThreadLease.objects.filter(
+        thread_id__in={thread for _, thread in keys}, expires_at__gt=timezone.now())
+    held = {(row.resource_id, row.thread_id) for row in live if not leases.holder_is_dead(row)}
+    return [key for key in keys if key not in held]
 
 
 def prune_ended_sync(older_than: float) -> int:

@@ -17,7 +17,7 @@ from sessions_app.resources import resolve_resource
 from .. import metrics
 from ..sdk import agent_preset
 from .admission import FORK, MESSAGE, admit
-from .runner import Turn, TurnSpec
+from .runner import TurnSpec
 
 
 async def start_turn(user, body, *, fork: bool = False):

@@ -14,39 +14,26 @@ deletes the same uploads from cron.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import logging
 import random
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from omni.background import Background
+
 from . import services
 
 log = logging.getLogger("omni.attachments")
 
-_task: asyncio.Task | None = None
-
-
 def start() -> None:
     """Start this worker's sweep (once per event loop). It first checks
     that the storage can be reached (S3: an error in the log if not)."""
-    global _task
-    interval = settings.OMNI_ATTACHMENT_SWEEP_SECONDS
-    loop = asyncio.get_running_loop()
-    if _task is not None and not _task.done() and _task.get_loop() is loop:
-        return
-    _task = loop.create_task(_sweep_forever(interval), context=contextvars.Context())
+    _sweeper.start()
 
 
 async def stop() -> None:
-    global _task
-    task, _task = _task, None
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+    await _sweeper.stop()
 
 
 async def sweep() -> int:
@@ -77,7 +64,8 @@ async def _check_storage() -> None:
                   "(check OMNI_ATTACHMENT_STORAGE, AWS_ENDPOINT_URL_S3 and the AWS credentials).", problem)
 
 
-async def _sweep_forever(interval: float) -> None:
+async def _sweep_forever() -> None:
+    interval = settings.OMNI_ATTACHMENT_SWEEP_SECONDS
     await _check_storage()
     if interval <= 0:
         return
@@ -90,3 +78,6 @@ async def _sweep_forever(interval: float) -> None:
         except Exception:  # the database or the store is down: try again next time
             log.warning("attachments: the sweep of orphaned uploads failed", exc_info=True)
         await asyncio.sleep(interval)
+
+
+_sweeper = Background(_sweep_forever)
