@@ -186,6 +186,7 @@ class Turn:
         self._decided = asyncio.Event()  # woken when a decision may have come
         self._detached = False  # the server stops: a waiting turn lets go, its call waits on
         self._approval_event: dict | None = None  # published once the session event is out
+        self._queue_mark: asyncio.Future | None = None  # a queued message's row marked started
         # What the turn used and cost (its own figures: a warm process's totals run on).
         self.started_at = timezone.now()
         self._started = time.monotonic()
@@ -390,6 +391,9 @@ class Turn:
         if ending.stopped and self.session_id is not None:
             # Its CLI may have written after the delete: leave nothing behind.
             await asyncio.shield(store.erase_if_orphaned(self.session_id))
+        if self._queue_mark is not None:  # (a turn that ended without its last save)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._queue_mark)
         if self.spec.queue_id is not None and self.session_id is None and not ending.stopped:
             # A queued message whose turn ended before storing it: refused
             # (its stream's error), not run again by the thread's next kick.
@@ -603,6 +607,8 @@ class Turn:
         else:
             final = events.error_event("turn_failed", "the turn ended without a result")
         self._stopped()
+        if self._queue_mark is not None:  # before the lease goes: no sweep may run the row again
+            await asyncio.shield(self._queue_mark)
         unsaved = self._message_unsaved
         record = self._record(Ending.of(final, interrupted=self._interrupted).outcome)
         await store.finish(
@@ -772,8 +778,9 @@ class Turn:
             # The message is stored: the thread carries its attachments (and
             # a fork its parent's), which are then never pruned as unsent.
             await sync_to_async(_record_uses_sync)(spec)
-        if spec.queue_id is not None:  # the queued message is history now
-            await sync_to_async(queued.mark_started_sync)(spec.queue_id)
+        if spec.queue_id is not None:  # the queued message is history now (written beside the
+            # stream, not before its first text; the turn's end waits for it)
+            self._queue_mark = asyncio.ensure_future(sync_to_async(queued.mark_started_sync)(spec.queue_id))
         self._publish(
             events.session_event(
                 spec.thread_id, spec.resource_id, session_id, resumed,
