@@ -7,16 +7,22 @@ Django runs in subprocesses with their own ``DATABASE_URL`` and
 itself is configured with; the backing file is checked directly.
 """
 
+import atexit
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.hrana_server import start_hrana_server
+
+# Django runs against the libSQL server in subprocesses: whatever the run's engine.
+pytestmark = pytest.mark.engine_agnostic
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token"
@@ -46,16 +52,37 @@ def output(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
+_migrated: Path | None = None  # a libSQL server's file the engine migrated, once per test run
+
+
+def migrated_libsql_file() -> Path:
+    """A database file that a libSQL server (Hrana) held while the engine
+    migrated it (the migration itself is tested by ``test_migrate_over_hrana``):
+    made once per test run, then copied for each server that needs one."""
+    global _migrated
+    if _migrated is None or not _migrated.exists():
+        root = Path(tempfile.mkdtemp(prefix="omni-libsql-"))
+        atexit.register(shutil.rmtree, root, True)
+        server = start_hrana_server(root / "migrated.db", token="t0ken")
+        try:
+            proc = run_django(["migrate", "--noinput"], f"{server.url}?authToken=t0ken", root / "data",
+                              timeout=300)
+            assert proc.returncode == 0, output(proc)
+        finally:
+            server.stop()
+        _migrated = root / "migrated.db"
+    return _migrated
+
+
 def on_a_libsql_server(tmp_path: Path, script: str, **extra_env: str) -> subprocess.CompletedProcess:
     """``script`` run with Django on a fresh libSQL server (Hrana, this
-    suite's own) that the engine migrated first; fails the test if either
-    step fails."""
+    suite's own) holding a migrated database (:func:`migrated_libsql_file`);
+    fails the test if it fails."""
+    shutil.copyfile(migrated_libsql_file(), tmp_path / "remote.db")
     server = start_hrana_server(tmp_path / "remote.db", token="t0ken")
     try:
-        url = f"{server.url}?authToken=t0ken"
-        for step in (["migrate", "--noinput"], script):
-            proc = run_django(step, url, tmp_path / "data", timeout=300, **extra_env)
-            assert proc.returncode == 0, output(proc)
+        proc = run_django(script, f"{server.url}?authToken=t0ken", tmp_path / "data", timeout=300, **extra_env)
+        assert proc.returncode == 0, output(proc)
     finally:
         server.stop()
     return proc

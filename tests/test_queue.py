@@ -27,6 +27,16 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.sdk]
 body = turn_bodies("quinn")
 
 
+@pytest.fixture(autouse=True)
+def quicker_slow_replies(offline_chat):
+    """A ``[slow]`` reply over 1.5 s instead of 3: long enough to queue behind."""
+    sdk.offline_model_url()
+    model = sdk._offline_model
+    model.slow_delay, before = 0.05, model.slow_delay
+    yield
+    model.slow_delay = before
+
+
 def heard(events) -> str:
     return "".join(e["text"] for e in events if e["type"] == "text")
 

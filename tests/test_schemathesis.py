@@ -12,7 +12,7 @@ from tests.e2e import issue_token, make_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.engine_agnostic]
 
-EXAMPLES = 8
+EXAMPLES = 6  # examples per operation (bounded by the time `make test` may take)
 HYPOTHESIS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
     suppress_health_check=list(HealthCheck),
