@@ -19,7 +19,8 @@ from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
 from sessions_app.errors import NotFound
-from sessions_app.models import SessionMapping
+from sessions_app import selectors
+from sessions_app.admin import THREAD_PARTS
 
 from .models import QueuedMessage
 
@@ -144,8 +145,7 @@ class QueuedMessageAdmin(admin.ModelAdmin):
                           messages.SUCCESS if cancelled else messages.WARNING)
 
     def get_queryset(self, request):
-        mapping = SessionMapping.objects.filter(
-            resource_id=OuterRef("resource_id"), thread_id=OuterRef("thread_id")).values("pk")[:1]
+        mapping = selectors.mapping_of(OuterRef("resource_id"), OuterRef("thread_id")).values("pk")[:1]
         return super().get_queryset(request).annotate(mapping_pk=Subquery(mapping))
 
     @admin.display(description="Thread", ordering="thread_id")
@@ -162,3 +162,6 @@ class QueuedMessageAdmin(admin.ModelAdmin):
     @admin.display(description="Message")
     def preview(self, obj):
         return Truncator(obj.message).chars(80)
+
+
+THREAD_PARTS["queue"] = (QueuedMessage, thread_queue)  # on a thread's page (sessions_app.admin)

@@ -29,7 +29,7 @@ import logging
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from omni.background import Background
+from sessions_app.background import Background
 from sessions_app.errors import ApiError, Conflict, NotFound, RateLimited, ServerBusy
 from sessions_app.resources import resolve_resource
 

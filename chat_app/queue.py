@@ -57,7 +57,7 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 from django.utils import timezone
 
-from omni.background import Background
+from sessions_app.background import Background
 from sessions_app import selectors
 from sessions_app.errors import ApiError, Conflict, NotFound
 

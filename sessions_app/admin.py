@@ -20,7 +20,6 @@ from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from . import services, transcripts, usage
-from chat_app.models import QueuedMessage
 
 from .attachments import services as attachment_services
 from .errors import BadRequest, NotFound
@@ -115,6 +114,14 @@ def _records_url(**lookups) -> str:
     return reverse("admin:sessions_app_turnrecord_changelist") + "?" + urlencode(lookups)
 
 
+# Parts of a thread's page that an app above this one draws (this app imports
+# none of them): name -> (the model whose view permission shows it,
+# ``render(resource_id, thread_id) -> HTML``). chat_app.admin adds "queue".
+# A part no app added is left out of the page.
+THREAD_PARTS: dict[str, tuple] = {}
+ADDED_PARTS = ("queue",)
+
+
 @admin.register(SessionMapping)
 class SessionMappingAdmin(admin.ModelAdmin):
     list_display = (
@@ -136,12 +143,13 @@ class SessionMappingAdmin(admin.ModelAdmin):
 
     # The thread's tool calls and its turns' usage records are shown only to
     # who may view them on their own pages (ToolCallAdmin, TurnRecordAdmin).
-    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord, "attachments": Attachment,
-                  "queue": QueuedMessage}
+    PARTS_NEED = {"tool_calls": ToolCall, "turn_records": TurnRecord, "attachments": Attachment}
 
     def get_fields(self, request, obj=None):
+        needs = {**self.PARTS_NEED, **{name: part[0] for name, part in THREAD_PARTS.items()}}
         return [name for name in super().get_fields(request, obj)
-                if name not in self.PARTS_NEED or self._may_view(request, self.PARTS_NEED[name])]
+                if (name not in needs and name not in ADDED_PARTS)
+                or (name in needs and self._may_view(request, needs[name]))]
 
     def _may_view(self, request, model) -> bool:
         """What the model's own admin page asks (its view or change permission)."""
@@ -246,11 +254,9 @@ class SessionMappingAdmin(admin.ModelAdmin):
 
     @admin.display(description="Queue")
     def queue(self, obj):
-        """The thread's queued messages (contract §12), read-only: the ones
-        waiting, in order, and the latest that ended."""
-        from chat_app.admin import thread_queue
-
-        return thread_queue(obj.resource_id, obj.thread_id)
+        """The thread's queued messages (contract §12), drawn by the chat app
+        (:data:`THREAD_PARTS`)."""
+        return THREAD_PARTS["queue"][1](obj.resource_id, obj.thread_id)
 
     @admin.display(description="Attachments")
     def attachments(self, obj):

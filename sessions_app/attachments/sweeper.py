@@ -20,7 +20,7 @@ import random
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from omni.background import Background
+from sessions_app.background import Background
 
 from . import services
 

@@ -1,7 +1,8 @@
 """A worker's background loops (the sweeps of decided tool calls, of busy
 threads' queues, of orphaned uploads): each one task on the server's event
 loop, started once per loop by ``chat_app.lifecycle.startup`` and cancelled
-at shutdown, in a context of its own (not that of whoever started the server)."""
+at shutdown, in a context of its own (not that of whoever started the server).
+In the bottom layer (like :mod:`sessions_app.outages`): every app may use it."""
 
 from __future__ import annotations
 
