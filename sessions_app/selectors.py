@@ -123,6 +123,18 @@ def current_sessions_sync(keys: list[tuple[str, str]]) -> dict[tuple[str, str], 
             if (resource, thread) in wanted}
 
 
+def waiting_for_decision_sync(keys) -> set[tuple[str, str]]:
+    """Those of the ``(resource_id, thread_id)`` pairs whose thread's tool
+    call waits for a decision (or for its continuation): one query."""
+    wanted = set(keys)
+    if not wanted:
+        return set()
+    rows = SessionMapping.objects.filter(
+        thread_id__in={thread for _, thread in wanted}, pending_approval_id__isnull=False,
+    ).exclude(pending_approval_id="").values_list("resource_id", "thread_id")
+    return {key for key in rows if key in wanted}
+
+
 def turn_recorded_sync(turn_id: str) -> bool:
     """Whether the turn's record is stored: its last save went through (a
     retried save whose first commit was lost with its connection asks)."""

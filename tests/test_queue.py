@@ -202,6 +202,14 @@ async def test_the_sweep_starts_a_queue_nobody_kicked_and_a_dead_attempt_runs_ag
         s = TurnSpec("quinn", "q-sweep", text, agent, preset)
         rows.append(await sync_to_async(queued.insert_sync)(s, "enqueue", "someone"))
     await sync_to_async(queued.mark_starting_sync)(rows[0])  # its worker died before storing it
+    # a thread whose tool call waits is left to the turn that goes on after the decision
+    from sessions_app.models import SessionMapping
+
+    await services.save_session("q-deciding", "quinn", "s-deciding")
+    await SessionMapping.objects.filter(thread_id="q-deciding").aupdate(pending_approval_id="appr-1")
+    await sync_to_async(queued.insert_sync)(TurnSpec("quinn", "q-deciding", "later", agent, preset),
+                                            "enqueue", "someone")
+    assert await sync_to_async(queued.orphaned_threads_sync)() == [("quinn", "q-sweep")]
     started = await queue.sweep()
     assert [t.turn_id for t in started] == [rows[0].turn_id]  # the same turn id: its stream follows it
     events = await collect(started[0].listen())
@@ -210,7 +218,8 @@ async def test_the_sweep_starts_a_queue_nobody_kicked_and_a_dead_attempt_runs_ag
     # the turn's end started the next one (the worker that frees a thread kicks its queue)
     await wait_for_async(lambda: registry.by_id(rows[1].turn_id) is not None)
     await collect(registry.by_id(rows[1].turn_id).listen())
-    states = await sync_to_async(lambda: list(QueuedMessage.objects.order_by("id").values_list("state", flat=True)))()
+    states = await sync_to_async(lambda: list(QueuedMessage.objects.filter(thread_id="q-sweep").order_by("id")
+                                              .values_list("state", flat=True)))()
     assert states == ["started", "started"]
 
 

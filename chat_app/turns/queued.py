@@ -114,7 +114,12 @@ def depth_sync() -> int:
 def orphaned_threads_sync(limit: int = 100) -> list[tuple[str, str]]:
     """Threads with open rows that no live turn holds (no live lease, or
     one of a process of this host that died), oldest first: the sweep's
-    work. Two queries, however many threads."""
+    work. A thread whose tool call waits for a decision is left to the turn
+    that goes on after it (its end starts the queue): trying it would take
+    and give back its lease at every sweep. Three queries, however many
+    threads."""
+    from sessions_app import selectors
+
     from .. import leases
     from ..models import ThreadLease
 
@@ -129,7 +134,9 @@ def orphaned_threads_sync(limit: int = 100) -> list[tuple[str, str]]:
     live = ThreadLease.objects.filter(
         thread_id__in={thread for _, thread in keys}, expires_at__gt=timezone.now())
     held = {(row.resource_id, row.thread_id) for row in live if not leases.holder_is_dead(row)}
-    return [key for key in keys if key not in held]
+    free = [key for key in keys if key not in held]
+    deciding = selectors.waiting_for_decision_sync(free)
+    return [key for key in free if key not in deciding]
 
 
 def prune_ended_sync(older_than: float) -> int:
