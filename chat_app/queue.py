@@ -152,7 +152,7 @@ def stream_of(started: Turn | QueuedStream) -> streams.Stream:
 async def notify(key: tuple[str, str]) -> None:
     """The thread's queue changed: wake its waiting streams, here and on
     every worker (the thread's group)."""
-    await streams.wake_thread(key, "omni.queue")
+    await streams.wake_thread(key)
 
 
 # --- starting the next message -------------------------------------------------------------

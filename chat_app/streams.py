@@ -443,6 +443,13 @@ class Woken(asyncio.Event):
         self.turns.add(turn_id)
         super().set()
 
+    def wake(self, turn_id: str | None) -> None:
+        """Turn ``turn_id`` started on the thread, or (None) anything else."""
+        if turn_id:
+            self.started(turn_id)
+        else:
+            self.set()
+
     def set(self) -> None:
         self.other = True
         super().set()
@@ -458,32 +465,31 @@ _watchers: dict[tuple[str, str], set[Woken]] = {}  # thread -> its waiting follo
 async def announce_started(turn) -> None:
     """A turn started here (registry ``started`` hook, after the hub's: it
     answers for the turn already): wake this worker's followers waiting for
-    the thread, and, for a continuation after a decision, every other
-    worker's (a turn of a thread whose call waits is always one)."""
-    key = turn.spec.key
-    if turn.spec.continuation is None and turn.spec.queue_id is None:
-        for woken in _watchers.get(key, ()):
-            woken.started(turn.turn_id)
-        return
-    await wake_thread(key, "omni.started", turn=turn.turn_id)
+    the thread, and, for a continuation after a decision or a queued
+    message, every other worker's (someone may wait for it on another one)."""
+    spec = turn.spec
+    await wake_thread(spec.key, turn.turn_id,
+                      everywhere=spec.continuation is not None or spec.queue_id is not None)
 
 
-async def wake_thread(key: tuple[str, str], kind: str, **fields) -> None:
-    """Wake the followers waiting for thread ``key`` (a :class:`ThreadWatch`):
-    this worker's at once, every other worker's through the thread's group
-    (a continuation or a queued message started; the thread's queue changed)."""
+def _wake_here(key: tuple[str, str], turn_id: str | None = None) -> None:
     for woken in _watchers.get(key, ()):
-        if kind == "omni.started" and fields.get("turn"):
-            woken.started(fields["turn"])
-        else:
-            woken.set()
-    if not distributed():
+        woken.wake(turn_id)
+
+
+async def wake_thread(key: tuple[str, str], turn_id: str | None = None, *, everywhere: bool = True) -> None:
+    """Wake the followers waiting for thread ``key`` (a :class:`ThreadWatch`):
+    turn ``turn_id`` started on it, or (None) its queue changed. This
+    worker's at once and, ``everywhere``, every other worker's through the
+    thread's group on the channel layer."""
+    _wake_here(key, turn_id)
+    if not everywhere or not distributed():
         return
+    message = {"type": "omni.started", "turn": turn_id} if turn_id else {"type": "omni.queue"}
     try:
-        await layer().group_send(thread_group(key), {"type": kind, **fields})
+        await layer().group_send(thread_group(key), message)
     except Exception as exc:  # the followers look at the call, the queue and the lease again anyway
         layer_health.failed(f"waking the followers of thread {key[1]}", exc)
-
 
 
 class ThreadWatch:
@@ -511,10 +517,8 @@ class ThreadWatch:
 
     async def _read(self) -> None:
         async for message in received(self.channel, f"follower of thread {self.key[1]}"):
-            if message.get("type") == "omni.started" and message.get("turn"):
-                self.woken.started(message["turn"])
-            elif message.get("type") in ("omni.started", "omni.queue"):
-                self.woken.set()
+            if message.get("type") in ("omni.started", "omni.queue"):
+                self.woken.wake(message.get("turn") if message["type"] == "omni.started" else None)
 
     async def wait(self, timeout: float) -> frozenset[str] | None:
         """Until a turn started on the thread (since the last wait), or
@@ -559,8 +563,7 @@ async def stop_thread(key: tuple[str, str], *, remote: bool = False) -> None:
     from another worker), every other worker is told the same."""
     await registry.abort(key, "thread_deleted", DELETED)
     pool.forget(key, "deleted")
-    for woken in _watchers.get(key, ()):  # its queued messages' streams end
-        woken.set()
+    _wake_here(key)  # its queued messages' streams end
     if not remote:
         await hub.broadcast_deleted(key)
 

@@ -313,10 +313,10 @@ async def test_a_thread_watch_says_which_turns_started(offline_chat, monkeypatch
     turn started (with many waiting, their reads delayed the turn)."""
     key = ("sam", "watch-1")
     async with streams.ThreadWatch(key) as watch:
-        await streams.wake_thread(key, "omni.started", turn="t-1")
+        await streams.wake_thread(key, "t-1")
         assert await watch.wait(1) == {"t-1"}
-        await streams.wake_thread(key, "omni.started", turn="t-2")
-        await streams.wake_thread(key, "omni.queue")  # something else too: the watcher looks
+        await streams.wake_thread(key, "t-2")
+        await streams.wake_thread(key)  # something else too: the watcher looks
         assert await watch.wait(1) is None
         assert await watch.wait(0.01) is None  # a timeout
     monkeypatch.setattr(streams, "distributed", lambda: True)
